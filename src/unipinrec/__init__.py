@@ -1,0 +1,2 @@
+"""UniPinRec: one causal transformer for retrieval and ranking."""
+__version__ = "0.1.0"
