@@ -1,0 +1,284 @@
+"""Unified example builder: RAW events -> EX/{train,valid,test} UnifiedExamples (docs/data.md).
+
+Streams the events in chunks of whole users (events are sorted by user_id, ts), so memory is
+bounded by the chunk, not the dataset.
+
+With impressions (synthetic): each feed request is one example. history = the user's
+non-impression actions (any surface) strictly before request_ts, the last L kept; slate = the
+request's impressions (position < slate_size) with their action. Per user, the last request is
+`test`, the one before `valid`, earlier ones `train`.
+
+Without impressions (MovieLens), per user sequence s (chronological, n actions):
+  test:  history s[:n-1] (last L), slate [s[n-1]]
+  valid: history s[:n-2] (last L), slate [s[n-2]]
+  train: uses only s[:m], m = n-2; examples at t = max(1, m-S), then t - L, t - 2L, ... (t >= 1),
+         history s[max(0, t-L):t], slate s[t:min(t+S, m)] (action = rating, position = index)
+request_ts is the time of the first slate action.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .. import format as fmt
+
+_COLUMNS = ["user_id", "item_id", "action", "ts", "surface", "request_id", "position"]
+_HISTORY_TYPE = fmt.UNIFIED_EXAMPLE_SCHEMA.field("history").type
+_SLATE_TYPE = fmt.UNIFIED_EXAMPLE_SCHEMA.field("slate").type
+
+
+@dataclass
+class _Chunk:
+    """Events of whole users, sorted by (user, ts, request_id, position), as numpy columns."""
+
+    user: np.ndarray
+    item: np.ndarray
+    action: np.ndarray
+    ts: np.ndarray
+    surface: np.ndarray
+    request: np.ndarray  # -1 where null (organic action)
+    position: np.ndarray  # -1 where null
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+
+def _to_chunk(table: pa.Table) -> _Chunk:
+    def col(name: str, fill: int | None = None) -> np.ndarray:
+        c = table.column(name)
+        if fill is not None:
+            c = pc.fill_null(c, fill)
+        return c.to_numpy()
+
+    req, pos = col("request_id", -1), col("position", -1)
+    user, ts = col("user_id"), col("ts")
+    order = np.lexsort((pos, req, ts, user))
+    if not np.array_equal(order, np.arange(len(order))):
+        cols = (user, col("item_id"), col("action"), ts, col("surface"), req, pos)
+        return _Chunk(*(c[order] for c in cols))
+    return _Chunk(user, col("item_id"), col("action"), ts, col("surface"), req, pos)
+
+
+def iter_user_chunks(events_dir: str | Path, chunk_events: int = 500_000) -> Iterator[_Chunk]:
+    """Yield chunks of complete users of about `chunk_events` rows (more if one user is larger).
+
+    Raises FormatError when user_id goes down across the stream (events must be sorted by user).
+    """
+    pending: list[pa.Table] = []
+    rows = 0
+    last_user = None
+    batch_size = max(1, min(65_536, chunk_events))
+    for batch in fmt.iter_batches(events_dir, columns=_COLUMNS, batch_size=batch_size):
+        if batch.num_rows == 0:
+            continue
+        users = batch.column("user_id").to_numpy()
+        if (last_user is not None and users[0] < last_user) or np.any(np.diff(users) < 0):
+            raise fmt.FormatError(f"{events_dir}: field 'user_id' is not sorted; events must be sorted by user_id, ts")
+        last_user = users[-1]
+        pending.append(pa.Table.from_batches([batch]))
+        rows += batch.num_rows
+        if rows < chunk_events:
+            continue
+        table = pa.concat_tables(pending)
+        users = table.column("user_id").to_numpy()
+        cut = int(np.searchsorted(users, users[-1], side="left"))  # first row of the last user
+        if cut == 0:
+            continue  # one user larger than a chunk: keep reading
+        yield _to_chunk(table.slice(0, cut))
+        rest = table.slice(cut)
+        pending, rows = [rest], rest.num_rows
+    if rows:
+        yield _to_chunk(pa.concat_tables(pending))
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + n) for each (s, n), vectorised."""
+    lengths = lengths.astype(np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.cumsum(lengths) - lengths
+    return np.repeat(starts.astype(np.int64) - offsets, lengths) + np.arange(total)
+
+
+def _offsets(lengths: np.ndarray) -> pa.Array:
+    return pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+
+
+def _examples(c: _Chunk, rows: np.ndarray, h: np.ndarray, h_len, slate_rows: np.ndarray, s_len, s_pos) -> pa.Table:
+    """UnifiedExamples of requests whose first slate row is `rows` (request_ts = ts[rows]).
+
+    The histories are the rows `h` of c (concatenated, h_len[i] each); the slates are the rows
+    `slate_rows` (concatenated, s_len[i] each) with positions s_pos.
+    """
+    history_values = pa.StructArray.from_arrays(
+        [pa.array(c.item[h], pa.int64()), pa.array(c.action[h], pa.int8()),
+         pa.array(c.ts[h], pa.int64()), pa.array(c.surface[h], pa.int8())],
+        fields=list(_HISTORY_TYPE.value_type),
+    )
+    slate_values = pa.StructArray.from_arrays(
+        [pa.array(c.item[slate_rows], pa.int64()), pa.array(s_pos, pa.int16()),
+         pa.array(c.action[slate_rows], pa.int8())],
+        fields=list(_SLATE_TYPE.value_type),
+    )
+    return pa.Table.from_arrays(
+        [
+            pa.array(c.user[rows], pa.int64()),
+            pa.array(c.ts[rows], pa.int64()),
+            pa.ListArray.from_arrays(_offsets(h_len), history_values, type=_HISTORY_TYPE),
+            pa.ListArray.from_arrays(_offsets(s_len), slate_values, type=_SLATE_TYPE),
+        ],
+        schema=fmt.UNIFIED_EXAMPLE_SCHEMA,
+    )
+
+
+def _user_starts(user: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rank of each row's user within the chunk, first row of each user, rows per user)."""
+    new = np.ones(len(user), dtype=bool)
+    new[1:] = user[1:] != user[:-1]
+    starts = np.flatnonzero(new)
+    counts = np.diff(np.append(starts, len(user)))
+    return np.cumsum(new) - 1, starts, counts
+
+
+def _split_of_last(group_rank: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """For items grouped by user (group_rank sorted): 2 = last of its user, 1 = before, 0 = earlier."""
+    first = np.cumsum(counts) - counts
+    idx_in_group = np.arange(len(group_rank)) - first[group_rank]
+    from_end = counts[group_rank] - 1 - idx_in_group
+    return np.where(from_end == 0, 2, np.where(from_end == 1, 1, 0))
+
+
+def _build_impressions(c: _Chunk, L: int, S: int) -> dict[str, pa.Table]:
+    user_rank, _, _ = _user_starts(c.user)
+    shown = np.flatnonzero((c.request >= 0) & (c.position < S))
+    hist = np.flatnonzero(c.action != fmt.IMPRESSION_ACTION)
+    # requests: runs of equal request_id among the impression rows (rows are grouped by request)
+    imp_req = c.request[shown]
+    new_req = np.ones(len(shown), dtype=bool)
+    new_req[1:] = imp_req[1:] != imp_req[:-1]
+    req_first = shown[new_req]  # first slate row of each request
+    s_len = np.diff(np.append(np.flatnonzero(new_req), len(shown)))
+    # history end = number of the user's non-impression rows with ts < request_ts
+    t0 = int(c.ts.min()) if len(c) else 0
+    hkey = user_rank[hist].astype(np.int64) * (1 << 40) + (c.ts[hist] - t0)
+    rkey = user_rank[req_first].astype(np.int64) * (1 << 40) + (c.ts[req_first] - t0)
+    h_end = np.searchsorted(hkey, rkey, side="left")
+    h_user_start = np.searchsorted(hkey, user_rank[req_first].astype(np.int64) * (1 << 40), side="left")
+    h_begin = np.maximum(h_user_start, h_end - L)
+    # splits: per user, last request = test, the one before = valid
+    r_group = np.unique(user_rank[req_first], return_inverse=True)[1]
+    split = _split_of_last(r_group, np.bincount(r_group))
+    slate_start = np.cumsum(s_len) - s_len
+    out = {}
+    for code, name in enumerate(fmt.SPLITS):
+        sel = np.flatnonzero(split == code)
+        h_len = h_end[sel] - h_begin[sel]
+        slate_rows = shown[_ranges(slate_start[sel], s_len[sel])]
+        out[name] = _examples(c, req_first[sel], hist[_ranges(h_begin[sel], h_len)], h_len,
+                              slate_rows, s_len[sel], c.position[slate_rows])
+    return out
+
+
+def _build_sequences(c: _Chunk, L: int, S: int) -> dict[str, pa.Table]:
+    _, starts, n = _user_starts(c.user)
+    out = {}
+    for name, back in (("test", 1), ("valid", 2)):
+        ok = n >= back
+        t = starts[ok] + n[ok] - back
+        h_begin = np.maximum(starts[ok], t - L)
+        out[name] = _examples(c, t, _ranges(h_begin, t - h_begin), t - h_begin, t, np.ones(len(t), np.int64), np.zeros(len(t), np.int16))
+    m = n - 2  # the train part s[:m]
+    ok = m >= 2
+    first_t = np.maximum(1, m[ok] - S)
+    per_user = (first_t - 1) // L + 1
+    k = _ranges(np.zeros(len(per_user), np.int64), per_user)  # 0, 1, ... within each user
+    user_of = np.repeat(np.arange(len(per_user)), per_user)
+    # chronological within a user: k counts back from the last window
+    t_local = first_t[user_of] - (per_user[user_of] - 1 - k) * L
+    base = starts[ok][user_of]
+    t = base + t_local
+    h_begin = base + np.maximum(0, t_local - L)
+    s_len = np.minimum(t_local + S, m[ok][user_of]) - t_local
+    slate_rows = _ranges(t, s_len)
+    s_pos = slate_rows - np.repeat(t, s_len)
+    out["train"] = _examples(c, t, _ranges(h_begin, t - h_begin), t - h_begin, slate_rows, s_len, s_pos)
+    return out
+
+
+def _copy_shards(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for old in dst.glob("part-*.parquet"):
+        old.unlink()
+    for p in fmt.shard_paths(src):
+        shutil.copyfile(p, dst / p.name)
+
+
+def build_examples(raw_dir: str | Path, out_dir: str | Path, *, max_history: int = 50, slate_size: int | None = None,
+                   chunk_events: int = 500_000, rows_per_shard: int = 250_000, progress: bool = True) -> dict:
+    """Build EX/ from RAW/ (docs/architecture.md); returns the EX meta dict.
+
+    slate_size: MovieLens next-action slate length S; with impressions, slates keep positions
+    < S (default: the generator's slate size, i.e. the whole slate).
+    """
+    from tqdm.auto import tqdm
+
+    raw, out = Path(raw_dir), Path(out_dir)
+    raw_meta = fmt.read_meta(raw)
+    if max_history <= 0:
+        raise ValueError(f"max_history must be positive, got {max_history}")
+    has_imp = bool(raw_meta.get("has_impressions", False))
+    if slate_size is None:
+        slate_size = int(raw_meta.get("config", {}).get("slate_size", 10)) if has_imp else 10
+    if slate_size <= 0:
+        raise ValueError(f"slate_size must be positive, got {slate_size}")
+    if chunk_events <= 0:
+        raise ValueError(f"chunk_events must be positive, got {chunk_events}")
+    total = raw_meta.get("num_events") or fmt.count_rows(raw / "events")
+
+    counts = dict.fromkeys(fmt.SPLITS, 0)
+    num_users = num_chunks = max_chunk = 0
+    writers = {s: fmt.ShardedWriter(out / s, fmt.UNIFIED_EXAMPLE_SCHEMA, rows_per_shard) for s in fmt.SPLITS}
+    try:
+        with tqdm(total=total, unit="event", unit_scale=True, desc="examples", disable=not progress) as bar:
+            for chunk in iter_user_chunks(raw / "events", chunk_events):
+                build = _build_impressions if has_imp else _build_sequences
+                for split, table in build(chunk, max_history, slate_size).items():
+                    writers[split].write(table)
+                    counts[split] += table.num_rows
+                num_users += len(np.unique(chunk.user))
+                num_chunks += 1
+                max_chunk = max(max_chunk, len(chunk))
+                bar.update(len(chunk))
+    finally:
+        for w in writers.values():
+            w.close()
+
+    _copy_shards(raw / "items", out / "items")
+    if (raw / "oracle").exists():
+        _copy_shards(raw / "oracle", out / "oracle")
+    meta = {
+        "source": raw_meta["source"],
+        "actions": raw_meta["actions"],
+        "max_history": max_history,
+        "slate_size": slate_size,
+        "has_impressions": has_imp,
+        "splits": counts,
+        "num_examples": sum(counts.values()),
+        "num_users": num_users,
+        "num_items": raw_meta.get("num_items") or fmt.count_rows(out / "items"),
+        "num_events": total,
+        "seed": raw_meta.get("seed"),
+        "rule": "feed requests (last request per user = test, second-to-last = valid)" if has_imp
+        else "leave-one-out sequences (last action = test, second-to-last = valid, train windows on the rest)",
+        "chunks": {"count": num_chunks, "max_events": max_chunk, "chunk_events": chunk_events},
+        "raw": str(raw),
+    }
+    fmt.write_meta(out, meta)
+    return meta
