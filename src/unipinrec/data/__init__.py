@@ -8,3 +8,6 @@ __all__ = ["SyntheticConfig", "generate_synthetic", "size_for_events"]
 from .examples import build_examples, iter_user_chunks
 
 __all__ += ["build_examples", "iter_user_chunks"]
+from .movielens import load_movielens
+
+__all__ += ["load_movielens"]
