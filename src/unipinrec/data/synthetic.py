@@ -209,8 +209,9 @@ def _chunk(cfg: SyntheticConfig, cat: _Catalog, chunk_index: int, first_user: in
             topic = topics[np.arange(len(rows)), slot]
         return cat.in_topic(topic, u_item)
 
-    # slates: 2S candidates per request, duplicates dropped, the first S kept (random order)
-    M = min(2 * S, max(S, cfg.num_items))
+    # slates: 3S candidates per request, duplicates dropped, the first S kept (random order);
+    # a slate is shorter than S only when 3S draws hold fewer than S distinct items (rare)
+    M = 3 * S
     rows = np.arange(R)
     relevant = rng.random((R, M)) < cfg.relevant_share
     cand = np.where(
