@@ -181,3 +181,89 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return data
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment: data + tasks + model + training + evaluation (owned by the model side).
+
+from .model import ModelConfig  # noqa: E402  (imports torch; the model's section lives beside it)
+
+
+@dataclass
+class TrainConfig:
+    """One-stage training (unipinrec.train)."""
+
+    epochs: float = 10.0  # may be fractional; max_steps > 0 wins
+    max_steps: int = 0
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    alpha: float = 1.0  # loss = retrieval + alpha * ranking
+    num_uniform_negatives: int = 128
+    num_inbatch_negatives: int = 128
+    logq_correction: bool = True
+    max_slate: int = 16  # slate tokens kept per training example
+    include_valid: bool = False  # also train on the valid split (HSTU's protocol trains on it)
+    seed: int = 42
+    checkpoint_every: int = 500  # steps; a resumable checkpoint (overwritten)
+    log_every: int = 20
+    eval_every_epochs: int = 0  # 0 = evaluate only at the end
+    bf16: bool = True  # autocast on CUDA
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("one of epochs or max_steps must be positive")
+        for name in ("batch_size", "log_every", "checkpoint_every", "max_slate"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.lr <= 0:
+            raise ValueError("lr must be positive")
+        if len(self.betas) != 2:
+            raise ValueError("betas must hold two numbers")
+        if self.num_uniform_negatives < 0 or self.num_inbatch_negatives < 0:
+            raise ValueError("negative counts must be >= 0")
+        if self.num_uniform_negatives + self.num_inbatch_negatives == 0:
+            raise ValueError("the retrieval loss needs some negatives")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation (unipinrec.evaluate)."""
+
+    ks: list[int] = field(default_factory=lambda: [10, 50, 200])
+    split: str = "test"
+    batch_size: int = 256
+    max_users: int = 0  # 0 = all
+
+    def validate(self) -> None:
+        if not self.ks or any(k <= 0 for k in self.ks):
+            raise ValueError("ks must be positive integers")
+        if self.split not in ("train", "valid", "test"):
+            raise ValueError(f"split {self.split!r} is not one of train, valid, test")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    tasks: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    validated: str | None = None  # when the figures in docs/results.md were produced with it
+
+    def validate(self) -> None:
+        if self.model.max_history != self.data.max_history:
+            raise ValueError(f"model.max_history ({self.model.max_history}) must equal data.max_history "
+                             f"({self.data.max_history})")
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate an ExperimentConfig YAML file (ConfigError names the bad field)."""
+    return from_dict(ExperimentConfig, load_yaml(path))

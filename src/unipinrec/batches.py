@@ -1,0 +1,284 @@
+"""From the unified format to model tensors: item vocabulary, history batches, training collate.
+
+`ItemVocab` maps raw item ids to embedding rows (row 0 = padding). `HistoryBatch` is what
+`UniPinRec.encode_history` reads (right-padded histories). `collate_examples` turns a record
+batch of UnifiedExamples into a `TrainBatch` (history, retrieval targets, task labels, slate).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .actions import ActionVocab
+
+
+# ---------------------------------------------------------------------------------------------
+# Items
+
+
+class ItemVocab:
+    """Raw item_id <-> embedding row. Rows 1..N follow the order of the items table."""
+
+    def __init__(self, item_ids: Sequence[int] | np.ndarray):
+        ids = np.asarray(item_ids, dtype=np.int64)
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError("item_ids contain duplicates")
+        self.item_ids = ids  # row r holds item_ids[r - 1]
+        self._order = np.argsort(ids, kind="stable")
+        self._sorted = ids[self._order]
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def num_rows(self) -> int:
+        """Embedding rows including padding: N + 1."""
+        return len(self.item_ids) + 1
+
+    @classmethod
+    def from_items_table(cls, table: pa.Table) -> "ItemVocab":
+        if "item_id" not in table.column_names:
+            raise ValueError("items table: missing field 'item_id'")
+        return cls(table.column("item_id").to_numpy())
+
+    @classmethod
+    def from_examples_dir(cls, examples_dir: str | Path) -> "ItemVocab":
+        from .format import read_sharded
+
+        return cls.from_items_table(read_sharded(Path(examples_dir) / "items", columns=["item_id"]))
+
+    def lookup(self, item_ids, *, unknown: int | None = None) -> np.ndarray:
+        """Rows of raw ids. Unknown ids raise KeyError (naming the first one), or map to
+        `unknown` when given (e.g. 0 = padding)."""
+        ids = np.asarray(item_ids, dtype=np.int64)
+        if len(self._sorted) == 0:
+            pos = np.zeros(ids.shape, dtype=np.int64)
+            found = np.zeros(ids.shape, dtype=bool)
+        else:
+            pos = np.searchsorted(self._sorted, ids).clip(max=len(self._sorted) - 1)
+            found = self._sorted[pos] == ids
+        rows = self._order[pos] + 1
+        if not found.all():
+            if unknown is None:
+                bad = ids.reshape(-1)[np.flatnonzero(~found.reshape(-1))[0]]
+                raise KeyError(f"item_id {int(bad)} is not in the item vocabulary ({len(self)} items)")
+            rows = np.where(found, rows, unknown)
+        return rows
+
+    def row(self, item_id: int) -> int:
+        return int(self.lookup([item_id])[0])
+
+    def ids(self, rows) -> np.ndarray:
+        """Raw ids of rows (row 0 -> -1)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return np.where(rows > 0, np.concatenate([[-1], self.item_ids])[rows.clip(0, len(self))], -1)
+
+    def save(self, path: str | Path) -> None:
+        table = pa.table({"item_id": pa.array(self.item_ids, pa.int64()),
+                          "row": pa.array(np.arange(1, len(self) + 1), pa.int64())})
+        pq.write_table(table, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ItemVocab":
+        t = pq.read_table(path)
+        rows = t.column("row").to_numpy()
+        if not np.array_equal(rows, np.arange(1, len(rows) + 1)):
+            raise ValueError(f"{path}: field 'row' must be 1..N in order")
+        return cls(t.column("item_id").to_numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def _to(obj, device):
+    return type(obj)(**{f.name: (getattr(obj, f.name).to(device) if isinstance(getattr(obj, f.name), torch.Tensor)
+                                else _to(getattr(obj, f.name), device)) for f in fields(obj)})
+
+
+@dataclass
+class HistoryBatch:
+    """Right-padded histories: real actions at 0..len-1, chronological. All LongTensors."""
+
+    items: torch.Tensor  # (B, W) item rows, 0 = padding
+    actions: torch.Tensor  # (B, W) action ids
+    ts: torch.Tensor  # (B, W) seconds
+    surfaces: torch.Tensor  # (B, W)
+    lengths: torch.Tensor  # (B,)
+    request_ts: torch.Tensor  # (B,)
+
+    @property
+    def batch_size(self) -> int:
+        return self.items.shape[0]
+
+    def to(self, device) -> "HistoryBatch":
+        return _to(self, device)
+
+    @classmethod
+    def from_histories(cls, histories: Sequence[Sequence[tuple]], request_ts: Sequence[int], vocab: ItemVocab,
+                       max_history: int, *, num_actions: int | None = None) -> "HistoryBatch":
+        """Histories as lists of (item_id, action, ts[, surface]) tuples, chronological.
+
+        Keeps the last `max_history` actions. Unknown items raise KeyError and bad actions or
+        ordering raise ValueError, naming the row and position."""
+        if len(histories) != len(request_ts):
+            raise ValueError(f"{len(histories)} histories but {len(request_ts)} request_ts values")
+        B = len(histories)
+        kept = [list(h)[-max_history:] for h in histories]
+        W = max([1] + [len(h) for h in kept])
+        arr = np.zeros((4, B, W), dtype=np.int64)
+        lengths = np.zeros(B, dtype=np.int64)
+        for b, h in enumerate(kept):
+            offset = len(histories[b]) - len(h)
+            for i, a in enumerate(h):
+                if len(a) not in (3, 4):
+                    raise ValueError(f"history[{b}][{offset + i}]: expected (item_id, action, ts[, surface]), got {a!r}")
+                arr[0, b, i], arr[1, b, i], arr[2, b, i] = a[0], a[1], a[2]
+                arr[3, b, i] = a[3] if len(a) == 4 else 0
+            n = len(h)
+            lengths[b] = n
+            if n:
+                try:
+                    arr[0, b, :n] = vocab.lookup(arr[0, b, :n])
+                except KeyError as e:
+                    bad = int(np.flatnonzero(~np.isin(arr[0, b, :n], vocab.item_ids))[0])
+                    raise KeyError(f"history[{b}][{offset + bad}].item_id: {e.args[0]}") from None
+                acts = arr[1, b, :n]
+                if num_actions is not None and ((acts < 0) | (acts >= num_actions)).any():
+                    bad = int(np.flatnonzero((acts < 0) | (acts >= num_actions))[0])
+                    raise ValueError(f"history[{b}][{offset + bad}].action: {int(acts[bad])} is not in 0..{num_actions - 1}")
+                if (np.diff(arr[2, b, :n]) < 0).any():
+                    bad = int(np.flatnonzero(np.diff(arr[2, b, :n]) < 0)[0]) + 1
+                    raise ValueError(f"history[{b}][{offset + bad}].ts: history must be chronological")
+        t = torch.from_numpy
+        return cls(t(arr[0]), t(arr[1]), t(arr[2]), t(arr[3]), t(lengths), torch.as_tensor(list(request_ts), dtype=torch.long))
+
+
+@dataclass
+class TrainBatch:
+    history: HistoryBatch
+    history_labels: torch.Tensor  # (B, W, T) float: task labels of each history action
+    targets: torch.Tensor  # (B, W) item row of the next positive action after each position; 0 = none
+    slate_items: torch.Tensor  # (B, S) item rows, 0 = padding
+    slate_labels: torch.Tensor  # (B, S, T) float
+    slate_valid: torch.Tensor  # (B, S) bool
+
+    def to(self, device) -> "TrainBatch":
+        return _to(self, device)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.history.lengths.sum()) + int(self.slate_valid.sum())
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """TaskConfig resolved against an action vocabulary."""
+
+    names: tuple[str, ...]
+    task_matrix: np.ndarray  # (num_actions, T) bool: action a is positive for task t
+    positive: np.ndarray  # (num_actions,) bool: action counts as a retrieval positive
+
+    @classmethod
+    def resolve(cls, tasks, actions: ActionVocab) -> "TaskSpec":
+        """tasks: a TaskConfig (positive_actions, tasks)."""
+        names = tuple(tasks.tasks)
+        m = np.zeros((actions.size, len(names)), dtype=bool)
+        for j, name in enumerate(names):
+            for a in tasks.tasks[name]:
+                try:
+                    m[actions.id(a), j] = True
+                except ValueError as e:
+                    raise ValueError(f"tasks.{name}: {e}") from None
+        pos = np.zeros(actions.size, dtype=bool)
+        for a in tasks.positive_actions:
+            try:
+                pos[actions.id(a)] = True
+            except ValueError as e:
+                raise ValueError(f"positive_actions: {e}") from None
+        return cls(names, m, pos)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.names)
+
+
+def _list_column(col: pa.ChunkedArray | pa.Array):
+    """A list<struct> column -> (offsets (B+1,), {field: flat numpy values})."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    values = arr.values
+    if offsets[0] != 0 or len(values) != offsets[-1]:  # sliced array
+        values = values.slice(offsets[0], offsets[-1] - offsets[0])
+        offsets = offsets - offsets[0]
+    return offsets, {f.name: values.field(i).to_numpy(zero_copy_only=False) for i, f in enumerate(values.type)}
+
+
+def _pad(offsets: np.ndarray, values: np.ndarray, keep_last: int | None, fill=0) -> tuple[np.ndarray, np.ndarray]:
+    """Flat ragged values -> right-padded (B, W) keeping the last `keep_last` of each row."""
+    lengths = np.diff(offsets)
+    start = offsets[:-1]
+    if keep_last is not None:
+        start = offsets[1:] - np.minimum(lengths, keep_last)
+        lengths = offsets[1:] - start
+    W = max(1, int(lengths.max()) if len(lengths) else 1)
+    out = np.full((len(lengths), W), fill, dtype=values.dtype if values.dtype != bool else bool)
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    col = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[row, col] = values[np.repeat(start, lengths) + col]
+    return out, lengths
+
+
+def collate_examples(batch: pa.RecordBatch | pa.Table, vocab: ItemVocab, spec: TaskSpec, max_history: int,
+                     max_slate: int | None = None) -> TrainBatch:
+    """UnifiedExamples -> TrainBatch. History truncated to the last `max_history`; slate kept in
+    position order, the first `max_slate`. Unknown items become padding (they are skipped).
+
+    Retrieval targets: at history position i the item at i+1 when its action is a positive; at
+    the last position the first positive slate item (the next positive after the history)."""
+    h_off, h = _list_column(batch.column("history"))
+    s_off, s = _list_column(batch.column("slate"))
+    B = batch.num_rows
+    items, lengths = _pad(h_off, vocab.lookup(h["item_id"], unknown=0), max_history)
+    actions, _ = _pad(h_off, h["action"].astype(np.int64), max_history)
+    ts, _ = _pad(h_off, h["ts"].astype(np.int64), max_history)
+    surfaces, _ = _pad(h_off, h["surface"].astype(np.int64), max_history)
+    request_ts = batch.column("request_ts").to_numpy().astype(np.int64)
+
+    # slate in position order
+    s_len = np.diff(s_off)
+    order = np.lexsort((s["position"], np.repeat(np.arange(B), s_len)))
+    s_items = vocab.lookup(s["item_id"][order], unknown=0)
+    s_actions = s["action"][order].astype(np.int64)
+    if max_slate is not None:
+        keep = (np.arange(len(order)) - np.repeat(s_off[:-1], s_len)) < max_slate
+        s_items, s_actions = s_items[keep], s_actions[keep]
+        s_len = np.minimum(s_len, max_slate)
+        s_off = np.concatenate([[0], np.cumsum(s_len)])
+    slate_items, _ = _pad(s_off, s_items, None)
+    slate_actions, _ = _pad(s_off, s_actions, None)
+    W_s = slate_items.shape[1]
+    slate_valid = (np.arange(W_s)[None] < s_len[:, None]) & (slate_items > 0)
+
+    valid = (np.arange(items.shape[1])[None] < lengths[:, None]) & (items > 0)
+    h_pos = spec.positive[actions.clip(0, len(spec.positive) - 1)] & valid
+    targets = np.zeros_like(items)
+    targets[:, :-1] = np.where(h_pos[:, 1:], items[:, 1:], 0)
+    s_pos = spec.positive[slate_actions.clip(0, len(spec.positive) - 1)] & slate_valid
+    first = s_pos.argmax(axis=1)
+    has = s_pos.any(axis=1) & (lengths > 0)
+    rows = np.flatnonzero(has)
+    targets[rows, lengths[rows] - 1] = slate_items[rows, first[rows]]
+
+    tm = spec.task_matrix.astype(np.float32)
+    h_labels = tm[actions.clip(0, len(tm) - 1)] * valid[..., None]
+    s_labels = tm[slate_actions.clip(0, len(tm) - 1)] * slate_valid[..., None]
+    t = torch.from_numpy
+    hist = HistoryBatch(t(items), t(actions), t(ts), t(surfaces), t(lengths.astype(np.int64)), t(request_ts))
+    return TrainBatch(hist, t(h_labels), t(targets), t(slate_items), t(s_labels), t(slate_valid))

@@ -1,0 +1,123 @@
+"""Model folders (docs/architecture.md): weights without pickles, config, item table, meta.
+
+    MODEL/model.safetensors  weights
+    MODEL/config.yaml        the ExperimentConfig (model sizes resolved, model.kind = kind)
+    MODEL/items.parquet      ItemVocab (item_id -> embedding row)
+    MODEL/meta.json          {"model_version", "kind", "actions", "tasks", "score_weights", ...}
+
+model_version = the first 16 hex digits of sha256(weights file bytes + config.yaml bytes), so
+the same weights and config always give the same version. Loading reads tensors with
+safetensors and YAML with safe_load: no code is ever unpickled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from .actions import vocab_for
+from .batches import ItemVocab
+from .config import ExperimentConfig, TaskConfig, from_dict, to_dict
+from .model import KINDS, ModelConfig, UniPinRec
+
+WEIGHTS, CONFIG, ITEMS, META = "model.safetensors", "config.yaml", "items.parquet", "meta.json"
+
+
+@dataclass
+class LoadedModel:
+    model: UniPinRec  # in eval mode
+    config: ExperimentConfig
+    vocab: ItemVocab
+    tasks: TaskConfig
+    version: str
+    kind: str
+    meta: dict
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks.tasks)
+
+
+def _version(weights: bytes, config: bytes) -> str:
+    return hashlib.sha256(weights + b"\0" + config).hexdigest()[:16]
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)  # a reader never sees half a file
+
+
+def save_model(directory: str | Path, model: UniPinRec, config: ExperimentConfig, vocab: ItemVocab,
+               tasks: TaskConfig | None = None, kind: str | None = None, extra_meta: dict | None = None) -> str:
+    """Write a model folder; returns the model version (content hash)."""
+    kind = kind or model.config.kind
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r} is not one of {list(KINDS)}")
+    if kind != model.config.kind:
+        raise ValueError(f"kind {kind!r} does not match the model's kind {model.config.kind!r}")
+    if len(vocab) != model.config.num_items:
+        raise ValueError(f"the vocabulary has {len(vocab)} items but the model embeds {model.config.num_items}")
+    tasks = tasks or config.tasks
+    if len(tasks.tasks) != model.config.num_tasks:
+        raise ValueError(f"{len(tasks.tasks)} tasks but the model predicts {model.config.num_tasks}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.replace(config, model=model.config, tasks=tasks)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tmp = directory / (WEIGHTS + ".tmp")
+    save_file(state, str(tmp))
+    weights = tmp.read_bytes()
+    os.replace(tmp, directory / WEIGHTS)
+    config_bytes = yaml.safe_dump(to_dict(config), sort_keys=False).encode()
+    _write(directory / CONFIG, config_bytes)
+    vocab.save(directory / ITEMS)
+    version = _version(weights, config_bytes)
+    meta = {
+        "model_version": version,
+        "kind": kind,
+        "actions": list(vocab_for(config.data.source).names),
+        "tasks": list(tasks.tasks),
+        "score_weights": dict(tasks.score_weights),
+        "positive_actions": list(tasks.positive_actions),
+        "num_items": model.config.num_items,
+        "max_history": model.config.max_history,
+        "d_model": model.config.d_model,
+        "time_gap": model.config.time_gap,
+        "num_parameters": model.num_parameters(),
+        **(extra_meta or {}),
+    }
+    _write(directory / META, (json.dumps(meta, indent=2) + "\n").encode())
+    return version
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu", *, verify: bool = True) -> LoadedModel:
+    """Read a model folder written by `save_model`; the model comes back in eval mode."""
+    directory = Path(directory)
+    for name in (WEIGHTS, CONFIG, ITEMS, META):
+        if not (directory / name).exists():
+            raise FileNotFoundError(f"{directory / name} not found: is {directory} a unipinrec model folder?")
+    config_bytes = (directory / CONFIG).read_bytes()
+    config = from_dict(ExperimentConfig, yaml.safe_load(config_bytes) or {})
+    meta = json.loads((directory / META).read_text())
+    if verify:
+        actual = _version((directory / WEIGHTS).read_bytes(), config_bytes)
+        if actual != meta.get("model_version"):
+            raise ValueError(f"{directory}: model_version {meta.get('model_version')} in meta.json does not match "
+                             f"the content hash {actual} of the weights and config")
+    mcfg: ModelConfig = config.model
+    model = UniPinRec(mcfg)
+    state = load_file(str(directory / WEIGHTS), device="cpu")
+    model.load_state_dict(state, strict=True)
+    model.to(device).eval()
+    vocab = ItemVocab.load(directory / ITEMS)
+    if len(vocab) != mcfg.num_items:
+        raise ValueError(f"{directory / ITEMS}: {len(vocab)} items but the model embeds {mcfg.num_items}")
+    return LoadedModel(model, config, vocab, config.tasks, meta["model_version"], meta.get("kind", mcfg.kind), meta)

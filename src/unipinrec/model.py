@@ -1,0 +1,583 @@
+"""UniPinRec: one causal transformer for retrieval and ranking (DESIGN section 3).
+
+One token per history action: item + action (with a MASK action) + log time-gap bucket +
+absolute position (+ surface) embeddings, through a pre-norm causal transformer. Its outputs
+feed a retrieval head (L2-normalised user vector vs item vectors) and, through the same
+layers' keys/values, a ranking head in which each candidate token (MASK action, next position)
+attends to the cached history and to itself only.
+
+Histories are RIGHT-padded: real tokens at positions 0..len-1; the user vector is the output
+at position len-1; candidates (and training slate tokens) sit at position len.
+
+Time gaps (`time_gap`):
+- "previous" (default): a history token's gap is ts - ts of the action before it (0 for the
+  first kept action); a candidate's gap is request_ts - ts of the last action. A token's
+  embedding then never depends on when the request comes, so appending actions leaves the
+  already-encoded tokens (and their keys/values) unchanged: serving can extend a cached KV
+  incrementally across requests (`extend_history`).
+- "request": request_ts - ts, as DESIGN section 3 words it; every token changes with the
+  request time, so `extend_history` re-encodes.
+
+Baselines of the same size live in the same class (`kind`): "retrieval_only" (SASRec-style:
+no ranking loss, no MAM; `rank` raises), "ranking_only" (no retrieval loss) and "interleaved"
+(item and action as separate tokens, 2L long; the MAM ablation: item tokens predict their
+action, action tokens feed retrieval). Imports torch only.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+if TYPE_CHECKING:  # duck-typed: any object with these tensor fields works
+    from .batches import HistoryBatch, TrainBatch
+
+KINDS = ("unified", "retrieval_only", "ranking_only", "interleaved")
+
+
+@dataclass
+class ModelConfig:
+    num_items: int = 0  # N: item rows 1..N, row 0 = padding. 0 in a config file = from the data
+    num_actions: int = 0  # action vocabulary size; MASK is the extra id num_actions. 0 = from the data
+    num_tasks: int = 0  # T ranking tasks; 0 = from the task config
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    max_history: int = 50  # L
+    mlp_ratio: int = 4
+    dropout: float = 0.1
+    time_buckets: int = 64  # log buckets of half a binary order each: 64 covers 2^32 s
+    time_gap: Literal["previous", "request"] = "previous"
+    use_surface: bool = False
+    num_surfaces: int = 16
+    temperature: float = 0.05  # retrieval softmax temperature over cosine similarities
+    mam_rate: float = 0.15  # share of history tokens given the MASK action in training
+    kind: Literal["unified", "retrieval_only", "ranking_only", "interleaved"] = "unified"
+
+    def validate(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "max_history", "mlp_ratio", "time_buckets", "num_surfaces"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        for name in ("num_items", "num_actions", "num_tasks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = taken from the data)")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("dropout must be in [0, 1)")
+        if not 0.0 <= self.mam_rate < 1.0:
+            raise ValueError("mam_rate must be in [0, 1)")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be positive")
+        if self.time_gap not in ("previous", "request"):
+            raise ValueError(f"time_gap {self.time_gap!r} is not one of previous, request")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind {self.kind!r} is not one of {list(KINDS)}")
+
+    @property
+    def mask_action(self) -> int:
+        return self.num_actions
+
+    @property
+    def tokens_per_action(self) -> int:
+        return 2 if self.kind == "interleaved" else 1
+
+
+def time_bucket(gaps: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """Log buckets of a gap in seconds: floor(2 * log2(1 + gap)), clipped to [0, num_buckets)."""
+    g = gaps.clamp(min=0).to(torch.float64)
+    return torch.floor(2.0 * torch.log2(g + 1.0)).long().clamp(max=num_buckets - 1)
+
+
+def keep_last(x: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """Right-padded rows (B, W) -> (B, width) holding each row's last min(len, width) tokens."""
+    B, W = x.shape
+    if W < width:
+        x = F.pad(x, (0, width - W))
+    shift = (lengths - width).clamp(min=0)  # (B,)
+    idx = (shift[:, None] + torch.arange(width, device=x.device)[None]).clamp(max=x.shape[1] - 1)
+    return torch.gather(x, 1, idx)
+
+
+def append_rows(a: torch.Tensor, la: torch.Tensor, b: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+    """Row-wise concatenation of right-padded (B, Wa) and (B, Wb): b's tokens follow a's len."""
+    B, Wa = a.shape
+    Wb = b.shape[1]
+    out = F.pad(a, (0, Wb))  # (B, Wa + Wb)
+    valid_b = torch.arange(Wb, device=a.device)[None] < lb[:, None]
+    dest = la[:, None] + torch.arange(Wb, device=a.device)[None]  # (B, Wb), never out of range
+    return out.scatter(1, dest, torch.where(valid_b, b, out.gather(1, dest)))
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys/values of encoded histories plus what is needed to extend them.
+
+    keys[i], values[i]: (B, H, Wt, Dh) with Wt = tokens (L, or 2L interleaved); positions at
+    and after lengths * tokens_per_action are padding (their contents are undefined).
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    lengths: torch.Tensor  # (B,) actions per row
+    tokens_per_action: int
+    items: torch.Tensor  # (B, W) the encoded history, raw (item rows, action ids, ts, surface)
+    actions: torch.Tensor
+    ts: torch.Tensor
+    surfaces: torch.Tensor
+    request_ts: torch.Tensor  # (B,)
+    user_vectors: torch.Tensor  # (B, D)
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def padding_mask(self) -> torch.Tensor:
+        """(B, Wt) True at real tokens."""
+        Wt = self.keys[0].shape[2]
+        return torch.arange(Wt, device=self.lengths.device)[None] < (self.lengths * self.tokens_per_action)[:, None]
+
+    def last_ts(self) -> torch.Tensor:
+        """(B,) ts of each row's last action (0 where the history is empty)."""
+        idx = (self.lengths - 1).clamp(min=0)[:, None]
+        return torch.where(self.lengths > 0, self.ts.gather(1, idx)[:, 0], torch.zeros_like(self.lengths))
+
+    def index_select(self, rows: torch.Tensor) -> "KVCache":
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
+        return KVCache(
+            keys=[k.index_select(0, rows) for k in self.keys],
+            values=[v.index_select(0, rows) for v in self.values],
+            lengths=self.lengths[rows], tokens_per_action=self.tokens_per_action,
+            items=self.items[rows], actions=self.actions[rows], ts=self.ts[rows], surfaces=self.surfaces[rows],
+            request_ts=self.request_ts[rows], user_vectors=self.user_vectors[rows],
+        )
+
+    def __getitem__(self, rows) -> "KVCache":
+        if isinstance(rows, int):
+            rows = slice(rows, rows + 1 if rows != -1 else None)
+        if isinstance(rows, slice):
+            rows = torch.arange(self.batch_size, device=self.lengths.device)[rows]
+        return self.index_select(rows)
+
+    def to(self, device) -> "KVCache":
+        return KVCache(
+            keys=[k.to(device) for k in self.keys], values=[v.to(device) for v in self.values],
+            lengths=self.lengths.to(device), tokens_per_action=self.tokens_per_action,
+            items=self.items.to(device), actions=self.actions.to(device), ts=self.ts.to(device),
+            surfaces=self.surfaces.to(device), request_ts=self.request_ts.to(device),
+            user_vectors=self.user_vectors.to(device),
+        )
+
+    @staticmethod
+    def cat(caches: list["KVCache"]) -> "KVCache":
+        """Stack caches of different widths into one batch (padding to the widest)."""
+        Wt = max(c.keys[0].shape[2] for c in caches)
+        W = max(c.items.shape[1] for c in caches)
+
+        def pad_t(t, width, dim):
+            return F.pad(t, (0, 0, 0, width - t.shape[dim])) if dim == 2 else F.pad(t, (0, width - t.shape[1]))
+
+        n_layers = len(caches[0].keys)
+        return KVCache(
+            keys=[torch.cat([pad_t(c.keys[i], Wt, 2) for c in caches]) for i in range(n_layers)],
+            values=[torch.cat([pad_t(c.values[i], Wt, 2) for c in caches]) for i in range(n_layers)],
+            lengths=torch.cat([c.lengths for c in caches]), tokens_per_action=caches[0].tokens_per_action,
+            items=torch.cat([pad_t(c.items, W, 1) for c in caches]),
+            actions=torch.cat([pad_t(c.actions, W, 1) for c in caches]),
+            ts=torch.cat([pad_t(c.ts, W, 1) for c in caches]),
+            surfaces=torch.cat([pad_t(c.surfaces, W, 1) for c in caches]),
+            request_ts=torch.cat([c.request_ts for c in caches]),
+            user_vectors=torch.cat([c.user_vectors for c in caches]),
+        )
+
+
+@dataclass
+class ForwardOutput:
+    retrieval_hidden: torch.Tensor  # (B, W, D) output that predicts the next item, per action
+    ranking_hidden: torch.Tensor  # (B, W, D) output that predicts each action's own tasks
+    slate_hidden: torch.Tensor | None  # (B, S, D)
+    token_valid: torch.Tensor  # (B, W) real actions
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.d_head = cfg.d_model // cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def _heads(self, x: torch.Tensor):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=-1)
+        return [t.view(B, N, self.n_heads, self.d_head).transpose(1, 2) for t in (q, k, v)]  # (B, H, N, Dh)
+
+    def _merge(self, y: torch.Tensor) -> torch.Tensor:
+        B, H, N, Dh = y.shape
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, N, H * Dh)))
+
+    def forward(self, x, mask, past_k=None, past_v=None):
+        """x (B, N, D); mask (B, 1, N, Np + N) bool, True = may attend. Returns (y, k, v)."""
+        q, k, v = self._heads(x)  # (B, H, N, Dh)
+        keys = k if past_k is None else torch.cat([past_k, k], dim=2)
+        values = v if past_v is None else torch.cat([past_v, v], dim=2)
+        y = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self._merge(y), k, v
+
+    def attend_candidates(self, x, past_k, past_v, past_valid):
+        """Each candidate attends to the cached history and to itself only: cost ~ C x Wt.
+
+        x (B, C, D); past_k/v (B, H, Wt, Dh); past_valid (B, Wt) bool.
+        """
+        q, k, v = self._heads(x)  # (B, H, C, Dh)
+        scale = 1.0 / math.sqrt(self.d_head)
+        s_hist = (q @ past_k.transpose(-2, -1)) * scale  # (B, H, C, Wt)
+        s_hist = s_hist.masked_fill(~past_valid[:, None, None, :], float("-inf"))
+        s_self = (q * k).sum(-1, keepdim=True) * scale  # (B, H, C, 1)
+        p = torch.softmax(torch.cat([s_hist, s_self], dim=-1), dim=-1)
+        y = p[..., :-1] @ past_v + p[..., -1:] * v  # (B, H, C, Dh)
+        return self._merge(y)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model), nn.GELU(),
+            nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model), nn.Dropout(cfg.dropout),
+        )
+
+    def forward(self, x, mask, past_k=None, past_v=None):
+        a, k, v = self.attn(self.ln1(x), mask, past_k, past_v)
+        x = x + a
+        return x + self.mlp(self.ln2(x)), k, v
+
+    def forward_candidates(self, x, past_k, past_v, past_valid):
+        x = x + self.attn.attend_candidates(self.ln1(x), past_k, past_v, past_valid)
+        return x + self.mlp(self.ln2(x))
+
+
+def causal_mask(valid: torch.Tensor) -> torch.Tensor:
+    """(B, N) real-token flags -> (B, 1, N, N): causal, real keys only, every query sees itself
+    (so padded queries never have an all-False row)."""
+    N = valid.shape[1]
+    tril = torch.ones(N, N, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(N, dtype=torch.bool, device=valid.device)
+    return ((tril[None] & valid[:, None, :]) | eye[None])[:, None]
+
+
+def blended_mask(valid: torch.Tensor, num_slate: int) -> torch.Tensor:
+    """History (B, N) + S slate tokens -> (B, 1, N+S, N+S): history causal and blind to the
+    slate; each slate token sees every real history token and itself, no other slate token."""
+    B, N = valid.shape
+    S = num_slate
+    top = torch.cat([causal_mask(valid)[:, 0], valid.new_zeros(B, N, S)], dim=2)  # (B, N, N+S)
+    eye = torch.eye(S, dtype=torch.bool, device=valid.device)
+    bottom = torch.cat([valid[:, None, :].expand(B, S, N), eye[None].expand(B, S, S)], dim=2)  # (B, S, N+S)
+    return torch.cat([top, bottom], dim=1)[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class UniPinRec(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        if cfg.num_items <= 0 or cfg.num_actions <= 0 or cfg.num_tasks <= 0:
+            raise ValueError("ModelConfig needs num_items, num_actions and num_tasks resolved (> 0)")
+        self.config = cfg
+        D = cfg.d_model
+        self.item_emb = nn.Embedding(cfg.num_items + 1, D, padding_idx=0)
+        self.action_emb = nn.Embedding(cfg.num_actions + 1, D)  # + MASK
+        self.time_emb = nn.Embedding(cfg.time_buckets, D)
+        self.pos_emb = nn.Embedding(cfg.max_history + 1, D)  # candidates sit at position len <= L
+        self.surface_emb = nn.Embedding(cfg.num_surfaces, D) if cfg.use_surface else None
+        self.action_token_emb = nn.Parameter(torch.zeros(D))  # marks action tokens (interleaved)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(D)
+        self.retrieval_proj = nn.Linear(D, D)
+        self.rank_head = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, cfg.num_tasks))
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+
+    # --- tokens -------------------------------------------------------------------------------
+
+    def _gaps(self, ts, prev_ts, request_ts):
+        if self.config.time_gap == "request":
+            return request_ts[:, None] - ts
+        prev = torch.cat([prev_ts[:, None], ts[:, :-1]], dim=1)
+        return ts - prev
+
+    def _surface(self, surfaces):
+        if self.surface_emb is None:
+            return 0.0
+        return self.surface_emb(surfaces.clamp(0, self.config.num_surfaces - 1))
+
+    def _history_tokens(self, items, actions, ts, surfaces, lengths, request_ts, start=None, prev_ts=None):
+        """(B, W) actions -> tokens (B, W * tokens_per_action, D) and their real flags.
+
+        start (B,): position of the first token (0 for a fresh encode); prev_ts (B,): ts of the
+        action before the first one (None: none, gap 0)."""
+        cfg = self.config
+        B, W = items.shape
+        ar = torch.arange(W, device=items.device)
+        valid = ar[None] < lengths[:, None]  # (B, W)
+        start = torch.zeros_like(lengths) if start is None else start
+        prev_ts = ts[:, 0] if prev_ts is None else prev_ts
+        pos = (start[:, None] + ar[None]).clamp(max=cfg.max_history)  # padding clamps harmlessly
+        gaps = self._gaps(ts, prev_ts, request_ts)
+        base = self.item_emb(items) + self.time_emb(time_bucket(gaps, cfg.time_buckets)) + self.pos_emb(pos)
+        base = base + self._surface(surfaces)  # (B, W, D)
+        if cfg.kind == "interleaved":
+            item_tok = base + self.action_emb.weight[cfg.mask_action]
+            act_tok = self.action_emb(actions) + self.pos_emb(pos) + self.action_token_emb
+            x = torch.stack([item_tok, act_tok], dim=2).reshape(B, 2 * W, -1)  # (B, 2W, D)
+            return x, valid.repeat_interleave(2, dim=1)
+        return base + self.action_emb(actions), valid
+
+    def default_candidate_gaps(self, lengths, last_ts, request_ts):
+        """(B,) gap of a candidate: request_ts - last action ts ("previous"), 0 ("request")."""
+        if self.config.time_gap == "request":
+            return torch.zeros_like(request_ts)
+        return torch.where(lengths > 0, request_ts - last_ts, torch.zeros_like(request_ts))
+
+    def _candidate_tokens(self, candidates, lengths, gaps):
+        """candidates (B, C) item rows at position len with the MASK action -> (B, C, D)."""
+        cfg = self.config
+        if gaps.dim() == 1:
+            gaps = gaps[:, None]
+        pos = lengths.clamp(max=cfg.max_history)[:, None]  # (B, 1)
+        x = self.item_emb(candidates) + self.action_emb.weight[cfg.mask_action] + self.pos_emb(pos)
+        x = x + self.time_emb(time_bucket(gaps, cfg.time_buckets)).expand_as(x)
+        return x + self._surface(torch.zeros_like(candidates))
+
+    # --- training forward -------------------------------------------------------------------
+
+    def blended_forward(self, history, slate_items=None, mam_mask=None) -> ForwardOutput:
+        """History (+ slate tokens appended with MASK) through the encoder, as in training.
+
+        mam_mask (B, W) bool: history tokens whose action is replaced by MASK."""
+        cfg = self.config
+        actions = history.actions
+        if mam_mask is not None:
+            actions = torch.where(mam_mask, torch.full_like(actions, cfg.mask_action), actions)
+        x, valid = self._history_tokens(history.items, actions, history.ts, history.surfaces,
+                                        history.lengths, history.request_ts)  # (B, N, D)
+        N = x.shape[1]
+        if slate_items is not None and slate_items.shape[1] > 0:
+            gaps = self.default_candidate_gaps(history.lengths, _last(history.ts, history.lengths), history.request_ts)
+            x = torch.cat([x, self._candidate_tokens(slate_items, history.lengths, gaps)], dim=1)  # (B, N+S, D)
+            mask = blended_mask(valid, slate_items.shape[1])
+        else:
+            mask = causal_mask(valid)
+        x = self.drop(x)
+        for block in self.blocks:
+            x, _, _ = block(x, mask)
+        x = self.ln_f(x)
+        h, slate = x[:, :N], (x[:, N:] if x.shape[1] > N else None)
+        if cfg.kind == "interleaved":  # item tokens predict their action, action tokens the next item
+            return ForwardOutput(h[:, 1::2], h[:, 0::2], slate, valid[:, 0::2])
+        return ForwardOutput(h, h, slate, valid)
+
+    def forward(self, batch: "TrainBatch", *, alpha: float = 1.0, num_uniform_negatives: int = 128,
+                num_inbatch_negatives: int = 0, logq_correction: bool = True) -> tuple[torch.Tensor, dict]:
+        """Training step: blended forward, MAM, losses. Returns (loss, detached scalars)."""
+        cfg = self.config
+        hist = batch.history
+        valid = torch.arange(hist.items.shape[1], device=hist.items.device)[None] < hist.lengths[:, None]
+        use_mam = cfg.kind in ("unified", "ranking_only") and self.training and cfg.mam_rate > 0
+        mam = (torch.rand(valid.shape, device=valid.device) < cfg.mam_rate) & valid if use_mam else None
+        with_slate = cfg.kind != "retrieval_only"
+        out = self.blended_forward(hist, batch.slate_items if with_slate else None, mam)
+        stats: dict[str, torch.Tensor] = {}
+        loss = out.retrieval_hidden.new_zeros(())
+        if cfg.kind != "ranking_only":
+            r = self.retrieval_loss(out.retrieval_hidden, batch.targets, num_uniform_negatives,
+                                    num_inbatch_negatives, logq_correction)
+            loss = loss + r
+            stats["retrieval_loss"] = r.detach()
+        if cfg.kind != "retrieval_only":
+            rank_mask = out.token_valid if cfg.kind == "interleaved" else mam
+            hs, ls = [], []
+            if rank_mask is not None:
+                hs.append(out.ranking_hidden[rank_mask])
+                ls.append(batch.history_labels[rank_mask])
+            if out.slate_hidden is not None:
+                hs.append(out.slate_hidden[batch.slate_valid])
+                ls.append(batch.slate_labels[batch.slate_valid])
+            h = torch.cat(hs) if hs else out.ranking_hidden.new_zeros(0, cfg.d_model)
+            logits = self.rank_head(h)  # (P, T)
+            rk = F.binary_cross_entropy_with_logits(logits.float(), torch.cat(ls).float()) if len(h) else logits.sum() * 0
+            loss = loss + alpha * rk
+            stats["ranking_loss"] = rk.detach()
+        stats["loss"] = loss.detach()
+        return loss, stats
+
+    def retrieval_loss(self, hidden, targets, num_uniform: int, num_inbatch: int, logq: bool) -> torch.Tensor:
+        """Sampled softmax over L2-normalised vectors: next positive item at each position vs
+        shared in-batch and uniform negatives, logQ-corrected (expected sample counts).
+
+        hidden (B, W, D); targets (B, W) item rows, 0 = no target at that position."""
+        sel = targets > 0
+        y = targets[sel]  # (P,)
+        if y.numel() == 0:
+            return hidden.sum() * 0.0
+        N = self.config.num_items
+        u = F.normalize(self.retrieval_proj(hidden[sel]).float(), dim=-1)  # (P, D)
+        P = y.shape[0]
+        negs = []
+        if num_inbatch > 0:
+            negs.append(y[torch.randint(0, P, (num_inbatch,), device=y.device)])
+        if num_uniform > 0:
+            negs.append(torch.randint(1, N + 1, (num_uniform,), device=y.device))
+        neg = torch.cat(negs) if negs else y[:0]  # (K,)
+        pos_v = F.normalize(self.item_emb(y).float(), dim=-1)  # (P, D)
+        neg_v = F.normalize(self.item_emb(neg).float(), dim=-1)  # (K, D)
+        tau = self.config.temperature
+        pos_logit = (u * pos_v).sum(-1, keepdim=True) / tau  # (P, 1)
+        neg_logit = (u @ neg_v.T) / tau  # (P, K)
+        if logq:
+            counts = torch.bincount(y, minlength=N + 1).float()
+            expected = num_inbatch * counts / P + num_uniform / N  # expected times an item is sampled
+            pos_logit = pos_logit - torch.log(expected[y])[:, None]
+            neg_logit = neg_logit - torch.log(expected[neg])[None, :]
+        neg_logit = neg_logit.masked_fill(neg[None, :] == y[:, None], float("-inf"))  # accidental hits
+        logits = torch.cat([pos_logit, neg_logit], dim=1)
+        return F.cross_entropy(logits, torch.zeros(P, dtype=torch.long, device=y.device))
+
+    # --- serving API ----------------------------------------------------------------------------
+
+    def _user_vectors(self, h_tokens, lengths):
+        """Output at the last real token -> L2-normalised user vectors (B, D); zero if empty."""
+        tpa = self.config.tokens_per_action
+        idx = (lengths * tpa - 1).clamp(min=0)
+        last = h_tokens[torch.arange(h_tokens.shape[0], device=h_tokens.device), idx]  # (B, D)
+        u = F.normalize(self.retrieval_proj(last), dim=-1)
+        return torch.where((lengths > 0)[:, None], u, torch.zeros_like(u))
+
+    def encode_history(self, history: "HistoryBatch") -> tuple[torch.Tensor, KVCache]:
+        """-> (user_vectors (B, D) L2-normalised, kv_cache). Histories right-padded, len <= L."""
+        if history.items.shape[1] > self.config.max_history:
+            raise ValueError(f"history width {history.items.shape[1]} exceeds max_history {self.config.max_history}")
+        x, valid = self._history_tokens(history.items, history.actions, history.ts, history.surfaces,
+                                        history.lengths, history.request_ts)  # (B, Wt, D)
+        mask = causal_mask(valid)
+        x = self.drop(x)
+        keys, values = [], []
+        for block in self.blocks:
+            x, k, v = block(x, mask)
+            keys.append(k)
+            values.append(v)
+        user = self._user_vectors(self.ln_f(x), history.lengths)
+        cache = KVCache(keys, values, history.lengths, self.config.tokens_per_action, history.items,
+                        history.actions, history.ts, history.surfaces, history.request_ts, user)
+        return user, cache
+
+    def extend_history(self, kv_cache: KVCache, new_actions: "HistoryBatch") -> tuple[torch.Tensor, KVCache]:
+        """Append each row's new actions (right-padded, chronological) to the cached history.
+
+        Equals a full `encode_history` of the concatenated history (the new request_ts taken
+        from `new_actions`). Incremental when time_gap == "previous" and no row overflows L;
+        otherwise the whole history is re-encoded (positions or gaps of old tokens change)."""
+        cfg = self.config
+        c, n = kv_cache, new_actions
+        total = c.lengths + n.lengths
+        if cfg.time_gap == "request" or int(total.max()) > cfg.max_history:
+            return self.encode_history(_Hist(*(
+                keep_last(append_rows(a, c.lengths, b, n.lengths), total, min(int(total.max()), cfg.max_history))
+                for a, b in ((c.items, n.items), (c.actions, n.actions), (c.ts, n.ts), (c.surfaces, n.surfaces))
+            ), total.clamp(max=cfg.max_history), n.request_ts))
+        prev_ts = torch.where(c.lengths > 0, c.last_ts(), n.ts[:, 0])
+        x, valid_new = self._history_tokens(n.items, n.actions, n.ts, n.surfaces, n.lengths, n.request_ts,
+                                            start=c.lengths, prev_ts=prev_ts)  # (B, Nn, D)
+        B, Nn = valid_new.shape
+        past_valid = c.padding_mask  # (B, Wc)
+        Wc = past_valid.shape[1]
+        mask = torch.cat([past_valid[:, None, :].expand(B, Nn, Wc), causal_mask(valid_new)[:, 0]], dim=2)[:, None]
+        tpa = cfg.tokens_per_action
+        dest = (c.lengths * tpa)[:, None] + torch.arange(Nn, device=x.device)[None]  # (B, Nn)
+        width = int(total.max()) * tpa
+        x = self.drop(x)
+        keys, values = [], []
+        for block, pk, pv in zip(self.blocks, c.keys, c.values):
+            x, k, v = block(x, mask, pk, pv)
+            idx = dest[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            keys.append(F.pad(pk, (0, 0, 0, Nn)).scatter(2, idx, k)[:, :, :width])
+            values.append(F.pad(pv, (0, 0, 0, Nn)).scatter(2, idx, v)[:, :, :width])
+        user_new = self._user_vectors(self.ln_f(x), n.lengths)
+        user = torch.where((n.lengths > 0)[:, None], user_new, c.user_vectors)
+        W = int(total.max())
+        raw = [append_rows(a, c.lengths, b, n.lengths)[:, :W]
+               for a, b in ((c.items, n.items), (c.actions, n.actions), (c.ts, n.ts), (c.surfaces, n.surfaces))]
+        return user, KVCache(keys, values, total, tpa, *raw, n.request_ts, user)
+
+    def rank(self, candidates: torch.Tensor, kv_cache: KVCache, candidate_gaps: torch.Tensor | None = None) -> torch.Tensor:
+        """candidates (B, C) item rows -> task logits (B, C, T). Each candidate token (MASK action,
+        position len) attends to the cached history keys/values and to itself only."""
+        if self.config.kind == "retrieval_only":
+            raise RuntimeError("a retrieval_only model has no ranking head; use a unified or ranking_only model")
+        c = kv_cache
+        if candidate_gaps is None:
+            candidate_gaps = self.default_candidate_gaps(c.lengths, c.last_ts(), c.request_ts)
+        x = self._candidate_tokens(candidates, c.lengths, candidate_gaps)  # (B, C, D)
+        past_valid = c.padding_mask
+        for block, pk, pv in zip(self.blocks, c.keys, c.values):
+            x = block.forward_candidates(x, pk, pv, past_valid)
+        return self.rank_head(self.ln_f(x))  # (B, C, T)
+
+    def item_vectors(self) -> torch.Tensor:
+        """(N+1, D) L2-normalised retrieval item vectors; row 0 (padding) is zero."""
+        v = F.normalize(self.item_emb.weight, dim=-1)
+        return torch.cat([torch.zeros_like(v[:1]), v[1:]])
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _last(ts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    idx = (lengths - 1).clamp(min=0)[:, None]
+    return torch.where(lengths > 0, ts.gather(1, idx)[:, 0], torch.zeros_like(lengths))
+
+
+@dataclass
+class _Hist:  # the HistoryBatch fields the model reads, for internal re-encodes
+    items: torch.Tensor
+    actions: torch.Tensor
+    ts: torch.Tensor
+    surfaces: torch.Tensor
+    lengths: torch.Tensor
+    request_ts: torch.Tensor
+
+
+def resolve(cfg: ModelConfig, *, num_items: int, num_actions: int, num_tasks: int, kind: str | None = None) -> ModelConfig:
+    """Fill the data-dependent sizes (and optionally the kind) of a config."""
+    return replace(cfg, num_items=num_items, num_actions=num_actions, num_tasks=num_tasks, kind=kind or cfg.kind)

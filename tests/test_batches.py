@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from unipinrec import format as fmt
+from unipinrec.actions import SYNTHETIC
+from unipinrec.batches import HistoryBatch, ItemVocab, TaskSpec, collate_examples
+from unipinrec.config import TaskConfig
+
+
+def test_item_vocab_roundtrip(tmp_path):
+    v = ItemVocab([50, 10, 30])
+    assert v.lookup([10, 50, 30]).tolist() == [2, 1, 3]
+    assert v.ids([0, 1, 3]).tolist() == [-1, 50, 30]
+    assert v.lookup([10, 99], unknown=0).tolist() == [2, 0]
+    with pytest.raises(KeyError, match="99"):
+        v.lookup([10, 99])
+    v.save(tmp_path / "items.parquet")
+    w = ItemVocab.load(tmp_path / "items.parquet")
+    assert w.item_ids.tolist() == [50, 10, 30] and w.num_rows == 4
+    with pytest.raises(ValueError, match="duplicates"):
+        ItemVocab([1, 1])
+
+
+def test_history_batch_from_histories_truncates_and_names_bad_input():
+    v = ItemVocab([7, 8, 9])
+    h = HistoryBatch.from_histories([[(7, 1, 10), (8, 2, 20, 1), (9, 1, 30)], []], [40, 50], v, max_history=2)
+    assert h.items.tolist() == [[2, 3], [0, 0]]
+    assert h.actions.tolist() == [[2, 1], [0, 0]]
+    assert h.surfaces.tolist() == [[1, 0], [0, 0]]
+    assert h.lengths.tolist() == [2, 0] and h.request_ts.tolist() == [40, 50]
+    with pytest.raises(KeyError, match=r"history\[1\]\[1\]\.item_id.*42"):
+        HistoryBatch.from_histories([[(7, 1, 1)], [(7, 1, 1), (42, 1, 2)]], [5, 5], v, 10)
+    with pytest.raises(ValueError, match=r"history\[0\]\[1\]\.action"):
+        HistoryBatch.from_histories([[(7, 1, 1), (8, 9, 2)]], [5], v, 10, num_actions=5)
+    with pytest.raises(ValueError, match=r"history\[0\]\[1\]\.ts"):
+        HistoryBatch.from_histories([[(7, 1, 5), (8, 1, 2)]], [9], v, 10)
+
+
+def _examples() -> pa.Table:
+    rows = [
+        {"user_id": 1, "request_ts": 100,
+         "history": [{"item_id": 10, "action": 1, "ts": 1, "surface": 0},
+                     {"item_id": 11, "action": 4, "ts": 2, "surface": 1},
+                     {"item_id": 12, "action": 2, "ts": 3, "surface": 0}],
+         "slate": [{"item_id": 13, "position": 1, "action": 2}, {"item_id": 14, "position": 0, "action": 0},
+                   {"item_id": 15, "position": 2, "action": 1}]},
+        {"user_id": 2, "request_ts": 200,
+         "history": [{"item_id": 14, "action": 3, "ts": 5, "surface": 0}],
+         "slate": []},
+    ]
+    return pa.Table.from_pylist(rows, schema=fmt.UNIFIED_EXAMPLE_SCHEMA)
+
+
+def test_collate_examples_labels_targets_and_slate_order():
+    vocab = ItemVocab([10, 11, 12, 13, 14, 15])
+    spec = TaskSpec.resolve(TaskConfig(), SYNTHETIC)  # engaged=click/save/share, saved=save, hidden=hide
+    assert spec.names == ("engaged", "saved", "hidden")
+    b = collate_examples(_examples(), vocab, spec, max_history=2)
+    h = b.history
+    assert h.items.tolist() == [[2, 3], [5, 0]]  # last 2 kept
+    assert h.lengths.tolist() == [2, 1] and h.actions.tolist() == [[4, 2], [3, 0]]
+    assert b.slate_items.tolist() == [[5, 4, 6], [0, 0, 0]]  # position order
+    assert b.slate_valid.tolist() == [[True, True, True], [False, False, False]]
+    # history labels: hide -> hidden; save -> engaged + saved; share -> engaged
+    assert b.history_labels[0].tolist() == [[0, 0, 1], [1, 1, 0]]
+    assert b.history_labels[1, 0].tolist() == [1, 0, 0]
+    assert b.slate_labels[0].tolist() == [[0, 0, 0], [1, 1, 0], [1, 0, 0]]
+    # targets: position 0 -> item at 1 (save, positive); last -> first positive slate item (13 at position 1)
+    assert b.targets.tolist() == [[3, 4], [0, 0]]
+    assert b.num_tokens == 2 + 1 + 3
+    # max_slate keeps the first positions
+    b2 = collate_examples(_examples(), vocab, spec, max_history=5, max_slate=1)
+    assert b2.slate_items.tolist() == [[5], [0]]
+    assert b2.targets[0].tolist() == [0, 3, 0]  # no positive in the kept slate
+
+
+def test_task_spec_names_bad_actions():
+    with pytest.raises(ValueError, match="tasks.bad"):
+        TaskSpec.resolve(TaskConfig(tasks={"bad": ["nope"]}, score_weights={}), SYNTHETIC)
+
+
+def test_collate_reads_sliced_record_batches():
+    table = _examples()
+    vocab = ItemVocab([10, 11, 12, 13, 14, 15])
+    spec = TaskSpec.resolve(TaskConfig(), SYNTHETIC)
+    b = collate_examples(table.slice(1, 1), vocab, spec, max_history=5)
+    assert b.history.items.tolist() == [[5]] and b.history.request_ts.tolist() == [200]
+    assert isinstance(b.history.items, torch.Tensor) and b.history.items.dtype == torch.long
+    assert np.isclose(float(b.history_labels.sum()), 1.0)

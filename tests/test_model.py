@@ -1,0 +1,267 @@
+"""Exactness of the model: the cached serving path equals the training forward and a full
+recompute; MAM and attention-mask properties (DESIGN section 3)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unipinrec.model import KINDS, KVCache, ModelConfig, UniPinRec, append_rows, keep_last, time_bucket
+from unipinrec.batches import HistoryBatch, TrainBatch
+
+TOL = 1e-5
+N_ITEMS, N_ACTIONS, N_TASKS, L = 40, 5, 3, 12
+
+
+def make_model(kind="unified", time_gap="previous", seed=0, **kw) -> UniPinRec:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(num_items=N_ITEMS, num_actions=N_ACTIONS, num_tasks=N_TASKS, d_model=32, n_layers=2,
+                      n_heads=4, max_history=L, dropout=0.1, kind=kind, time_gap=time_gap, use_surface=True, **kw)
+    m = UniPinRec(cfg).double().eval()  # float64 makes "equal" a sharp test; fp32 is checked separately
+    return m
+
+
+def make_history(lengths, seed=1, width=None) -> HistoryBatch:
+    g = torch.Generator().manual_seed(seed)
+    B = len(lengths)
+    W = width or max(max(lengths), 1)
+    lengths_t = torch.tensor(lengths)
+    valid = torch.arange(W)[None] < lengths_t[:, None]
+    items = torch.randint(1, N_ITEMS + 1, (B, W), generator=g) * valid
+    actions = torch.randint(0, N_ACTIONS, (B, W), generator=g) * valid
+    ts = torch.cumsum(torch.randint(0, 100_000, (B, W), generator=g), dim=1) + 1_700_000_000
+    surfaces = torch.randint(0, 3, (B, W), generator=g) * valid
+    request_ts = ts.max(dim=1).values + torch.randint(1, 5000, (B,), generator=g)
+    return HistoryBatch(items, actions, ts, surfaces, lengths_t, request_ts)
+
+
+def row(h: HistoryBatch, b: int, n: int | None = None) -> HistoryBatch:
+    n = int(h.lengths[b]) if n is None else n
+    return HistoryBatch(h.items[b:b + 1, :max(n, 1)], h.actions[b:b + 1, :max(n, 1)], h.ts[b:b + 1, :max(n, 1)],
+                        h.surfaces[b:b + 1, :max(n, 1)], torch.tensor([n]), h.request_ts[b:b + 1])
+
+
+def candidates(B, C, seed=2):
+    return torch.randint(1, N_ITEMS + 1, (B, C), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", ["unified", "ranking_only", "interleaved"])
+@pytest.mark.parametrize("time_gap", ["previous", "request"])
+def test_rank_over_cache_equals_training_forward_and_full_recompute(kind, time_gap):
+    m = make_model(kind, time_gap)
+    h = make_history([7, 12, 1, 4])
+    cand = candidates(4, 6)
+    with torch.no_grad():
+        _, cache = m.encode_history(h)
+        scores = m.rank(cand, cache)  # (B, C, T)
+        assert scores.shape == (4, 6, N_TASKS)
+        # the training forward with the candidates as the slate
+        out = m.blended_forward(h, slate_items=cand)
+        blended = m.rank_head(out.slate_hidden)
+        assert (scores - blended).abs().max() < TOL
+        # full recompute: each candidate alone appended to its user's history, position len
+        for b in range(4):
+            hb = row(h, b)
+            for c in range(6):
+                single = m.blended_forward(hb, slate_items=cand[b:b + 1, c:c + 1])
+                assert (m.rank_head(single.slate_hidden)[0, 0] - scores[b, c]).abs().max() < TOL
+
+
+def test_fp32_cached_rank_matches_within_1e5():
+    torch.manual_seed(0)
+    m = make_model().float()
+    h = make_history([12, 5, 9])
+    cand = candidates(3, 50)
+    with torch.no_grad():
+        _, cache = m.encode_history(h)
+        scores = m.rank(cand, cache)
+        blended = m.rank_head(m.blended_forward(h, slate_items=cand).slate_hidden)
+    assert (scores - blended).abs().max() <= 1e-5
+
+
+def test_rank_is_independent_of_the_other_candidates_and_of_padding():
+    m = make_model()
+    h = make_history([5, 9])
+    cand = candidates(2, 8)
+    with torch.no_grad():
+        _, cache = m.encode_history(h)
+        full = m.rank(cand, cache)
+        part = m.rank(cand[:, 3:5], cache)
+        # extra right padding in the history changes nothing
+        pad = lambda t: torch.nn.functional.pad(t, (0, 3))  # noqa: E731
+        wide_h = HistoryBatch(pad(h.items), pad(h.actions), pad(h.ts), pad(h.surfaces), h.lengths, h.request_ts)
+        _, cache_wide = m.encode_history(wide_h)
+        wide = m.rank(cand, cache_wide)
+    assert (full[:, 3:5] - part).abs().max() < TOL
+    assert (full - wide).abs().max() < TOL
+
+
+@pytest.mark.parametrize("kind", ["unified", "interleaved", "retrieval_only"])
+@pytest.mark.parametrize("time_gap", ["previous", "request"])
+def test_extend_history_equals_full_encode(kind, time_gap):
+    m = make_model(kind, time_gap)
+    # split each row: the first old_len actions cached, the rest appended later
+    full = make_history([9, 8, 4, 5], seed=3)
+    old_len = torch.tensor([5, 8, 0, 2])
+    new_len = full.lengths - old_len
+    W = full.items.shape[1]
+
+    def part(start, n):
+        idx = (start[:, None] + torch.arange(W)[None]).clamp(max=W - 1)
+        pick = lambda t: torch.gather(t, 1, idx) * (torch.arange(W)[None] < n[:, None])  # noqa: E731
+        return HistoryBatch(pick(full.items), pick(full.actions), pick(full.ts), pick(full.surfaces), n, full.request_ts)
+
+    old = part(torch.zeros_like(old_len), old_len)
+    old.request_ts = old.request_ts - 10
+    new = part(old_len, new_len)
+    with torch.no_grad():
+        u_ref, ref = m.encode_history(full)
+        _, cache = m.encode_history(old)
+        u, ext = m.extend_history(cache, new)
+        assert (u - u_ref).abs().max() < TOL
+        assert torch.equal(ext.lengths, ref.lengths)
+        valid = ref.padding_mask
+        for k, k_ref in zip(ext.keys, ref.keys):
+            assert (k.transpose(1, 2)[valid] - k_ref.transpose(1, 2)[valid]).abs().max() < TOL
+        if kind != "retrieval_only":
+            cand = candidates(4, 5)
+            assert (m.rank(cand, ext) - m.rank(cand, ref)).abs().max() < TOL
+
+
+def test_extend_past_max_history_reencodes_the_last_L():
+    m = make_model()
+    long = make_history([L + 5], seed=4, width=L + 5)
+    first = HistoryBatch(long.items[:, :L], long.actions[:, :L], long.ts[:, :L], long.surfaces[:, :L],
+                         torch.tensor([L]), long.request_ts)
+    new = HistoryBatch(long.items[:, L:], long.actions[:, L:], long.ts[:, L:], long.surfaces[:, L:],
+                       torch.tensor([5]), long.request_ts)
+    last = HistoryBatch(long.items[:, 5:], long.actions[:, 5:], long.ts[:, 5:], long.surfaces[:, 5:],
+                        torch.tensor([L]), long.request_ts)
+    with torch.no_grad():
+        _, cache = m.encode_history(first)
+        u, ext = m.extend_history(cache, new)
+        u_ref, _ = m.encode_history(last)
+    assert ext.keys[0].shape[2] == L
+    assert (u - u_ref).abs().max() < TOL
+
+
+def test_encoded_length_is_L_with_mam_and_2L_interleaved():
+    h = make_history([L, 3])
+    with torch.no_grad():
+        _, c_uni = make_model("unified").encode_history(h)
+        _, c_int = make_model("interleaved").encode_history(h)
+    assert c_uni.keys[0].shape[2] == L and c_uni.values[-1].shape[2] == L
+    assert c_int.keys[0].shape[2] == 2 * L
+    assert c_int.padding_mask.sum(1).tolist() == [2 * L, 6]
+
+
+def test_masked_token_cannot_see_its_own_action():
+    m = make_model()
+    h = make_history([8, 8])
+    mam = torch.zeros_like(h.items, dtype=torch.bool)
+    mam[:, 4] = True
+    h2 = HistoryBatch(h.items, h.actions.clone(), h.ts, h.surfaces, h.lengths, h.request_ts)
+    h2.actions[:, 4] = (h.actions[:, 4] + 1) % N_ACTIONS
+    with torch.no_grad():
+        a = m.blended_forward(h, mam_mask=mam).ranking_hidden
+        b = m.blended_forward(h2, mam_mask=mam).ranking_hidden
+        c = m.blended_forward(h2).ranking_hidden  # unmasked: the action is visible
+    assert (a - b).abs().max() < TOL  # the masked action is hidden from its token (and all others)
+    assert (c[:, 4] - a[:, 4]).abs().max() > 1e-4  # unmasked, the same change is visible
+
+
+def test_history_cannot_see_the_slate_and_slate_tokens_cannot_see_each_other():
+    m = make_model()
+    h = make_history([6, 3])
+    s1 = candidates(2, 5, seed=7)
+    s2 = s1.clone()
+    s2[:, 1:] = (s1[:, 1:] % N_ITEMS) + 1  # change every slate item but the first
+    with torch.no_grad():
+        o1 = m.blended_forward(h, slate_items=s1)
+        o2 = m.blended_forward(h, slate_items=s2)
+        plain = m.blended_forward(h)
+    assert (o1.retrieval_hidden - o2.retrieval_hidden).abs().max() < TOL
+    assert (o1.retrieval_hidden - plain.retrieval_hidden).abs().max() < TOL
+    assert (o1.slate_hidden[:, 0] - o2.slate_hidden[:, 0]).abs().max() < TOL
+    assert (o1.slate_hidden[:, 1:] - o2.slate_hidden[:, 1:]).abs().max() > 1e-4
+
+
+def test_history_is_causal_and_padding_invisible():
+    m = make_model()
+    h = make_history([8])
+    h2 = HistoryBatch(h.items.clone(), h.actions, h.ts, h.surfaces, h.lengths, h.request_ts)
+    h2.items[0, 6] = h.items[0, 6] % N_ITEMS + 1
+    with torch.no_grad():
+        a = m.blended_forward(h).retrieval_hidden
+        b = m.blended_forward(h2).retrieval_hidden
+        u_short, _ = m.encode_history(row(h, 0, 6))
+        u_long, _ = m.encode_history(HistoryBatch(h.items, h.actions, h.ts, h.surfaces, torch.tensor([6]), h.request_ts))
+    assert (a[:, :6] - b[:, :6]).abs().max() < TOL
+    assert (a[:, 6] - b[:, 6]).abs().max() > 1e-4
+    assert (u_short - u_long).abs().max() < TOL
+
+
+def test_user_and_item_vectors_are_normalised_and_empty_history_is_zero():
+    m = make_model()
+    with torch.no_grad():
+        u, cache = m.encode_history(make_history([4, 0]))
+        v = m.item_vectors()
+    assert torch.allclose(u[0].norm(), torch.tensor(1.0, dtype=u.dtype))
+    assert u[1].abs().max() == 0
+    assert v.shape == (N_ITEMS + 1, 32)
+    assert v[0].abs().max() == 0 and torch.allclose(v[1:].norm(dim=1), torch.ones(N_ITEMS, dtype=v.dtype))
+
+
+def test_retrieval_only_has_no_rank():
+    m = make_model("retrieval_only")
+    with torch.no_grad():
+        _, cache = m.encode_history(make_history([3]))
+    with pytest.raises(RuntimeError, match="retrieval_only"):
+        m.rank(candidates(1, 2), cache)
+
+
+def test_kv_cache_rows_select_and_cat():
+    m = make_model()
+    h = make_history([3, 9, 5])
+    cand = candidates(3, 4)
+    with torch.no_grad():
+        _, cache = m.encode_history(h)
+        ref = m.rank(cand, cache)
+        sub = cache.index_select(torch.tensor([2, 0]))
+        assert (m.rank(cand[[2, 0]], sub) - ref[[2, 0]]).abs().max() < TOL
+        _, c_short = m.encode_history(row(h, 0))  # width 3
+        _, c_long = m.encode_history(row(h, 1))  # width 9
+        both = KVCache.cat([c_short, c_long])
+        assert (m.rank(cand[:2], both) - ref[:2]).abs().max() < TOL
+        assert (m.rank(cand[1:2], cache[1]) - ref[1:2]).abs().max() < TOL
+
+
+def test_same_size_across_kinds():
+    sizes = {k: make_model(k).num_parameters() for k in KINDS}
+    assert len(set(sizes.values())) == 1, sizes
+
+
+def test_training_forward_losses_and_backward():
+    torch.manual_seed(0)
+    for kind in KINDS:
+        m = make_model(kind).float().train()
+        h = make_history([8, 5, 12])
+        B, W = h.items.shape
+        targets = torch.where(torch.arange(W)[None] < (h.lengths - 1)[:, None], torch.roll(h.items, -1, 1), 0)
+        slate = candidates(3, 4)
+        batch = TrainBatch(h, torch.rand(B, W, N_TASKS).round(), targets, slate, torch.rand(3, 4, N_TASKS).round(),
+                           torch.ones(3, 4, dtype=torch.bool))
+        loss, stats = m(batch, alpha=0.5, num_uniform_negatives=16, num_inbatch_negatives=8)
+        assert torch.isfinite(loss)
+        loss.backward()
+        assert ("retrieval_loss" in stats) == (kind != "ranking_only")
+        assert ("ranking_loss" in stats) == (kind != "retrieval_only")
+        assert m.item_emb.weight.grad is not None
+
+
+def test_time_buckets_and_row_helpers():
+    b = time_bucket(torch.tensor([-5, 0, 1, 3, 10**12]), 64)
+    assert b.tolist()[:3] == [0, 0, 2] and b[-1] == 63
+    x = torch.tensor([[1, 2, 3, 0], [4, 0, 0, 0]])
+    assert keep_last(x, torch.tensor([3, 1]), 2).tolist() == [[2, 3], [4, 0]]
+    y = torch.tensor([[7, 8], [9, 0]])
+    assert append_rows(x, torch.tensor([3, 1]), y, torch.tensor([2, 1])).tolist() == [[1, 2, 3, 7, 8, 0], [4, 9, 0, 0, 0, 0]]
