@@ -228,8 +228,12 @@ def _chunk(cfg: SyntheticConfig, cat: _Catalog, chunk_index: int, first_user: in
     rank = np.cumsum(keep, axis=1)
     keep &= rank <= S
     imp_req, _ = np.nonzero(keep)
-    imp_item = cand[keep]
-    imp_pos = (rank[keep] - 1).astype(np.int16)
+    # random order within the slate, so position is independent of relevance (the dedup above
+    # drops repeats of interest items more often, which would otherwise push them to the front)
+    shuffle = np.lexsort((rng.random(len(imp_req)), imp_req))
+    imp_item = cand[keep][shuffle]
+    slate_len = np.bincount(imp_req, minlength=R)
+    imp_pos = (np.arange(len(imp_req)) - np.repeat(np.cumsum(slate_len) - slate_len, slate_len)).astype(np.int16)
 
     # utility and the action probabilities
     u_of = req_user[imp_req]
