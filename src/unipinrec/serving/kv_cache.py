@@ -1,0 +1,216 @@
+"""Worker-local caches of encoded histories, bounded in bytes.
+
+- `ByteLRU`: least-recently-used map with a byte budget, an optional time-to-live, and
+  tombstones so a lookup can tell "expired/evicted" from "never existed".
+- `UserKVCache` (beyond the paper): the KV cache of a user's last encoded history, across
+  requests. A request whose history equals the cached one (same fingerprint) reuses it
+  outright; one whose history only *appends* actions to it extends it with
+  `UniPinRec.extend_history` (cost ~ new actions x cached length instead of L^2).
+- `HandleStore`: KV state kept between a split `retrieve` call and its `rank` call.
+
+Entries hold one batch row of a `KVCache`, trimmed to its real length (no padding bytes).
+"""
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+def kv_nbytes(kv) -> int:
+    """Bytes held by a KVCache's tensors."""
+    n = sum(t.numel() * t.element_size() for t in (*kv.keys, *kv.values))
+    return n + sum(t.numel() * t.element_size() for t in (kv.items, kv.actions, kv.ts, kv.surfaces, kv.user_vectors))
+
+
+def trim_row(kv, row: int):
+    """Row `row` of a batched KVCache as its own batch of one, without padding."""
+    one = kv.index_select(torch.tensor([row], device=kv.lengths.device))
+    n = int(one.lengths[0])
+    wt = max(1, n * one.tokens_per_action)
+    w = max(1, n)
+    one.keys = [k[:, :, :wt].contiguous() for k in one.keys]
+    one.values = [v[:, :, :wt].contiguous() for v in one.values]
+    one.items, one.actions, one.ts, one.surfaces = (t[:, :w].contiguous() for t in (one.items, one.actions, one.ts, one.surfaces))
+    return one
+
+
+class ByteLRU:
+    """LRU of (value, nbytes) within `max_bytes`, entries older than `ttl_s` treated as gone."""
+
+    def __init__(self, max_bytes: int, ttl_s: float | None = None, clock: Callable[[], float] = time.monotonic,
+                 tombstones: int = 10_000):
+        self.max_bytes = int(max_bytes)
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._data: OrderedDict[Any, tuple[Any, int, float]] = OrderedDict()
+        self._gone: OrderedDict[Any, str] = OrderedDict()  # key -> "expired" | "evicted"
+        self._max_gone = tombstones
+        self.bytes = 0
+        self.evictions = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def _bury(self, key, why: str) -> None:
+        value, nbytes, _ = self._data.pop(key)
+        self.bytes -= nbytes
+        self._gone[key] = why
+        while len(self._gone) > self._max_gone:
+            self._gone.popitem(last=False)
+
+    def get(self, key) -> tuple[Any, str]:
+        """(value, "ok") or (None, "missing" | "expired" | "evicted")."""
+        with self._lock:
+            item = self._data.get(key)
+            if item is None:
+                return None, self._gone.get(key, "missing")
+            value, nbytes, born = item
+            if self.ttl_s is not None and self.clock() - born > self.ttl_s:
+                self._bury(key, "expired")
+                return None, "expired"
+            self._data.move_to_end(key)
+            return value, "ok"
+
+    def put(self, key, value, nbytes: int) -> bool:
+        """Store; False (and nothing stored) when one entry alone is over the budget."""
+        with self._lock:
+            if key in self._data:
+                self.bytes -= self._data.pop(key)[1]
+            self._gone.pop(key, None)
+            if nbytes > self.max_bytes:
+                return False
+            self._data[key] = (value, nbytes, self.clock())
+            self.bytes += nbytes
+            while self.bytes > self.max_bytes:
+                oldest = next(iter(self._data))
+                self._bury(oldest, "evicted")
+                self.evictions += 1
+            return True
+
+    def pop(self, key) -> None:
+        with self._lock:
+            if key in self._data:
+                self.bytes -= self._data.pop(key)[1]
+
+
+def fingerprint(items: np.ndarray, actions: np.ndarray, ts: np.ndarray, surfaces: np.ndarray,
+                extra: int | None = None) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for a in (items, actions, ts, surfaces):
+        h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+        h.update(b"|")
+    if extra is not None:
+        h.update(int(extra).to_bytes(8, "little", signed=True))
+    return h.digest()
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    extends: int = 0
+    misses: int = 0
+
+    def as_dict(self) -> dict:
+        return {"hits": self.hits, "extends": self.extends, "misses": self.misses}
+
+
+@dataclass
+class _Entry:
+    kv: Any  # KVCache, batch of one, trimmed
+    fp: bytes
+    length: int
+
+
+@dataclass
+class Lookup:
+    status: str  # "hit" | "extend" | "miss"
+    kv: Any = None  # cached KVCache (hit / extend)
+    num_cached: int = 0  # actions already encoded (extend: the new ones start here)
+
+
+class UserKVCache:
+    """A user's last encoded history (KV + user vector), looked up by user_id and checked by
+    a fingerprint of the history tokens' inputs; extended when only actions were appended.
+
+    `request_dependent`: the model's tokens depend on request_ts (time_gap "request"), so a
+    cached KV is reusable only for the same request_ts and never extendable.
+    """
+
+    def __init__(self, max_bytes: int, request_dependent: bool = False):
+        self.lru = ByteLRU(max_bytes)
+        self.request_dependent = request_dependent
+        self.stats = CacheStats()
+
+    @property
+    def enabled(self) -> bool:
+        return self.lru.max_bytes > 0
+
+    def lookup(self, user_id: int, rows: np.ndarray, actions: np.ndarray, ts: np.ndarray, surfaces: np.ndarray,
+               request_ts: int, max_history: int) -> Lookup:
+        if not self.enabled:
+            return Lookup("miss")
+        entry, _ = self.lru.get(user_id)
+        if entry is None:
+            self.stats.misses += 1
+            return Lookup("miss")
+        extra = request_ts if self.request_dependent else None
+        n = len(rows)
+        if n == entry.length and fingerprint(rows, actions, ts, surfaces, extra) == entry.fp:
+            self.stats.hits += 1
+            return Lookup("hit", entry.kv, n)
+        m = entry.length
+        if (not self.request_dependent and m < n <= max_history
+                and fingerprint(rows[:m], actions[:m], ts[:m], surfaces[:m]) == entry.fp):
+            self.stats.extends += 1
+            return Lookup("extend", entry.kv, m)
+        self.stats.misses += 1
+        return Lookup("miss")
+
+    def put(self, user_id: int, kv_row, rows: np.ndarray, actions: np.ndarray, ts: np.ndarray,
+            surfaces: np.ndarray, request_ts: int) -> None:
+        if not self.enabled:
+            return
+        extra = request_ts if self.request_dependent else None
+        entry = _Entry(kv_row, fingerprint(rows, actions, ts, surfaces, extra), len(rows))
+        self.lru.put(user_id, entry, kv_nbytes(kv_row))
+
+
+@dataclass
+class HandleState:
+    """What a split `rank` call needs from its `retrieve` call."""
+
+    kv: Any  # KVCache row (None when the ranking side re-encodes)
+    history: Any  # the resolved history arrays (for re-encoding and seen-item exclusion)
+    request_ts: int
+    user_id: int
+    candidates: np.ndarray  # retrieved item ids, in retrieval order
+    retrieval_scores: np.ndarray
+    user_vector: Any
+    meta: dict = field(default_factory=dict)
+
+
+class HandleStore:
+    """Handles of split retrieve -> rank calls, local to one worker process."""
+
+    def __init__(self, max_bytes: int, ttl_s: float, clock: Callable[[], float] = time.monotonic):
+        self.lru = ByteLRU(max_bytes, ttl_s=ttl_s, clock=clock)
+
+    def new(self, state: HandleState) -> str:
+        handle = secrets.token_urlsafe(16)
+        nbytes = (kv_nbytes(state.kv) if state.kv is not None else 0) + 64 * len(state.candidates) + 4096
+        if state.history is not None:
+            nbytes += sum(a.nbytes for a in state.history.arrays())
+        self.lru.put(handle, state, nbytes)
+        return handle
+
+    def get(self, handle: str) -> tuple[HandleState | None, str]:
+        return self.lru.get(handle)

@@ -1,0 +1,157 @@
+"""The request (DESIGN section 5), validated at the edge with pydantic.
+
+Every rejection is a `ServingError` with an HTTP status and the dotted name of the field at
+fault (`history[3].item_id`, `k`, `body`), so a client can fix its request; nothing here
+raises anything else for any input.
+
+    {"user_id": 42, "history": [{"item_id": 7, "action": 2, "ts": 1700000000}, ...],
+     "k": 20, "num_candidates": 500, "exclude_seen": true}
+
+Beyond DESIGN: `request_ts` (default: the last history ts, or now), `stage` ("all" | "retrieve"
+| "rank") with `handle` and `candidates` for the split flow. Numbers must be JSON integers
+(no strings, floats, NaN or booleans). A history longer than the model's L is truncated to its
+last L actions (reported as `history_truncated` in the answer); longer than `max_history_request`
+is rejected.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+
+INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds applied to requests; the engine fills them from the model and its config."""
+
+    max_k: int = 1000
+    max_candidates: int = 5000
+    max_history_request: int = 100_000  # longer histories are rejected, not truncated
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_rank_candidates: int = 5000
+
+
+class ServingError(Exception):
+    """A request the server will not serve: `status` (4xx) and the field at fault."""
+
+    def __init__(self, status: int, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.status = status
+        self.field = field
+        self.message = message
+
+    def to_dict(self) -> dict:
+        return {"error": {"status": self.status, "field": self.field, "message": self.message}}
+
+
+Int64 = StrictInt  # range-checked below: Field(ge=..., le=INT64_MAX)
+
+
+class ActionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    item_id: Int64 = Field(ge=0, le=INT64_MAX)
+    action: Int64 = Field(ge=0, le=127)
+    ts: Int64 = Field(ge=0, le=INT64_MAX)
+    surface: Int64 = Field(default=0, ge=0, le=127)
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Int64 = Field(ge=0, le=INT64_MAX)
+    history: list[ActionIn] | None = None  # None: read from the online store by user_id
+    request_ts: Int64 | None = Field(default=None, ge=0, le=INT64_MAX)
+    k: Int64 = Field(default=20, ge=1)
+    num_candidates: Int64 = Field(default=500, ge=1)
+    exclude_seen: StrictBool = True
+    stage: Literal["all", "retrieve", "rank"] = "all"
+    handle: StrictStr | None = Field(default=None, max_length=128)
+    candidates: list[Int64] | None = None  # stage "rank": item ids to rank (default: the retrieved ones)
+
+
+def _field_name(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("int", "str", "bool", "list", "none"):  # union branches: not field names
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "body"
+
+
+def decode_json(body: Any, limits: Limits = Limits()) -> Any:
+    """Raw body (bytes / str / already-decoded JSON) -> JSON value. Bodies over
+    `limits.max_body_bytes` are rejected; NaN/Infinity literals decode to floats here and are
+    rejected, naming their field, by `parse_request`."""
+    if isinstance(body, (bytes, bytearray)):
+        if len(body) > limits.max_body_bytes:
+            raise ServingError(413, "body", f"{len(body)} bytes is over the limit of {limits.max_body_bytes}")
+        try:
+            body = bytes(body).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ServingError(400, "body", "not UTF-8 text") from None
+    if isinstance(body, str):
+        if len(body) > limits.max_body_bytes:
+            raise ServingError(413, "body", f"{len(body)} characters is over the limit of {limits.max_body_bytes}")
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError) as e:
+            raise ServingError(400, "body", f"malformed JSON: {e}") from None
+    return body
+
+
+def _check_finite(value: Any, where: str = "body", depth: int = 0) -> None:
+    """Already-decoded JSON (the server may decode it for us) may hold NaN/inf floats."""
+    if depth > 64:
+        raise ServingError(400, where, "nested too deeply")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ServingError(400, where, f"{value} is not a finite number")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{where}.{k}" if where != "body" else str(k), depth + 1)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{where}[{i}]", depth + 1)
+
+
+def parse_request(body: Any, limits: Limits = Limits()) -> Request:
+    """Decode and validate one request body; raises ServingError (4xx) naming the field."""
+    data = decode_json(body, limits)
+    if not isinstance(data, dict):
+        raise ServingError(400, "body", f"expected a JSON object, got {type(data).__name__}")
+    _check_finite(data)
+    if isinstance(data.get("history"), list) and len(data["history"]) > limits.max_history_request:
+        raise ServingError(413, "history", f"{len(data['history'])} actions is over the limit of "
+                                           f"{limits.max_history_request}")
+    if isinstance(data.get("candidates"), list) and len(data["candidates"]) > limits.max_rank_candidates:
+        raise ServingError(413, "candidates", f"{len(data['candidates'])} candidates is over the limit of "
+                                              f"{limits.max_rank_candidates}")
+    try:
+        req = Request.model_validate(data)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        msg = err["msg"]
+        if err["type"] == "missing":
+            msg = "required field is missing"
+        elif err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        raise ServingError(422, _field_name(tuple(err["loc"])), msg) from None
+    if req.k > limits.max_k:
+        raise ServingError(422, "k", f"{req.k} is over the limit of {limits.max_k}")
+    if req.num_candidates > limits.max_candidates:
+        raise ServingError(422, "num_candidates", f"{req.num_candidates} is over the limit of {limits.max_candidates}")
+    if req.num_candidates < req.k:
+        raise ServingError(422, "num_candidates", f"must be at least k ({req.k}), got {req.num_candidates}")
+    if req.stage == "rank" and not req.handle:
+        raise ServingError(422, "handle", "stage 'rank' needs the handle returned by stage 'retrieve'")
+    if req.stage != "rank" and (req.handle is not None or req.candidates is not None):
+        field = "handle" if req.handle is not None else "candidates"
+        raise ServingError(422, field, "only allowed with stage 'rank'")
+    return req
