@@ -148,13 +148,17 @@ def build_index(
         sample = vectors[rng.choice(n, size=min(n, 100_000), replace=False)]
         index.train(sample)
     step = 100_000
-    chunks = range(0, n, step)
-    if progress:
+    bar = None
+    if progress and n > step:
         from tqdm import tqdm
 
-        chunks = tqdm(chunks, desc=f"index add ({factory})", unit_scale=step)
-    for s in chunks:
+        bar = tqdm(total=n, desc=f"index add ({factory})", unit="vec")
+    for s in range(0, n, step):
         index.add(vectors[s : s + step])
+        if bar is not None:
+            bar.update(min(step, n - s))
+    if bar is not None:
+        bar.close()
     build_s = time.perf_counter() - t0
 
     if queries is None:
@@ -323,3 +327,74 @@ class TorchIndex:
         ids = self._ids_t[pos]
         ids = torch.where(torch.isfinite(top), ids, torch.full_like(ids, -1))
         return top.float().cpu().numpy(), ids.cpu().numpy()
+
+
+# --- from a model folder -----------------------------------------------------------------------
+
+
+def _example_queries_and_popularity(loaded, examples_dir: Path, num_queries: int):
+    """User vectors of up to `num_queries` test-split histories (real held-out queries) and
+    item counts over the train split's histories (the cold-start popularity list)."""
+    import pyarrow.compute as pc
+    import torch
+
+    from .batches import HistoryBatch
+    from .format import read_sharded
+
+    vocab = loaded.vocab
+    test = read_sharded(examples_dir / "test", columns=["request_ts", "history"]).slice(0, num_queries)
+    hists, rts = [], []
+    for h, r in zip(test.column("history").to_pylist(), test.column("request_ts").to_pylist()):
+        known = [(a["item_id"], a["action"], a["ts"], a["surface"]) for a in h]
+        known = [a for a, ok in zip(known, np.isin([a[0] for a in known], vocab.item_ids)) if ok]
+        if known:
+            hists.append(known)
+            rts.append(r)
+    queries = []
+    with torch.inference_mode():
+        for s in range(0, len(hists), 256):
+            batch = HistoryBatch.from_histories(hists[s:s + 256], rts[s:s + 256], vocab,
+                                                loaded.model.config.max_history)
+            user, _ = loaded.model.encode_history(batch)
+            queries.append(user.float().numpy())
+    queries = np.concatenate(queries) if queries else None
+    counts = np.zeros(len(vocab))
+    train = read_sharded(examples_dir / "train", columns=["history"]).column("history")
+    flat = pc.list_flatten(train.combine_chunks() if hasattr(train, "combine_chunks") else train)
+    ids = flat.field("item_id").to_numpy(zero_copy_only=False)
+    rows = vocab.lookup(ids, unknown=0)
+    counts = np.bincount(rows, minlength=len(vocab) + 1)[1:].astype(np.float64)
+    return queries, counts
+
+
+def build_index_for_model(model_dir: str | Path, out_dir: str | Path, *, examples_dir: str | Path | None = None,
+                          kind: str = "auto", k: int = 100, target_recall: float = 0.97, num_queries: int = 1000,
+                          seed: int = 0, progress: bool = False) -> BuildReport:
+    """Export a model folder's item vectors and build its index in `out_dir`.
+
+    With `examples_dir`, held-out queries are real user vectors (test-split histories) and
+    `popularity.npy` (train-split counts, aligned with ids.npy) is written for cold starts;
+    without it, queries are synthetic (`synthetic_queries`)."""
+    import torch
+
+    from .checkpoint import load_model
+
+    loaded = load_model(model_dir)
+    if loaded.kind == "ranking_only":
+        raise ValueError(f"{model_dir} is a ranking_only model: it has no retrieval head to index")
+    with torch.inference_mode():
+        vectors = loaded.model.item_vectors()[1:].float().numpy()
+    queries, popularity = None, None
+    if examples_dir is not None:
+        queries, popularity = _example_queries_and_popularity(loaded, Path(examples_dir), num_queries)
+        if queries is not None and len(queries) < 20:
+            queries = None  # too few to tune on; fall back to synthetic
+    index, report = build_index(vectors, loaded.vocab.item_ids, loaded.version, out_dir, kind=kind, k=k,
+                                target_recall=target_recall, queries=queries, num_queries=num_queries,
+                                seed=seed, progress=progress)
+    meta = dict(index.meta, queries="examples" if queries is not None else "synthetic")
+    if popularity is not None:
+        np.save(Path(out_dir) / "popularity.npy", popularity)
+        meta["popularity"] = "train-split item counts"
+    (Path(out_dir) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return report
