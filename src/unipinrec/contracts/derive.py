@@ -42,6 +42,9 @@ DERIVED_DOCS: dict[str, dict[str, str]] = {
     },
 }
 
+_SUMMARY_TYPES = {name: {"string": pa.string(), "int64": pa.int64(), "int8": pa.int8(), "int16": pa.int16(),
+                         "bool": pa.bool_()}[doc.split(":")[0]] for name, doc in DERIVED_DOCS["examples"].items()}
+
 RAW_COLUMNS = {
     "events": EVENTS_SCHEMA.names,
     "items": ITEMS_SCHEMA.names,
@@ -147,15 +150,22 @@ def _summarise_list(name: str, table: pa.Table, item_ids: pa.Array | None, notes
     """Per-row summaries of a list<struct> column; returns (columns, first unknown item id or None)."""
     n = table.num_rows
     expected = UNIFIED_EXAMPLE_SCHEMA.field(name).type
+    # every summary exists (null = unknown) so that a missing or mistyped list fails its type and
+    # not-null rules, and the other rules pass vacuously instead of erroring on a missing column
+    out: dict[str, pa.Array] = {c: pa.nulls(n, _SUMMARY_TYPES[c]) for c in DERIVED_DOCS["examples"]
+                                if c.startswith(name + "_")}
     if name not in table.column_names:
-        return {f"{name}_type": pa.array(["missing"] * n)}, None
+        out[f"{name}_type"] = pa.array(["missing"] * n, pa.string())
+        return out, None
     col = table.column(name).combine_chunks()
-    out: dict[str, pa.Array] = {f"{name}_type": pa.array([str(col.type)] * n)}
+    out[f"{name}_type"] = pa.array([str(col.type)] * n, pa.string())
     if col.type != expected:
         try:
             col = col.cast(expected)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
             notes.add(f"'{name}' has type {col.type}, not {expected}: its nested rules were not computed")
+            if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+                out[f"{name}_len"] = pc.list_value_length(col).cast(pa.int64())
             return out, None
     lengths = pc.list_value_length(col)  # null where the list itself is null
     out[f"{name}_len"] = lengths.cast(pa.int64())
