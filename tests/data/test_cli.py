@@ -66,10 +66,13 @@ def test_load_movielens_100k(ml100k_dir, tmp_path):
         (("data", "load", "--source", "movielens-100k", "--path", "{t}", "--out", "{t}/r"), "u.data"),
         (("examples", "build", "--raw", "{t}", "--out", "{t}/e"), "--raw"),
         (("examples", "stats", "{t}"), "EXAMPLES_DIR"),
+        (("examples", "build", "--raw", "{t}/raw", "--out", "{t}/raw"), "--out"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_option(tmp_path, args, option):
     (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "meta.json").write_text("{}")
     r = run(*[str(a).replace("{t}", str(tmp_path)) for a in args])
     assert r.exit_code == 1, r.output
     lines = [ln for ln in r.output.splitlines() if ln.strip()]

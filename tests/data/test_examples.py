@@ -181,6 +181,9 @@ def test_bad_arguments_name_the_parameter(synthetic_raw, tmp_path):
         build_examples(synthetic_raw, tmp_path / "ex", slate_size=0, progress=False)
     with pytest.raises(FileNotFoundError, match="meta.json"):
         build_examples(tmp_path / "nothing", tmp_path / "ex", progress=False)
+    with pytest.raises(ValueError, match="out_dir"):
+        build_examples(synthetic_raw, synthetic_raw, progress=False)
+    assert fmt.count_rows(synthetic_raw / "items") == 150  # nothing lost
 
 
 # ---------------------------------------------------------------------------------------------

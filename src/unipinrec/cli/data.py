@@ -117,6 +117,8 @@ def build(
 
     if not (raw / "meta.json").exists():
         fail(f"--raw: {raw} is not a RAW dataset folder (no meta.json)")
+    if out.resolve() == raw.resolve():
+        fail(f"--out must differ from --raw ({raw})")
     _positive("--max-history", max_history)
     _positive("--slate-size", slate_size)
     _positive("--chunk-events", chunk_events)

@@ -231,6 +231,8 @@ def build_examples(raw_dir: str | Path, out_dir: str | Path, *, max_history: int
 
     raw, out = Path(raw_dir), Path(out_dir)
     raw_meta = fmt.read_meta(raw)
+    if out.resolve() == raw.resolve():  # items/ would be copied onto itself and lost
+        raise ValueError(f"out_dir must differ from raw_dir ({raw})")
     if max_history <= 0:
         raise ValueError(f"max_history must be positive, got {max_history}")
     has_imp = bool(raw_meta.get("has_impressions", False))
