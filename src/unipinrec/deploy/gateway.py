@@ -1,0 +1,284 @@
+"""Token gateway in front of TorchServe, and the supervisor that runs both in one container.
+
+Why it exists: TorchServe 0.12 keeps token authorization on (we never disable it), but it
+draws fresh random keys in every process, writes them to `key_file.json` in its working
+directory, lets the inference key expire (`token_expiration_min`, default 60), and even
+`/ping` needs the key. Behind a Service with several replicas no client can hold a key that
+every pod accepts, and kubelet probes cannot send one. The gateway fixes that without
+weakening anything:
+
+* TorchServe binds inference and management to 127.0.0.1; only the gateway reaches them,
+  with the pod's own key read from the key file (refreshed through the management token API
+  with the API key when it expires or is rejected).
+* Clients send `Authorization: Bearer <token>` (or `X-UniPinRec-Token`, which survives the
+  API server's service proxy); tokens come from a mounted Secret file, one per line, re-read
+  when the file changes (rotation without restarts), compared in constant time.
+* Unauthenticated: `/ping` (TorchServe's health, forwarded), `/livez` (the gateway and its
+  child process), KServe v1 readiness `GET /v1/models/<name>`. Everything else needs a token;
+  only prediction paths are forwarded, never management.
+
+Standard library only, so it runs in the serving image with nothing extra.
+"""
+from __future__ import annotations
+
+import hmac
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlsplit
+
+TOKEN_HEADER = "X-UniPinRec-Token"
+MAX_BODY = 16 * 1024 * 1024
+_PREDICT = re.compile(r"^/predictions/[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?$")
+_V1_PREDICT = re.compile(r"^/v1/models/([A-Za-z0-9_.-]+):predict$")
+_V1_READY = re.compile(r"^/v1/models/([A-Za-z0-9_.-]+)$")
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+
+
+def _json(status: int, obj) -> Reply:
+    return Reply(status, json.dumps(obj).encode())
+
+
+class _WatchedFile:
+    """A small file re-read when its mtime or size changes."""
+
+    def __init__(self, path: Path, parse: Callable[[str], object]):
+        self.path, self._parse, self._stamp, self.value = Path(path), parse, None, None
+        self._lock = threading.Lock()
+
+    def get(self, force: bool = False):
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        stamp = (st.st_mtime_ns, st.st_size)
+        with self._lock:
+            if force or stamp != self._stamp:
+                try:
+                    self.value = self._parse(self.path.read_text())
+                    self._stamp = stamp
+                except (ValueError, KeyError, OSError):
+                    return self.value  # caught mid-write: keep the last good value
+            return self.value
+
+
+def _parse_keys(text: str) -> dict:
+    data = json.loads(text)
+    expiry = data["inference"].get("expiration time")
+    when = datetime.fromisoformat(expiry) if expiry else None  # Python 3.11 parses "...123456789Z"
+    return {"inference": data["inference"]["key"], "api": data["API"]["key"], "expires": when}
+
+
+def _parse_tokens(text: str) -> list[bytes]:
+    return [line.strip().encode() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+class Gateway:
+    """The request logic, separate from the HTTP server so tests can call `handle` directly."""
+
+    def __init__(self, upstream: str, management: str, key_file: Path, token_file: Path,
+                 child_alive: Callable[[], bool] = lambda: True, timeout_s: float = 60.0):
+        self.upstream, self.management = urlsplit(upstream), urlsplit(management)
+        self.keys = _WatchedFile(key_file, _parse_keys)
+        self.tokens = _WatchedFile(token_file, _parse_tokens)
+        self.child_alive, self.timeout_s = child_alive, timeout_s
+        self._local = threading.local()
+        self._refresh_lock = threading.Lock()
+
+    # -- client side -------------------------------------------------------------------
+    def authorized(self, headers: dict[str, str]) -> bool:
+        tokens = self.tokens.get() or []
+        auth = headers.get("authorization", "")
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get(TOKEN_HEADER.lower(), "").strip()
+        if not given or not tokens:
+            return False
+        return any(hmac.compare_digest(given.encode(), t) for t in tokens)
+
+    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply:
+        path = path.split("?", 1)[0]
+        headers = {k.lower(): v for k, v in headers.items()}
+        if path == "/livez":
+            return _json(200, {"status": "alive"}) if self.child_alive() else _json(503, {"status": "model server exited"})
+        if path == "/ping" and method == "GET":
+            return self.forward("GET", "/ping", b"")
+        if (m := _V1_READY.match(path)) and method == "GET":
+            up = self.forward("GET", "/ping", b"")
+            return _json(200 if up.status == 200 else 503, {"name": m.group(1), "ready": up.status == 200})
+        if not self.authorized(headers):
+            return _json(401, {"code": 401, "message": "missing or invalid inference token"})
+        if method == "POST" and _PREDICT.match(path):
+            return self.forward("POST", path, body, headers.get("content-type", "application/json"))
+        if method == "POST" and (m := _V1_PREDICT.match(path)):
+            return self.v1_predict(m.group(1), body)
+        return _json(404, {"code": 404, "message": f"no route {method} {path}"})
+
+    def v1_predict(self, model: str, body: bytes) -> Reply:
+        """KServe v1: {"instances": [request, ...]} -> {"predictions": [answer, ...]}."""
+        try:
+            instances = json.loads(body)["instances"]
+            assert isinstance(instances, list)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            return _json(400, {"code": 400, "message": "instances: expected {\"instances\": [request, ...]}"})
+        answers = []
+        for inst in instances:
+            r = self.forward("POST", f"/predictions/{model}", json.dumps(inst).encode())
+            if r.status != 200:
+                return r
+            answers.append(json.loads(r.body))
+        return _json(200, {"predictions": answers})
+
+    # -- TorchServe side ---------------------------------------------------------------
+    def _conn(self, target) -> http.client.HTTPConnection:
+        conns = self._local.__dict__.setdefault("conns", {})
+        key = (target.hostname, target.port)
+        if key not in conns:
+            conns[key] = http.client.HTTPConnection(target.hostname, target.port, timeout=self.timeout_s)
+        return conns[key]
+
+    def _send(self, target, method: str, path: str, body: bytes, headers: dict[str, str]) -> Reply:
+        for attempt in (0, 1):  # a kept-alive connection may have been closed by TorchServe
+            conn = self._conn(target)
+            try:
+                conn.request(method, path, body=body or None, headers=headers)
+                r = conn.getresponse()
+                return Reply(r.status, r.read(), r.getheader("Content-Type", "application/json"))
+            except (ConnectionError, http.client.HTTPException, OSError) as e:
+                conn.close()
+                self._local.conns.pop((target.hostname, target.port), None)
+                if attempt:
+                    return _json(503, {"code": 503, "message": f"model server unreachable: {type(e).__name__}"})
+        raise AssertionError("unreachable")
+
+    def _key(self, force: bool = False) -> str | None:
+        keys = self.keys.get(force)
+        if keys and keys["expires"] and keys["expires"] <= datetime.now(timezone.utc):
+            self.refresh_key()
+            keys = self.keys.get(True)
+        return keys["inference"] if keys else None
+
+    def refresh_key(self) -> None:
+        """Ask TorchServe for a new inference key (the management token API, with the API key)."""
+        with self._refresh_lock:
+            keys = self.keys.get(True)
+            if not keys:
+                return
+            if keys["expires"] and keys["expires"] > datetime.now(timezone.utc):
+                return  # another thread refreshed it already
+            self._send(self.management, "POST", "/token?type=inference", b"",
+                       {"Authorization": f"Bearer {keys['api']}"})
+
+    def forward(self, method: str, path: str, body: bytes, content_type: str = "application/json") -> Reply:
+        key = self._key()
+        if key is None:
+            return _json(503, {"code": 503, "message": "model server is starting (no key file yet)"})
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": content_type}
+        reply = self._send(self.upstream, method, path, body, headers)
+        if reply.status in (400, 401) and b"Token Authorization failed" in reply.body:
+            self.refresh_key()  # expired or rotated under us: one retry with a fresh key
+            headers["Authorization"] = f"Bearer {self._key(force=True)}"
+            reply = self._send(self.upstream, method, path, body, headers)
+        return reply
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "unipinrec-gateway"
+
+    def _serve(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if self.headers.get("Transfer-Encoding") or length > MAX_BODY:
+            reply = _json(413 if length > MAX_BODY else 411, {"code": 413, "message": "send a Content-Length body up to 16 MiB"})
+            self.close_connection = True
+        else:
+            body = self.rfile.read(length) if length else b""
+            reply = self.server.gateway.handle(self.command, self.path, dict(self.headers.items()), body)
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.content_type)
+        self.send_header("Content-Length", str(len(reply.body)))
+        self.end_headers()
+        self.wfile.write(reply.body)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _serve
+
+    def log_message(self, fmt: str, *args) -> None:  # access logs stay in TorchServe's access_log
+        pass
+
+
+def make_server(gateway: Gateway, host: str, port: int) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer((host, port), _Handler)
+    server.daemon_threads = True
+    server.gateway = gateway
+    return server
+
+
+def run(listen: str, upstream: str, management: str, key_file: Path, token_file: Path,
+        command: list[str], grace_s: float = 25.0) -> int:
+    """Start `command` (TorchServe) in its own process group, serve until it exits or SIGTERM."""
+    child = subprocess.Popen(command, start_new_session=True) if command else None
+    gateway = Gateway(upstream, management, key_file, token_file,
+                      child_alive=lambda: child is None or child.poll() is None)
+    host, _, port = listen.rpartition(":")
+    server = make_server(gateway, host or "0.0.0.0", int(port))
+    stopping = threading.Event()
+
+    def stop(*_):
+        stopping.set()
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    if child is not None:
+        def watch():
+            child.wait()
+            print(f"gateway: model server exited with {child.returncode}", file=sys.stderr, flush=True)
+            stop()
+        threading.Thread(target=watch, daemon=True).start()
+    print(f"gateway: listening on {listen}, forwarding to {upstream}", file=sys.stderr, flush=True)
+    server.serve_forever(poll_interval=0.5)
+    server.server_close()
+    if child is None:
+        return 0
+    if child.poll() is None:
+        os.killpg(child.pid, signal.SIGTERM)
+        try:
+            child.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    return 0 if stopping.is_set() and child.returncode in (0, -signal.SIGTERM, 143) else (child.returncode or 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m unipinrec.deploy.gateway",
+                                description="Token gateway in front of TorchServe; runs COMMAND (after --) as the model server.")
+    p.add_argument("--listen", default="0.0.0.0:8080")
+    p.add_argument("--upstream", default="http://127.0.0.1:8085", help="TorchServe inference address")
+    p.add_argument("--management", default="http://127.0.0.1:8081", help="TorchServe management address (token API)")
+    p.add_argument("--key-file", type=Path, required=True, help="TorchServe's key_file.json (in its working directory)")
+    p.add_argument("--token-file", type=Path, required=True, help="client tokens, one per line (a mounted Secret)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- torchserve --start --foreground ...")
+    args = p.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    return run(args.listen, args.upstream, args.management, args.key_file, args.token_file, command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
