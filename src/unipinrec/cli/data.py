@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -63,7 +63,7 @@ def generate(
         fail("--events and --users both set the number of users; give one of them")
     if items is not None and slate_size > items:
         fail(f"--slate-size ({slate_size}) cannot exceed --items ({items})")
-    kwargs = dict(num_requests_per_user=requests_per_user, slate_size=slate_size, seed=seed, num_topics=topics,
+    kwargs: dict[str, Any] = dict(num_requests_per_user=requests_per_user, slate_size=slate_size, seed=seed, num_topics=topics,
                   organic_rate=organic_rate, chunk_users=chunk_users)
     if items is not None:
         kwargs["num_items"] = items

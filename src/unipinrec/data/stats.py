@@ -42,7 +42,7 @@ def examples_stats(examples_dir: str | Path, positives: tuple[str, ...] | None =
     if unknown:
         raise ValueError(f"positive action '{unknown[0]}' is not in the vocabulary {actions}")
     pos_ids = np.array([actions.index(p) for p in positives])
-    out = {"meta": meta, "positives": list(positives), "splits": {}}
+    out: dict = {"meta": meta, "positives": list(positives), "splits": {}}
     for split in fmt.SPLITS:
         hist_len = np.zeros(meta["max_history"] + 1, np.int64)
         slate_len = np.zeros(1, np.int64)

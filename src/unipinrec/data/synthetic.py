@@ -160,15 +160,6 @@ class _Catalog:
         )
 
 
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(s, s + n) for each (s, n), vectorised."""
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    offsets = np.cumsum(lengths) - lengths
-    return np.repeat(starts - offsets, lengths) + np.arange(total)
-
-
 def _chunk(cfg: SyntheticConfig, cat: _Catalog, chunk_index: int, first_user: int, num_users: int,
            first_request: int) -> tuple[pa.Table, pa.Table, int]:
     """Events and oracle rows of users [first_user, first_user + num_users)."""
