@@ -86,7 +86,10 @@ def test_build_refuses_bad_numbers(tmp_path):
         assert r.exit_code == 1 and opt in r.output
 
 
-def test_data_group_lists_its_commands():
+def test_data_group_lists_its_commands_including_validate():
     r = run("data", "--help")
     assert r.exit_code == 0
-    assert "generate" in r.output and "load" in r.output
+    for command in ("generate", "load", "validate"):  # validate: cli/contracts.py via contracts.register
+        assert command in r.output
+    r = run("examples", "--help")
+    assert "build" in r.output and "stats" in r.output
