@@ -249,7 +249,7 @@ def test_training_forward_losses_and_backward():
         targets = torch.where(torch.arange(W)[None] < (h.lengths - 1)[:, None], torch.roll(h.items, -1, 1), 0)
         slate = candidates(3, 4)
         batch = TrainBatch(h, torch.rand(B, W, N_TASKS).round(), targets, slate, torch.rand(3, 4, N_TASKS).round(),
-                           torch.ones(3, 4, dtype=torch.bool))
+                           torch.ones(3, 4, dtype=torch.bool), torch.zeros(3, 4, dtype=torch.long))
         loss, stats = m(batch, alpha=0.5, num_uniform_negatives=16, num_inbatch_negatives=8)
         assert torch.isfinite(loss)
         loss.backward()

@@ -168,6 +168,7 @@ class TrainBatch:
     slate_items: torch.Tensor  # (B, S) item rows, 0 = padding
     slate_labels: torch.Tensor  # (B, S, T) float
     slate_valid: torch.Tensor  # (B, S) bool
+    slate_actions: torch.Tensor  # (B, S) action ids of the impressions
 
     def to(self, device) -> "TrainBatch":
         return _to(self, device)
@@ -281,4 +282,4 @@ def collate_examples(batch: pa.RecordBatch | pa.Table, vocab: ItemVocab, spec: T
     s_labels = tm[slate_actions.clip(0, len(tm) - 1)] * slate_valid[..., None]
     t = torch.from_numpy
     hist = HistoryBatch(t(items), t(actions), t(ts), t(surfaces), t(lengths.astype(np.int64)), t(request_ts))
-    return TrainBatch(hist, t(h_labels), t(targets), t(slate_items), t(s_labels), t(slate_valid))
+    return TrainBatch(hist, t(h_labels), t(targets), t(slate_items), t(s_labels), t(slate_valid), t(slate_actions))

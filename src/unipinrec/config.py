@@ -240,6 +240,7 @@ class EvalConfig:
     split: str = "test"
     batch_size: int = 256
     max_users: int = 0  # 0 = all
+    exclude_history: bool = True  # drop the items of the (truncated) history from full ranking
 
     def validate(self) -> None:
         if not self.ks or any(k <= 0 for k in self.ks):

@@ -1,0 +1,298 @@
+"""Evaluation: retrieval by full ranking, ranking AUC on slates, oracle and popularity references.
+
+Retrieval (the protocol of ../shared/data/movielens-1m/README.md): every example's user vector
+is scored against ALL item vectors (dot product of L2-normalised vectors), the items of the
+example's (truncated) history are removed (`exclude_history`), and each positive slate item's
+rank is its number of strictly better-scored items + 1. HR@K = share of examples with a positive
+in the top K, NDCG@K = DCG/IDCG with binary relevance (1/log2(rank+1) for a single target, as
+HSTU), recall@K = share of positives in the top K. MovieLens test slates hold the one next item.
+
+Ranking: the model's `rank` over each slate (candidates attend to the cached history), AUC per
+task over all impressions and per-user grouped AUC (impression-weighted mean over users with
+both classes). On synthetic data the oracle's probabilities (EX/oracle) are scored on the same
+impressions. A popularity baseline (positive actions counted in the train split) is ranked the
+same way as the model.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from . import format as fmt
+from .actions import vocab_for
+from .batches import ItemVocab, TaskSpec, collate_examples
+from .model import UniPinRec
+
+MAX_SLATE = 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    """Area under the ROC curve (Mann-Whitney, ties count half); None without both classes."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    _, inv, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    avg_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based average rank of each distinct score
+    ranks = avg_rank[inv]
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def grouped_auc(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float | None:
+    """Impression-weighted mean of per-group AUC over groups that have both classes."""
+    order = np.argsort(groups, kind="stable")
+    g, y, s = groups[order], labels[order], scores[order]
+    cuts = np.flatnonzero(np.diff(g)) + 1
+    total, weight = 0.0, 0
+    for yy, ss in zip(np.split(y, cuts), np.split(s, cuts)):
+        a = auc(yy, ss)
+        if a is not None:
+            total += a * len(yy)
+            weight += len(yy)
+    return total / weight if weight else None
+
+
+def retrieval_metrics(scores: torch.Tensor, positives: torch.Tensor, positive_mask: torch.Tensor,
+                      ks: list[int]) -> dict[str, torch.Tensor]:
+    """scores (B, N+1) with excluded items at -inf; positives (B, P) item rows, mask (B, P).
+
+    Returns per-example HR@K, NDCG@K, recall@K (B,) for examples with at least one positive."""
+    target = scores.gather(1, positives)  # (B, P)
+    better = torch.zeros_like(positives)
+    for start in range(0, scores.shape[1], 8192):  # chunked so B x P x N never materialises at once
+        chunk = scores[:, None, start:start + 8192]
+        better += (chunk > target[:, :, None]).sum(-1)
+    rank = (better + 1).float()  # (B, P)
+    rank = torch.where(positive_mask & torch.isfinite(target), rank, torch.full_like(rank, float("inf")))
+    n_pos = positive_mask.sum(1).float()
+    out = {}
+    for k in ks:
+        hit = (rank <= k) & positive_mask
+        dcg = (hit.float() / torch.log2(rank.clamp(max=1e9) + 1)).sum(1)
+        ideal = torch.arange(1, k + 1, device=scores.device, dtype=torch.float)
+        idcg_table = torch.cumsum(1.0 / torch.log2(ideal + 1), 0)
+        idcg = idcg_table[(n_pos.clamp(min=1, max=k) - 1).long()]
+        out[f"HR@{k}"] = hit.any(1).float()
+        out[f"NDCG@{k}"] = dcg / idcg
+        out[f"recall@{k}"] = hit.sum(1).float() / n_pos.clamp(min=1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation of a model in memory
+
+
+def _popularity(examples_dir: Path, vocab: ItemVocab, spec: TaskSpec) -> torch.Tensor:
+    """(N+1,) counts of positive actions per item row in the train split (history and slates)."""
+    counts = np.zeros(vocab.num_rows, dtype=np.float64)
+    positive = np.flatnonzero(spec.positive)
+    for rb in fmt.iter_batches(examples_dir / "train", columns=["history", "slate"]):
+        for col in ("history", "slate"):
+            flat = pc.list_flatten(rb.column(col))
+            keep = pc.is_in(flat.field("action"), pa.array(positive, pa.int8()))
+            ids = pc.filter(flat.field("item_id"), keep).to_numpy()
+            np.add.at(counts, vocab.lookup(ids, unknown=0), 1.0)
+    counts[0] = 0
+    return torch.from_numpy(counts + 1e-6 * np.arange(len(counts))[::-1].copy() / len(counts))  # stable tie order
+
+
+@torch.no_grad()
+def evaluate_model(model: UniPinRec, vocab: ItemVocab, spec: TaskSpec, examples_dir: str | Path, *,
+                   split: str = "test", ks: list[int] | tuple[int, ...] = (10, 50, 200), batch_size: int = 256,
+                   device: str | torch.device = "cpu", progress: bool = True, exclude_history: bool = True,
+                   max_examples: int = 0, popularity: bool = False, extra_ks: tuple[int, ...] = (100,)) -> dict:
+    from tqdm.auto import tqdm
+
+    examples_dir = Path(examples_dir)
+    table = fmt.read_sharded(examples_dir / split)
+    if max_examples:
+        table = table.slice(0, max_examples)
+    if table.num_rows == 0:
+        raise ValueError(f"{examples_dir}/{split}: no examples")
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    L = model.config.max_history
+    ks_all = sorted(set(int(k) for k in ks) | set(extra_ks))
+    items = model.item_vectors().to(device)  # (N+1, D)
+    pop = _popularity(examples_dir, vocab, spec).to(device) if popularity else None
+    can_rank = model.config.kind != "retrieval_only"
+    per_ex: dict[str, list] = {}
+    pop_ex: dict[str, list] = {}
+    flat = {"user": [], "request_ts": [], "item": [], "labels": [], "pred": []}
+    for start in tqdm(range(0, table.num_rows, batch_size), disable=not progress, desc=f"evaluate {split}", unit="batch"):
+        rb = table.slice(start, batch_size)
+        b = collate_examples(rb, vocab, spec, L, MAX_SLATE).to(device)
+        user, cache = model.encode_history(b.history)
+        pos_mask = torch.from_numpy(spec.positive).to(device)[b.slate_actions.clamp(0, len(spec.positive) - 1)]
+        pos_mask = pos_mask & b.slate_valid
+        has = pos_mask.any(1)
+        if has.any():
+            for name, base, sink in (("model", user @ items.T, per_ex), ("popularity", pop, pop_ex)):
+                if base is None:
+                    continue
+                scores = (base.expand(len(user), -1) if base.dim() == 1 else base).float().clone()
+                scores[:, 0] = float("-inf")
+                if exclude_history:
+                    hist = b.history.items.masked_fill(
+                        torch.arange(b.history.items.shape[1], device=device)[None] >= b.history.lengths[:, None], 0)
+                    scores.scatter_(1, hist, float("-inf"))
+                m = retrieval_metrics(scores[has], b.slate_items[has], pos_mask[has], ks_all)
+                for k, v in m.items():
+                    sink.setdefault(k, []).append(v.cpu())
+        if can_rank and b.slate_items.shape[1] > 0:
+            probs = torch.sigmoid(model.rank(b.slate_items, cache).float())  # (B, S, T)
+            valid = b.slate_valid
+            rows = valid.nonzero()[:, 0].cpu().numpy()
+            flat["user"].append(rb.column("user_id").to_numpy()[rows])
+            flat["request_ts"].append(rb.column("request_ts").to_numpy()[rows])
+            flat["item"].append(vocab.ids(b.slate_items[valid].cpu().numpy()))
+            flat["labels"].append(b.slate_labels[valid].cpu().numpy())
+            flat["pred"].append(probs[valid].cpu().numpy())
+    if was_training:
+        model.train()
+
+    def summarise(d):
+        return {k: float(torch.cat(v).mean()) for k, v in d.items()} | (
+            {"num_examples": int(sum(len(x) for x in d[next(iter(d))]))} if d else {})
+
+    out = {"split": split, "num_examples": table.num_rows, "exclude_history": exclude_history,
+           "num_items": len(vocab), "retrieval": summarise(per_ex)}
+    if popularity:
+        out["popularity"] = summarise(pop_ex)
+    if can_rank and flat["user"]:
+        cat = {k: np.concatenate(v) for k, v in flat.items()}
+        out["ranking"] = {}
+        for j, task in enumerate(spec.names):
+            y, p = cat["labels"][:, j], cat["pred"][:, j]
+            out["ranking"][task] = {"auc": auc(y, p), "gauc": grouped_auc(cat["user"], y, p),
+                                    "num_impressions": int(len(y)), "positive_rate": float(y.mean())}
+        oracle_dir = examples_dir / "oracle"
+        if oracle_dir.exists():
+            out["oracle"] = _oracle_metrics(oracle_dir, cat, spec)
+    return out
+
+
+def _oracle_metrics(oracle_dir: Path, cat: dict, spec: TaskSpec) -> dict:
+    """AUC of the generator's true probabilities on the same impressions (synthetic data)."""
+    import pandas as pd
+
+    oracle = fmt.read_sharded(oracle_dir).to_pandas()
+    imp = pd.DataFrame({"user_id": cat["user"], "request_ts": cat["request_ts"], "item_id": cat["item"],
+                        "_i": np.arange(len(cat["user"]))})
+    cols = [c for c in oracle.columns if c.startswith("p_") or c == "relevance"]
+    joined = imp.merge(oracle[["user_id", "request_ts", "item_id", *cols]].drop_duplicates(
+        ["user_id", "request_ts", "item_id"]), on=["user_id", "request_ts", "item_id"], how="inner")
+    out: dict = {"matched_impressions": int(len(joined)), "impressions": int(len(imp))}
+    idx = joined["_i"].to_numpy()
+    for j, task in enumerate(spec.names):
+        col = f"p_{task}"
+        if col not in joined:
+            continue
+        y = cat["labels"][idx, j]
+        entry = {"auc": auc(y, joined[col].to_numpy()), "gauc": grouped_auc(cat["user"][idx], y, joined[col].to_numpy()),
+                 "model_auc_same_impressions": auc(y, cat["pred"][idx, j])}
+        if task == "engaged" and "relevance" in joined:
+            entry["auc_position_free_relevance"] = auc(y, joined["relevance"].to_numpy())
+        out[task] = entry
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation of a model folder, and plots
+
+
+def evaluate(model_dir: str | Path, examples_dir: str | Path, *, split: str | None = None, device: str = "cpu",
+             progress: bool = True, max_examples: int | None = None) -> dict:
+    """Evaluate MODEL/ on EX/<split> with the model's EvalConfig; returns the metrics dict."""
+    from .checkpoint import load_model
+
+    loaded = load_model(model_dir, device)
+    ec = loaded.config.eval
+    ex_meta = fmt.read_meta(examples_dir)
+    spec = TaskSpec.resolve(loaded.tasks, vocab_for(ex_meta["source"]))
+    metrics = evaluate_model(loaded.model, loaded.vocab, spec, examples_dir, split=split or ec.split, ks=ec.ks,
+                             batch_size=ec.batch_size, device=device, progress=progress,
+                             exclude_history=ec.exclude_history,
+                             max_examples=ec.max_users if max_examples is None else max_examples, popularity=True)
+    summary_path = Path(model_dir) / "train_summary.json"
+    return {"model_version": loaded.version, "kind": loaded.kind, "model_dir": str(model_dir),
+            "examples": str(examples_dir), "source": ex_meta["source"], **metrics,
+            "train": json.loads(summary_path.read_text()) if summary_path.exists() else None}
+
+
+def write_metrics(metrics: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _read_csv(path: Path) -> dict[str, np.ndarray]:
+    if not path.exists():
+        return {}
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    cols = {}
+    for k in rows[0]:
+        vals = [r.get(k) for r in rows]
+        try:
+            cols[k] = np.array([float(v) if v not in (None, "") else math.nan for v in vals])
+        except ValueError:
+            continue
+    return cols
+
+
+def plot_curves(model_dir: str | Path, out_png: str | Path) -> Path:
+    """PNG of the training curves (losses, learning rate, throughput, validation metrics)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model_dir = Path(model_dir)
+    log = _read_csv(model_dir / "train_log.csv")
+    ev = _read_csv(model_dir / "eval_log.csv")
+    if not log:
+        raise FileNotFoundError(f"{model_dir / 'train_log.csv'} not found or empty")
+    panels = 3 + bool(ev)
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4))
+    ax = axes[0]
+    for k in ("loss", "retrieval_loss", "ranking_loss"):
+        if k in log and not np.all(np.isnan(log[k])):
+            ax.plot(log["step"], log[k], label=k)
+    ax.set_xlabel("step"), ax.set_title("training loss"), ax.legend(fontsize=8)
+    axes[1].plot(log["step"], log["lr"])
+    axes[1].set_xlabel("step"), axes[1].set_title("learning rate")
+    axes[2].plot(log["step"], log["tokens_per_s"])
+    axes[2].set_xlabel("step"), axes[2].set_title("tokens / s")
+    if ev:
+        for k, v in ev.items():
+            if k.startswith(("retrieval_HR@10", "retrieval_NDCG@10", "auc_")):
+                axes[3].plot(ev["epoch"], v, marker="o", label=k)
+        axes[3].set_xlabel("epoch"), axes[3].set_title("validation"), axes[3].legend(fontsize=8)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

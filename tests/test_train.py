@@ -1,0 +1,142 @@
+"""Training: the tiny config end to end, resume after a kill, DDP with 2 processes on CPU (gloo)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from unipinrec.checkpoint import load_model
+from unipinrec.config import load_config
+from unipinrec.train import lr_factor, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+CLI = [sys.executable, "-c", "from unipinrec.cli import main; main()"]
+
+
+@pytest.fixture(scope="module")
+def tiny_examples(tmp_path_factory) -> Path:
+    from unipinrec.data import build_examples, generate_synthetic
+
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = load_config(TINY).data
+    generate_synthetic(root / "raw", num_users=cfg.num_users, num_items=cfg.num_items,
+                       num_requests_per_user=cfg.num_requests_per_user, seed=cfg.seed, progress=False)
+    build_examples(root / "raw", root / "ex", max_history=cfg.max_history, progress=False)
+    return root / "ex"
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+    return env
+
+
+def test_tiny_config_trains_and_saves_a_loadable_model(tiny_examples, tmp_path):
+    torch.set_num_threads(1)
+    cfg = load_config(TINY)
+    summary = train(cfg, tiny_examples, tmp_path / "m", progress=False)
+    assert summary["steps"] > 0 and summary["tokens_per_s"] > 0
+    loaded = load_model(tmp_path / "m")
+    assert loaded.version == summary["model_version"] and loaded.kind == "unified"
+    assert loaded.config.model.num_items == 80 and loaded.config.model.num_tasks == 3
+    log = (tmp_path / "m" / "train_log.csv").read_text().splitlines()
+    assert log[0].startswith("step,epoch,lr,loss") and len(log) > 3
+    first, last = float(log[1].split(",")[3]), float(log[-1].split(",")[3])
+    assert last < first  # it learns something
+    assert (tmp_path / "m" / "curves.png").stat().st_size > 1000
+    # same seed, same data -> same weights (the version is a content hash)
+    again = train(cfg, tiny_examples, tmp_path / "m2", progress=False)
+    assert again["model_version"] == summary["model_version"]
+    # running a finished training again is a no-op
+    assert train(cfg, tiny_examples, tmp_path / "m", progress=False)["model_version"] == summary["model_version"]
+
+
+@pytest.mark.parametrize("kind", ["retrieval_only", "ranking_only", "interleaved"])
+def test_baselines_train(tiny_examples, tmp_path, kind):
+    torch.set_num_threads(1)
+    cfg = load_config(TINY)
+    summary = train(cfg, tiny_examples, tmp_path / kind, kind=kind, progress=False)
+    assert load_model(tmp_path / kind).kind == kind
+    assert summary["steps"] > 0
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tiny_examples, tmp_path):
+    args = ["train", "--config", str(TINY), "--examples", str(tiny_examples), "--max-steps", "150", "--no-progress"]
+    ref = subprocess.run(CLI + args + ["--out", str(tmp_path / "ref")], env=_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(CLI + args + ["--out", str(out)], env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    state = out / "checkpoint" / "state.json"
+    deadline = time.time() + 60
+    step = 0
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists():
+            try:
+                step = json.loads(state.read_text())["step"]
+            except (json.JSONDecodeError, KeyError, FileNotFoundError):
+                step = 0
+            if step >= 10:
+                break
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 10 <= step < 150, f"the kill did not land mid-run (checkpoint step {step})"
+    assert not (out / "model.safetensors").exists()
+    resumed = subprocess.run(CLI + args + ["--out", str(out)], env=_env(), capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["resumed_from_step"] >= 10 and summary["steps"] == 150
+    a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    steps = [int(line.split(",")[0]) for line in (out / "train_log.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(set(steps)) and steps[-1] == 150  # no duplicated rows after the resume
+
+
+def test_ddp_two_processes_on_cpu_gloo(tiny_examples, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
+           sys.executable, "-c", "from unipinrec.cli import main; main()"]
+    cmd += ["train", "--config", str(TINY), "--examples", str(tiny_examples), "--out", str(out), "--max-steps", "6",
+            "--no-progress", "--device", "cpu"]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=150)
+    assert r.returncode == 0, r.stderr[-3000:]
+    digests = {json.loads((out / f"ddp_rank{i}.json").read_text())["digest"] for i in (0, 1)}
+    assert len(digests) == 1  # gradients were all-reduced: both ranks hold the same weights
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 6
+    assert load_model(out).kind == "unified"
+
+
+def test_lr_schedule_warms_up_then_decays():
+    f = [lr_factor(s, 10, 100, 0.1) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert f[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_bad_config_and_examples_fail_with_named_field(tiny_examples, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.read_text().replace("lr: 0.003", "lr: fast"))
+    r = subprocess.run(CLI + ["train", "--config", str(bad), "--examples", str(tiny_examples), "--out",
+                              str(tmp_path / "o")], env=_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "train.lr" in r.stderr
+    r = subprocess.run(CLI + ["train", "--config", str(TINY), "--examples", str(tmp_path), "--out",
+                              str(tmp_path / "o")], env=_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "--examples" in r.stderr
+    r = subprocess.run(CLI + ["train", "--config", str(TINY), "--examples", str(tiny_examples), "--out",
+                              str(tmp_path / "o"), "--kind", "both"], env=_env(), capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and "--kind" in r.stderr
