@@ -61,10 +61,26 @@ _PANDAS_TYPES = {
 }
 
 
-def to_pandas(table: pa.Table) -> pd.DataFrame:
-    """Nullable pandas dtypes, so that a null in an int64 column stays an int64 column (only the
-    not-null rule fails, not the type rule) and GX sees the Arrow integer width."""
-    return table.to_pandas(types_mapper=_PANDAS_TYPES.get)
+def to_pandas(table: pa.Table, raw_columns: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
+    """The flat table as pandas, shaped for GX's type rules and its fast paths.
+
+    Raw columns keep their Arrow integer width; a raw integer column with nulls becomes a
+    nullable pandas int, so a null id fails only the not-null rule, not the type rule too.
+    Derived integer summaries become float64 (NaN = null): GX's between-rule is vectorised only
+    for int64/float64 numpy columns and loops in Python otherwise (10x slower). Timestamps and
+    counts stay exact in float64 below 2**53; item ids (unknown_item_id) stay int64.
+    """
+    data = {}
+    for name, col in zip(table.column_names, table.columns):
+        t = col.type
+        if name not in raw_columns and pa.types.is_integer(t) and name != "unknown_item_id":
+            data[name] = col.cast(pa.float64()).to_pandas()
+        elif name not in raw_columns or (col.null_count == 0 and not pa.types.is_string(t)
+                                         and not pa.types.is_large_string(t)):
+            data[name] = col.to_pandas()
+        else:
+            data[name] = col.to_pandas(types_mapper=_PANDAS_TYPES.get)
+    return pd.DataFrame(data, index=pd.RangeIndex(table.num_rows))
 
 
 def as_int64(col) -> np.ndarray | None:

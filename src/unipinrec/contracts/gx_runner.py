@@ -171,4 +171,5 @@ def _plain(v):
             return None
     except (TypeError, ValueError):
         pass
-    return v.item() if hasattr(v, "item") else v
+    v = v.item() if hasattr(v, "item") else v
+    return int(v) if isinstance(v, float) and v.is_integer() else v  # derived summaries are float64

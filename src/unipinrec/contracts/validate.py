@@ -107,9 +107,10 @@ def validate(
         if table.num_rows == 0 and n_chunks > 1:
             continue  # an empty chunk says nothing; the not-empty rule ran on the others
         validated += table.num_rows
-        runner.run(derive.to_pandas(table))
+        runner.run(derive.to_pandas(table, derive.RAW_COLUMNS[contract]))
     if runner.chunks == 0:  # every chunk empty (sample of nothing): still run once, on no rows
-        runner.run(derive.to_pandas(_collect(shards, contract, key, 0, 0, True, item_ids, derive_notes)))
+        runner.run(derive.to_pandas(_collect(shards, contract, key, 0, 0, True, item_ids, derive_notes),
+                                        derive.RAW_COLUMNS[contract]))
     notes += sorted(derive_notes)
     results, gx_results, success = runner.finish()
 
