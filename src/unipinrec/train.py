@@ -220,7 +220,8 @@ def train(config: ExperimentConfig, examples_dir: str | Path, out_dir: str | Pat
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     model = UniPinRec(mcfg).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
+                            fused=dev.type == "cuda")
     fingerprint = _fingerprint(config, ex_meta, d.world)
     ckpt_dir = out_dir / "checkpoint"
     step = 0
@@ -331,10 +332,13 @@ def train(config: ExperimentConfig, examples_dir: str | Path, out_dir: str | Pat
 def _eval_during_training(model, vocab, spec, examples_dir, config, step, steps_per_epoch, out_dir, dev) -> None:
     from .evaluate import evaluate_model
 
-    m = evaluate_model(model, vocab, spec, examples_dir, split="valid", ks=config.eval.ks,
+    # with include_valid the valid split is trained on, so the curve follows eval.split (no model
+    # selection is made from it: the final model is the last step's)
+    split = config.eval.split if config.train.include_valid else "valid"
+    m = evaluate_model(model, vocab, spec, examples_dir, split=split, ks=config.eval.ks,
                        batch_size=config.eval.batch_size, device=dev, progress=False,
                        exclude_history=config.eval.exclude_history)
-    row = {"step": step, "epoch": step // steps_per_epoch}
+    row = {"step": step, "epoch": step // steps_per_epoch, "split": split}
     row.update({f"retrieval_{k}": v for k, v in m.get("retrieval", {}).items() if isinstance(v, (int, float))})
     for task, r in m.get("ranking", {}).items():
         row[f"auc_{task}"] = r.get("auc")
