@@ -123,11 +123,13 @@ def build_index(
     num_queries: int = 1000,
     seed: int = 0,
     progress: bool = False,
+    factory: str | None = None,
 ) -> tuple["ItemIndex", BuildReport]:
     """Build, tune and (when `out_dir` is given) save an index over `vectors` (N, D).
 
     Half the held-out queries tune the search parameter (the smallest one reaching
-    `target_recall`), the other half measure the recall that is reported.
+    `target_recall`), the other half measure the recall that is reported. `factory` overrides
+    the faiss factory string chosen for `kind` (e.g. a smaller PQ for quick tests).
     """
     import faiss
 
@@ -140,7 +142,7 @@ def build_index(
     n, d = vectors.shape
     kind = choose_kind(n) if kind == "auto" else kind
     k = min(k, n)
-    factory = factory_string(kind, n, d)
+    factory = factory or factory_string(kind, n, d)
     t0 = time.perf_counter()
     index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
