@@ -94,3 +94,50 @@ def test_json_schema_accepts_good_rows_and_rejects_bad_ones(table, good_events, 
         del bad["slate"][0]["position"]
         assert not v.is_valid(bad)
 
+
+
+# ------------------------------------------------------------------------------------------------
+# data_contracts/README.md documents every field, every rule, and its example records are valid
+
+def _readme(contracts_dir) -> str:
+    return (contracts_dir / "README.md").read_text()
+
+
+def test_readme_documents_every_field(contracts_dir):
+    from unipinrec import format as fmt
+
+    text = _readme(contracts_dir)
+    for schema in (fmt.EVENTS_SCHEMA, fmt.ITEMS_SCHEMA, fmt.UNIFIED_EXAMPLE_SCHEMA):
+        for f in schema:
+            typ = f"list\\<{'Action' if f.name == 'history' else 'Impression'}\\>" if f.name in ("history", "slate") else f.type
+            assert f"| `{f.name}` | {typ} | {'yes' if f.nullable else 'no'}" in text, f"{f.name} not documented"
+    for lst in ("history", "slate"):
+        for f in fmt.UNIFIED_EXAMPLE_SCHEMA.field(lst).type.value_type:
+            assert f"| `{lst}[].{f.name}` | {f.type} |" in text, f"{lst}[].{f.name} not documented with its type"
+
+
+@pytest.mark.parametrize("contract", CONTRACTS)
+def test_readme_lists_every_rule(contract, contracts_dir):
+    from unipinrec.contracts import rules_for
+
+    text = _readme(contracts_dir)
+    rules = rules_for(contract)
+    assert f"(`{contract}.json`, {len(rules)} expectations)" in text
+    for r in rules:
+        schema_rule = r.type in ("expect_column_to_exist", "expect_column_values_to_be_of_type",
+                                 "expect_column_values_to_not_be_null") and r.kwargs["column"] in r.rule
+        assert schema_rule or f"`{r.rule}`" in text, f"rule {r.rule} of {contract} is not documented"
+
+
+def test_readme_example_records_validate_against_the_json_schemas(contracts_dir):
+    import re
+
+    blocks = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", _readme(contracts_dir), re.S)]
+    seen = set()
+    for rec in blocks:
+        table = "examples" if "history" in rec else ("events" if "ts" in rec else "items")
+        jsonschema.validate(rec, json.loads((contracts_dir / {"examples": "unified_example.schema.json",
+                                                               "events": "events.schema.json",
+                                                               "items": "items.schema.json"}[table]).read_text()))
+        seen.add(table)
+    assert seen == set(CONTRACTS)
