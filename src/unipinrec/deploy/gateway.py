@@ -27,6 +27,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -39,9 +40,10 @@ from urllib.parse import urlsplit
 
 TOKEN_HEADER = "X-UniPinRec-Token"
 MAX_BODY = 16 * 1024 * 1024
-_PREDICT = re.compile(r"^/predictions/[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?$")
-_V1_PREDICT = re.compile(r"^/v1/models/([A-Za-z0-9_.-]+):predict$")
-_V1_READY = re.compile(r"^/v1/models/([A-Za-z0-9_.-]+)$")
+_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # starts alphanumeric: no "..", no traversal to other APIs
+_PREDICT = re.compile(rf"^/predictions/{_NAME}(/{_NAME})?$")
+_V1_PREDICT = re.compile(rf"^/v1/models/({_NAME}):predict$")
+_V1_READY = re.compile(rf"^/v1/models/({_NAME})$")
 
 
 @dataclass
@@ -114,7 +116,7 @@ class Gateway:
         path = path.split("?", 1)[0]
         headers = {k.lower(): v for k, v in headers.items()}
         if path == "/livez":
-            return _json(200, {"status": "alive"}) if self.child_alive() else _json(503, {"status": "model server exited"})
+            return self.livez()
         if path == "/ping" and method == "GET":
             return self.forward("GET", "/ping", b"")
         if (m := _V1_READY.match(path)) and method == "GET":
@@ -127,6 +129,17 @@ class Gateway:
         if method == "POST" and (m := _V1_PREDICT.match(path)):
             return self.v1_predict(m.group(1), body)
         return _json(404, {"code": 404, "message": f"no route {method} {path}"})
+
+    def livez(self) -> Reply:
+        """Alive: the child runs and, once it has started (key file written), accepts connections."""
+        if not self.child_alive():
+            return _json(503, {"status": "model server exited"})
+        if self.keys.get() is not None:
+            try:
+                socket.create_connection((self.upstream.hostname, self.upstream.port), timeout=2).close()
+            except OSError as e:
+                return _json(503, {"status": f"model server not accepting connections: {type(e).__name__}"})
+        return _json(200, {"status": "alive"})
 
     def v1_predict(self, model: str, body: bytes) -> Reply:
         """KServe v1: {"instances": [request, ...]} -> {"predictions": [answer, ...]}."""
@@ -172,13 +185,20 @@ class Gateway:
             keys = self.keys.get(True)
         return keys["inference"] if keys else None
 
-    def refresh_key(self) -> None:
-        """Ask TorchServe for a new inference key (the management token API, with the API key)."""
+    def refresh_key(self, rejected: str | None = None) -> None:
+        """Ask TorchServe for a new inference key (the management token API, with the API key).
+
+        Called when the key file says the key expired, or with `rejected` when TorchServe
+        refused a key (clock edge, rotation): then it refreshes unless another thread already did.
+        """
         with self._refresh_lock:
             keys = self.keys.get(True)
             if not keys:
                 return
-            if keys["expires"] and keys["expires"] > datetime.now(timezone.utc):
+            if rejected is not None:
+                if keys["inference"] != rejected:
+                    return  # already replaced since the rejected request
+            elif keys["expires"] is None or keys["expires"] > datetime.now(timezone.utc):
                 return  # another thread refreshed it already
             self._send(self.management, "POST", "/token?type=inference", b"",
                        {"Authorization": f"Bearer {keys['api']}"})
@@ -190,7 +210,7 @@ class Gateway:
         headers = {"Authorization": f"Bearer {key}", "Content-Type": content_type}
         reply = self._send(self.upstream, method, path, body, headers)
         if reply.status in (400, 401) and b"Token Authorization failed" in reply.body:
-            self.refresh_key()  # expired or rotated under us: one retry with a fresh key
+            self.refresh_key(rejected=key)  # expired or rotated under us: one retry with a fresh key
             headers["Authorization"] = f"Bearer {self._key(force=True)}"
             reply = self._send(self.upstream, method, path, body, headers)
         return reply
@@ -229,24 +249,32 @@ def make_server(gateway: Gateway, host: str, port: int) -> ThreadingHTTPServer:
 
 def run(listen: str, upstream: str, management: str, key_file: Path, token_file: Path,
         command: list[str], grace_s: float = 25.0) -> int:
-    """Start `command` (TorchServe) in its own process group, serve until it exits or SIGTERM."""
+    """Start `command` (TorchServe) in its own process group; serve until it exits or SIGTERM.
+
+    Exit status: 0 after SIGTERM/SIGINT (the child is stopped with SIGTERM, then SIGKILL after
+    `grace_s`); the child's status (or 1) when the child exits on its own, so the kubelet
+    restarts the container.
+    """
     child = subprocess.Popen(command, start_new_session=True) if command else None
     gateway = Gateway(upstream, management, key_file, token_file,
                       child_alive=lambda: child is None or child.poll() is None)
     host, _, port = listen.rpartition(":")
     server = make_server(gateway, host or "0.0.0.0", int(port))
-    stopping = threading.Event()
+    signalled = threading.Event()
 
-    def stop(*_):
-        stopping.set()
+    def stop() -> None:
         threading.Thread(target=server.shutdown, daemon=True).start()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    def on_signal(*_) -> None:
+        signalled.set()
+        stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     if child is not None:
-        def watch():
+        def watch() -> None:
             child.wait()
-            print(f"gateway: model server exited with {child.returncode}", file=sys.stderr, flush=True)
+            print(f"gateway: model server exited with status {child.returncode}", file=sys.stderr, flush=True)
             stop()
         threading.Thread(target=watch, daemon=True).start()
     print(f"gateway: listening on {listen}, forwarding to {upstream}", file=sys.stderr, flush=True)
@@ -254,14 +282,25 @@ def run(listen: str, upstream: str, management: str, key_file: Path, token_file:
     server.server_close()
     if child is None:
         return 0
-    if child.poll() is None:
+    _stop_group(child, grace_s)
+    return 0 if signalled.is_set() else (child.returncode or 1)
+
+
+def _stop_group(child: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM the child's whole process group (TorchServe's JVM and Python workers), then SIGKILL."""
+    try:
         os.killpg(child.pid, signal.SIGTERM)
-        try:
-            child.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
-    return 0 if stopping.is_set() and child.returncode in (0, -signal.SIGTERM, 143) else (child.returncode or 1)
+    except ProcessLookupError:
+        return
+    try:
+        child.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(child.pid, signal.SIGKILL)  # stragglers (workers) even after the launcher exited
+    except ProcessLookupError:
+        pass
+    child.wait()
 
 
 def main(argv: list[str] | None = None) -> int:

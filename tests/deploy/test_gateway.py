@@ -1,0 +1,208 @@
+"""The token gateway against a stand-in for TorchServe 0.12's token authorization.
+
+The stand-in behaves like TorchServe as observed on 0.12.0 (see test_gateway_torchserve.py
+for the real thing): every inference path, /ping included, needs `Authorization: Bearer
+<inference key>` and a wrong key gets HTTP 400 "Token Authorization failed"; the management
+token API (`/token?type=inference` with the API key) draws a new inference key and rewrites
+key_file.json.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from unipinrec.deploy.gateway import Gateway, make_server
+
+
+class FakeTorchServe:
+    def __init__(self, key_file):
+        self.key_file, self.n, self.seen = key_file, 0, []
+        self.api_key = "api-key"
+        self.rotate(expires_in=timedelta(hours=1))
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _reply(self, status, obj):
+                body = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self.do_POST()
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                auth = self.headers.get("Authorization", "")
+                outer.seen.append((self.command, self.path, auth, body))
+                if self.path.startswith("/token"):
+                    if auth != f"Bearer {outer.api_key}":
+                        return self._reply(400, {"message": "Token Authorization failed"})
+                    outer.rotate(expires_in=timedelta(hours=1))
+                    return self._reply(200, {})
+                if auth != f"Bearer {outer.key}" or outer.expired:
+                    return self._reply(400, {"code": 400, "type": "InvalidKeyException", "message":
+                                             "Token Authorization failed. Token either incorrect, expired, or not provided correctly"})
+                if self.path == "/ping":
+                    return self._reply(200, {"status": "Healthy"})
+                if self.path.startswith("/predictions/"):
+                    req = json.loads(body)
+                    return self._reply(200, {"items": [], "model_version": "v1", "echo": req})
+                return self._reply(404, {"message": "not found"})
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def rotate(self, expires_in: timedelta) -> None:
+        self.n += 1
+        self.key = f"inference-key-{self.n}"
+        self.expires = datetime.now(timezone.utc) + expires_in
+        self.write_key_file()
+
+    @property
+    def expired(self) -> bool:
+        return self.expires <= datetime.now(timezone.utc)
+
+    def write_key_file(self) -> None:
+        stamp = self.expires.strftime("%Y-%m-%dT%H:%M:%S.%f") + "123Z"  # TorchServe writes nanoseconds
+        self.key_file.write_text(json.dumps({
+            "management": {"key": "mgmt", "expiration time": stamp},
+            "inference": {"key": self.key, "expiration time": stamp},
+            "API": {"key": self.api_key}}, indent=2))
+
+
+@pytest.fixture
+def stack(tmp_path):
+    key_file, token_file = tmp_path / "key_file.json", tmp_path / "token"
+    token_file.write_text("client-token-1\nclient-token-2\n")
+    ts = FakeTorchServe(key_file)
+    alive = {"child": True}
+    gw = Gateway(ts.url, ts.url, key_file, token_file, child_alive=lambda: alive["child"])
+    server = make_server(gw, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    port = server.server_address[1]
+
+    def call(method, path, body=None, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        r = conn.getresponse()
+        out = r.status, r.read()
+        conn.close()
+        return out
+
+    yield {"ts": ts, "gw": gw, "call": call, "token_file": token_file, "alive": alive, "key_file": key_file}
+    server.shutdown()
+    ts.server.shutdown()
+
+
+BEARER = {"Authorization": "Bearer client-token-1"}
+
+
+def test_prediction_needs_a_client_token(stack):
+    status, body = stack["call"]("POST", "/predictions/unipinrec", {"user_id": 1})
+    assert status == 401 and b"inference token" in body
+    status, _ = stack["call"]("POST", "/predictions/unipinrec", {"user_id": 1}, {"Authorization": "Bearer nope"})
+    assert status == 401
+    assert not [s for s in stack["ts"].seen if s[1].startswith("/predictions")]  # never reached TorchServe
+
+
+@pytest.mark.parametrize("headers", [BEARER, {"Authorization": "Bearer client-token-2"},
+                                     {"X-UniPinRec-Token": "client-token-1"}])
+def test_prediction_is_forwarded_with_the_pods_own_key(stack, headers):
+    status, body = stack["call"]("POST", "/predictions/unipinrec", {"user_id": 42, "k": 3}, headers)
+    assert status == 200 and json.loads(body)["echo"] == {"user_id": 42, "k": 3}
+    method, path, auth, _ = stack["ts"].seen[-1]
+    assert (method, path, auth) == ("POST", "/predictions/unipinrec", "Bearer inference-key-1")
+
+
+def test_ping_needs_no_client_token_but_reaches_torchserve_with_its_key(stack):
+    assert stack["call"]("GET", "/ping")[0] == 200
+    assert stack["ts"].seen[-1][2] == "Bearer inference-key-1"
+
+
+def test_management_and_unknown_paths_are_never_forwarded(stack):
+    for path in ("/models", "/token?type=inference", "/predictions/../models", "/metrics"):
+        assert stack["call"]("GET", path)[0] == 401
+        assert stack["call"]("POST", path, b"", BEARER)[0] == 404
+    assert not any(s[1].startswith(("/models", "/token", "/metrics")) for s in stack["ts"].seen)
+
+
+def test_expired_key_is_refreshed_through_the_token_api(stack):
+    ts = stack["ts"]
+    ts.expires = datetime.now(timezone.utc) - timedelta(seconds=1)
+    ts.write_key_file()
+    status, _ = stack["call"]("POST", "/predictions/unipinrec", {"user_id": 1}, BEARER)
+    assert status == 200
+    token_calls = [s for s in ts.seen if s[1].startswith("/token")]
+    assert token_calls and token_calls[0][2] == "Bearer api-key"
+    assert ts.seen[-1][2] == "Bearer inference-key-2"
+
+
+def test_key_rejected_by_torchserve_is_refreshed_once_and_retried(stack):
+    ts = stack["ts"]
+    ts.key = "rotated-elsewhere"  # TorchServe's key no longer matches the file the gateway read
+    ts.expires = datetime.now(timezone.utc) - timedelta(seconds=1)
+    status, _ = stack["call"]("POST", "/predictions/unipinrec", {"user_id": 1}, BEARER)
+    assert status == 200 and ts.seen[-1][2] == f"Bearer {ts.key}"
+
+
+def test_token_file_rotation_needs_no_restart(stack):
+    assert stack["call"]("POST", "/predictions/unipinrec", {"user_id": 1}, BEARER)[0] == 200
+    stack["token_file"].write_text("# rotated\nnew-token-with-a-different-length\n")
+    assert stack["call"]("POST", "/predictions/unipinrec", {"user_id": 1}, BEARER)[0] == 401
+    assert stack["call"]("POST", "/predictions/unipinrec", {"user_id": 1},
+                         {"Authorization": "Bearer new-token-with-a-different-length"})[0] == 200
+
+
+def test_empty_token_file_lets_nobody_in(stack):
+    stack["token_file"].write_text("\n")
+    assert stack["call"]("POST", "/predictions/unipinrec", {"user_id": 1}, {"Authorization": "Bearer "})[0] == 401
+
+
+def test_before_torchserve_writes_its_key_ping_is_503(stack):
+    stack["key_file"].unlink()
+    gw = Gateway(stack["ts"].url, stack["ts"].url, stack["key_file"], stack["token_file"])
+    reply = gw.handle("GET", "/ping", {}, b"")
+    assert reply.status == 503 and b"starting" in reply.body
+
+
+def test_livez_follows_the_child_and_the_upstream(stack):
+    assert stack["call"]("GET", "/livez")[0] == 200
+    stack["alive"]["child"] = False
+    assert stack["call"]("GET", "/livez")[0] == 503
+    stack["alive"]["child"] = True
+    stack["ts"].server.shutdown()
+    stack["ts"].server.server_close()
+    assert stack["call"]("GET", "/livez")[0] == 503
+
+
+def test_kserve_v1_protocol(stack):
+    status, body = stack["call"]("POST", "/v1/models/unipinrec:predict",
+                                 {"instances": [{"user_id": 1}, {"user_id": 2}]}, BEARER)
+    assert status == 200
+    assert [p["echo"]["user_id"] for p in json.loads(body)["predictions"]] == [1, 2]
+    assert stack["call"]("POST", "/v1/models/unipinrec:predict", {"rows": []}, BEARER)[0] == 400
+    status, body = stack["call"]("GET", "/v1/models/unipinrec")
+    assert status == 200 and json.loads(body) == {"name": "unipinrec", "ready": True}
+
+
+def test_oversized_or_chunked_bodies_are_refused(stack, monkeypatch):
+    import unipinrec.deploy.gateway as g
+
+    monkeypatch.setattr(g, "MAX_BODY", 10)
+    assert stack["call"]("POST", "/predictions/unipinrec", {"user_id": 123456789}, BEARER)[0] == 413

@@ -1,0 +1,216 @@
+"""The serving container's command, for real: the gateway supervising TorchServe 0.12 with the
+cluster config.properties (token auth on), like the Deployment runs it.
+
+Where the test runs as root and `unshare` works, it reproduces the pod's filesystem: the root
+is mounted read-only (readOnlyRootFilesystem), only the emptyDir paths (working directory,
+TEMP, logs) are writable, and the process runs as uid 1000 (runAsNonRoot). Elsewhere it runs
+the same command without those restrictions (and says so in the test id). The archive is a
+tiny echo handler: this checks the container wiring, not the model (serving's own tests do).
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from unipinrec.deploy.torchserve_config import torchserve_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+BIN = Path(sys.executable).parent
+HANDLER = textwrap.dedent('''
+    import json
+    def handle(data, ctx):
+        if data is None:
+            return None
+        out = []
+        for row in data:
+            body = row.get("body") or row.get("data")
+            if isinstance(body, (bytes, bytearray)):
+                body = json.loads(body)
+            out.append({"items": [], "model_version": "echo", "echo": body})
+        return out
+''')
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _can_isolate() -> bool:
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "setpriv", "chroot")):
+        return False
+    return subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True).returncode == 0
+
+
+# Runs as root in a private mount namespace, then execs the gateway as uid 1000 in a chroot of a
+# read-only view of / where only POD/{work,tmp,logs} are writable.
+ISOLATE = r'''
+set -e
+R="$ROOTVIEW"
+mount --bind / "$R"
+mount -o remount,bind,ro "$R"
+mount -t proc proc "$R/proc"
+mount --rbind /dev "$R/dev"
+mount -t tmpfs -o mode=755 tmpfs "$R/tmp"
+# the interpreter may live under a directory uid 1000 cannot enter (e.g. /root): show only its path
+if [ -n "$HIDDEN" ]; then
+  mount -t tmpfs -o mode=755 tmpfs "$R$HIDDEN"
+  mkdir -p "$R$HIDDEN_SUB"
+  mount --rbind "$HIDDEN_SUB" "$R$HIDDEN_SUB"
+fi
+for d in work tmp logs; do mkdir -p "$R/tmp/pod/$d"; mount --bind "$POD/$d" "$R/tmp/pod/$d"; done
+for d in store etc secrets; do mkdir -p "$R/tmp/pod/$d"; mount --bind "$POD/$d" "$R/tmp/pod/$d"; mount -o remount,bind,ro "$R/tmp/pod/$d"; done
+cd "$R"
+# prove the view is read-only for the pod's user before starting (the host's /var/tmp is world-writable)
+if chroot "$R" setpriv --reuid 1000 --regid 1000 --clear-groups sh -c 'touch /var/tmp/unipinrec-ro-probe' 2>/dev/null; then
+  echo "the root view is writable" >&2; exit 97
+fi
+exec chroot "$R" setpriv --reuid 1000 --regid 1000 --clear-groups --inh-caps=-all \
+  env -C /tmp/pod/work "$@"
+'''
+
+
+def _hidden_dir() -> dict[str, str]:
+    """The topmost ancestor of the interpreter that uid 1000 cannot enter, and its child on the path."""
+    path = Path(os.path.realpath(sys.executable))
+    for parent in reversed(path.parents):
+        if parent != Path("/") and not os.stat(parent).st_mode & 0o001:
+            child = parent / path.relative_to(parent).parts[0]
+            return {"HIDDEN": str(parent), "HIDDEN_SUB": str(child)}
+    return {"HIDDEN": "", "HIDDEN_SUB": ""}
+
+
+@pytest.fixture(scope="module", params=["isolated" if _can_isolate() else "plain"])
+def pod(request, tmp_path_factory):
+    """The running container; "isolated" (read-only root, uid 1000) where the machine allows it."""
+    if shutil.which("java") is None or not (BIN / "torchserve").exists():
+        pytest.skip("TorchServe needs java and the torchserve package")
+    isolated = request.param == "isolated"
+    base = tmp_path_factory.mktemp("pod")
+    os.chmod(base, 0o755)
+    for d in ("work", "tmp", "logs", "store", "etc", "secrets", "build"):
+        (base / d).mkdir()
+    (base / "build" / "handler.py").write_text(HANDLER)
+    subprocess.run([str(BIN / "torch-model-archiver"), "--model-name", "unipinrec", "--version", "1.0",
+                    "--handler", str(base / "build" / "handler.py"), "--export-path", str(base / "store"), "-f"],
+                   check=True, capture_output=True)
+    inference, management, metrics, gateway = _free_ports(4)
+    inside = Path("/tmp/pod") if isolated else base
+    (base / "etc" / "config.properties").write_text(torchserve_config(
+        str(inside / "store"), ports=(inference, management, metrics), metrics_host="127.0.0.1"))
+    (base / "secrets" / "token").write_text("tok-123\n")
+    if isolated:
+        for d in ("work", "tmp", "logs"):
+            os.chown(base / d, 1000, 1000)
+    env = {"PATH": f"{BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "TEMP": str(inside / "tmp"), "TMPDIR": str(inside / "tmp"),
+           "HOME": str(inside / "tmp"), "LOG_LOCATION": str(inside / "logs"), "METRICS_LOCATION": str(inside / "logs"),
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [str(BIN / "python"), "-m", "unipinrec.deploy.gateway", f"--listen=127.0.0.1:{gateway}",
+           f"--upstream=http://127.0.0.1:{inference}", f"--management=http://127.0.0.1:{management}",
+           f"--key-file={inside}/work/key_file.json", f"--token-file={inside}/secrets/token", "--",
+           "torchserve", "--start", "--foreground", "--ncs", f"--ts-config={inside}/etc/config.properties"]
+    if isolated:
+        rootview = tmp_path_factory.mktemp("rootview")
+        argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", ISOLATE, "isolate",
+                "env", *[f"{k}={v}" for k, v in env.items()], *cmd]
+        proc = subprocess.Popen(argv, env={**env, "ROOTVIEW": str(rootview), "POD": str(base), **_hidden_dir()},
+                                stdout=open(base / "out.log", "wb"), stderr=subprocess.STDOUT)
+    else:
+        proc = subprocess.Popen(cmd, env=env, cwd=base / "work", stdout=open(base / "out.log", "wb"),
+                                stderr=subprocess.STDOUT)
+    info = {"proc": proc, "base": base, "gateway": gateway, "inference": inference, "metrics": metrics,
+            "isolated": isolated}
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if _call(gateway, "GET", "/ping")[0] == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail(f"gateway/TorchServe did not become healthy:\n{(base / 'out.log').read_text()[-4000:]}")
+    yield info
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+        _kill_leftovers(base)
+
+
+def _kill_leftovers(base: Path) -> None:
+    for p in psutil.process_iter(["cmdline"]):
+        if str(base) in " ".join(p.info["cmdline"] or []) or "/tmp/pod/" in " ".join(p.info["cmdline"] or []):
+            p.kill()
+
+
+def _call(port, method, path, body=None, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request(method, path, body=json.dumps(body).encode() if body is not None else None,
+                 headers={"Content-Type": "application/json", **(headers or {})})
+    r = conn.getresponse()
+    out = r.status, r.read()
+    conn.close()
+    return out
+
+
+def test_token_auth_is_on_in_torchserve_itself(pod):
+    status, body = _call(pod["inference"], "POST", "/predictions/unipinrec", {"user_id": 1})
+    assert status == 400 and b"Token Authorization failed" in body  # TorchServe 0.12 answers 400
+    assert _call(pod["inference"], "GET", "/ping")[0] == 400  # even /ping needs the key
+    keys = json.loads((pod["base"] / "work" / "key_file.json").read_text())
+    assert set(keys) == {"management", "inference", "API"}
+
+
+def test_gateway_serves_probes_and_authenticated_predictions(pod):
+    port = pod["gateway"]
+    status, body = _call(port, "GET", "/ping")
+    assert status == 200 and json.loads(body)["status"] == "Healthy"
+    assert _call(port, "GET", "/livez")[0] == 200
+    assert _call(port, "POST", "/predictions/unipinrec", {"user_id": 1})[0] == 401
+    status, body = _call(port, "POST", "/predictions/unipinrec", {"user_id": 7, "k": 2},
+                         {"Authorization": "Bearer tok-123"})
+    assert status == 200 and json.loads(body)["echo"] == {"user_id": 7, "k": 2}
+
+
+def test_metrics_need_no_token(pod):
+    status, body = _call(pod["metrics"], "GET", "/metrics")
+    assert status == 200 and b"# TYPE" in body
+
+
+def test_torchserve_wrote_only_into_the_emptydirs(pod):
+    base = pod["base"]
+    assert (base / "work" / "key_file.json").exists()  # the working directory
+    assert any((base / "tmp").iterdir())  # unpacked archive, sockets
+    assert any((base / "logs").glob("*.log"))
+    if pod["isolated"]:
+        # the process ran as uid 1000 with a read-only root: the files it made are uid 1000's
+        assert (base / "work" / "key_file.json").stat().st_uid == 1000
+
+
+def test_sigterm_stops_gateway_and_torchserve(pod):
+    proc = pod["proc"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    time.sleep(1)
+    left = [p for p in psutil.process_iter(["cmdline"])
+            if str(pod["base"]) in " ".join(p.info["cmdline"] or [])
+            or (pod["isolated"] and "/tmp/pod/" in " ".join(p.info["cmdline"] or []))]
+    assert left == [], [p.info["cmdline"] for p in left]
