@@ -9,7 +9,8 @@
   sources, runs `feast apply` and materializes the online store.
 - `historical_histories` / `attach_histories` read histories with `get_historical_features`
   (offline, for examples); `OnlineHistoryLookup` reads the same history from the online store
-  (serving, when a request carries only `user_id`).
+  (serving, when a request carries only `user_id`; it implements the serving engine's
+  `OnlineStore` protocol, and `online_store` is the factory a model archive names).
 
 History = the user's non-impression actions (action != 0), the rule of
 `unipinrec.data.examples`, ordered by (ts, request_id, position) with organic actions first.
@@ -454,3 +455,14 @@ class OnlineHistoryLookup:
         return self.lookup_many([user_id])[0]
 
     __call__ = lookup
+
+    def get_histories(self, user_ids: Sequence[int]):
+        """The serving engine's `OnlineStore` protocol: one `History` per id (None if unknown)."""
+        from .serving.store import History
+
+        return [History.from_actions(h) if h else None for h in self.lookup_many(user_ids)]
+
+
+def online_store(repo_dir: str | Path, env: str = "local") -> OnlineHistoryLookup:
+    """Factory named in a model archive's serving.json: {"factory": "unipinrec.features:online_store"}."""
+    return OnlineHistoryLookup(repo_dir, env)

@@ -1,0 +1,325 @@
+"""The pipeline's steps as plain functions over folders: what each Kubeflow component calls.
+
+A component (components/*.py) maps its artifacts to folders and calls one function here, so a
+step runs the same in kfp's local runner, in a cluster pod, and in a test without kfp. Each
+returns a JSON-able dict that the component logs as metrics or metadata.
+
+The config is the ExperimentConfig YAML *text* (a pipeline parameter, so a run in a cluster
+does not need the file); the pipeline's size parameters override its `data` section.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SOURCES = ("synthetic", "movielens-1m", "movielens-100k", "raw")
+DEPLOY_MODES = ("local", "kubernetes", "none")
+
+
+class StepError(RuntimeError):
+    """A step cannot run with the inputs it was given; the message names the parameter."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+def parse_config(config_yaml: str, *, num_users: int = 0, num_items: int = 0, num_requests_per_user: int = 0,
+                 seed: int = -1, epochs: float = 0.0):
+    """ExperimentConfig from YAML text with the pipeline's overrides (0 / -1 = keep the config's)."""
+    import yaml
+
+    from .config import ConfigError, ExperimentConfig, from_dict
+
+    try:
+        data = yaml.safe_load(config_yaml) if config_yaml.strip() else {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config_yaml: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError("config_yaml: the top level must be a mapping")
+    cfg = from_dict(ExperimentConfig, data)
+    sizes = {k: v for k, v in (("num_users", num_users), ("num_items", num_items),
+                               ("num_requests_per_user", num_requests_per_user)) if v > 0}
+    if sizes:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **sizes))
+    train = {}
+    if seed >= 0:
+        train["seed"] = seed
+    if epochs > 0:
+        train["epochs"] = float(epochs)
+        train["max_steps"] = 0
+    if train:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))
+    cfg.data.validate()
+    cfg.train.validate()
+    return cfg
+
+
+def config_yaml_text(cfg) -> str:
+    import yaml
+
+    from .config import to_dict
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+def ingest(out_dir: str | Path, *, source: str, data_path: str = "", config_yaml: str = "",
+           num_users: int = 0, num_items: int = 0, num_requests_per_user: int = 0) -> dict:
+    """Write a RAW folder: generate synthetic data, load MovieLens, or copy a RAW folder (`raw`)."""
+    from . import format as fmt
+
+    out = Path(out_dir)
+    if source not in SOURCES:
+        raise StepError(f"source: {source!r} is not one of {', '.join(SOURCES)}")
+    cfg = parse_config(config_yaml, num_users=num_users, num_items=num_items,
+                       num_requests_per_user=num_requests_per_user)
+    if source == "synthetic":
+        from .data import generate_synthetic
+
+        return generate_synthetic(out, num_users=cfg.data.num_users, num_items=cfg.data.num_items,
+                                  num_requests_per_user=cfg.data.num_requests_per_user,
+                                  slate_size=cfg.data.slate_size, seed=cfg.data.seed, progress=False)
+    if not data_path:
+        raise StepError(f"data_path: source {source!r} reads its files from data_path, which is empty")
+    src = Path(data_path)
+    if not src.is_dir():
+        raise StepError(f"data_path: {src} is not a folder")
+    if source == "raw":
+        for sub in ("events", "items"):
+            fmt.shard_paths(src / sub)  # FileNotFoundError names the missing folder
+        out.mkdir(parents=True, exist_ok=True)
+        for sub in ("events", "items", "oracle"):
+            if (src / sub).is_dir():
+                shutil.copytree(src / sub, out / sub, dirs_exist_ok=True)
+        meta = fmt.read_meta(src)
+        fmt.write_meta(out, {**meta, "copied_from": str(src)})
+        return meta
+    from .data.movielens import load_movielens
+
+    return load_movielens(source, src, out)
+
+
+def validate_raw(raw_dir: str | Path, out_dir: str | Path) -> dict:
+    """Run the `events` and `items` data contracts; write one HTML page plus each report's files.
+
+    Returns {"passed", "summary", "failed": {contract: [rules]}, "html": path, "rows": {...}}.
+    """
+    from .contracts import validate
+    from .reports import validation_html
+
+    raw, out = Path(raw_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    reports = [validate(raw / "events", "events", out_dir=out), validate(raw / "items", "items", out_dir=out)]
+    page = out / "report.html"
+    page.write_text(validation_html(reports))
+    failed = {r.contract: [f.rule for f in r.failed] for r in reports if not r.success}
+    summary = "\n".join(r.render_text() for r in reports)
+    return {"passed": not failed, "failed": failed, "summary": summary, "html": str(page),
+            "rows": {r.contract: r.rows_validated for r in reports},
+            "failed_expectations": sum(len(v) for v in failed.values())}
+
+
+def build_features(raw_dir: str | Path, repo_dir: str | Path, *, config_yaml: str = "", env: str = "local") -> dict:
+    """Feast: copy the definitions, write the sources from RAW, apply, materialize."""
+    from .features import build_feature_store
+
+    cfg = parse_config(config_yaml)
+    return build_feature_store(raw_dir, repo_dir, max_history=cfg.data.max_history, env=env)
+
+
+def build_examples(raw_dir: str | Path, repo_dir: str | Path, out_dir: str | Path, *, config_yaml: str = "",
+                   env: str = "local", report_dir: str | Path | None = None) -> dict:
+    """UnifiedExamples whose histories come from Feast (point in time at request_ts); the slates
+    and splits come from the example builder. The result is checked with the `examples` contract."""
+    from .data import build_examples as build
+    from .features import attach_histories
+
+    cfg = parse_config(config_yaml)
+    with tempfile.TemporaryDirectory(prefix="unipinrec-ex-") as tmp:
+        meta = build(raw_dir, tmp, max_history=cfg.data.max_history, slate_size=cfg.data.slate_size, progress=False)
+        stats = attach_histories(tmp, repo_dir, out_dir, env=env)
+    result = {"splits": meta["splits"], "feast": stats,
+              "history_differs_from_builder": sum(v["history_differs_from_builder"] for v in stats.values())}
+    if report_dir is not None:
+        from .contracts import validate
+
+        report = validate(out_dir, "examples", out_dir=report_dir)
+        result["contract_passed"] = report.success
+        result["contract_failed"] = [f.rule for f in report.failed]
+        result["html"] = str(Path(report_dir) / "examples_validation.html")
+        if not report.success:
+            raise StepError("the examples built from Feast break their contract:\n" + report.render_text())
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+def train(examples_dir: str | Path, out_dir: str | Path, *, config_yaml: str, seed: int = -1, epochs: float = 0.0,
+          num_processes: int = 1) -> dict:
+    """Train one model. num_processes > 1 runs DDP workers in this pod with torchrun (one per GPU,
+    or gloo on CPU); a multi-node job is a Kubeflow Trainer job (docs/pipeline.md)."""
+    cfg = parse_config(config_yaml, seed=seed, epochs=epochs)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
+    if num_processes <= 1:
+        from .train import train as run
+
+        return run(cfg, examples_dir, out_dir, progress=False)
+    if num_processes > 64:
+        raise StepError(f"num_processes: {num_processes} is more than one pod should run")
+    exe = Path(sys.executable).parent / "unipinrec"
+    if not exe.exists():
+        raise StepError(f"{exe} not found: the `unipinrec` command must be installed beside {sys.executable}")
+    with tempfile.TemporaryDirectory(prefix="unipinrec-cfg-") as tmp:
+        cfg_file = Path(tmp) / "config.yaml"
+        cfg_file.write_text(config_yaml_text(cfg))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={num_processes}",
+               str(exe), "train", "--config", str(cfg_file), "--examples", str(examples_dir), "--out", str(out_dir),
+               "--no-progress"]
+        res = subprocess.run(cmd)
+        if res.returncode != 0:
+            raise StepError(f"distributed training failed (exit {res.returncode}): {' '.join(cmd)}")
+    meta = json.loads((Path(out_dir) / "meta.json").read_text())
+    return {**(meta.get("train") or {}), "model_version": meta["model_version"], "num_processes": num_processes}
+
+
+def evaluate(model_dir: str | Path, examples_dir: str | Path, out_dir: str | Path) -> dict:
+    """Evaluation dict (also written to OUT/evaluation.json), ROC points per task and an HTML page."""
+    from .evaluate import evaluate as run
+    from .evaluate import write_metrics
+    from .reports import evaluation_html, ranking_predictions, roc_curve
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    evaluation = run(model_dir, examples_dir, progress=False)
+    write_metrics(evaluation, out / "evaluation.json")
+    preds = ranking_predictions(model_dir, examples_dir, split=evaluation.get("split", "test"))
+    roc = {t: roc_curve(preds["labels"][:, j], preds["probs"][:, j]) for j, t in enumerate(preds["tasks"])} \
+        if len(preds["labels"]) else {}
+    (out / "roc.json").write_text(json.dumps(roc) + "\n")
+    (out / "report.html").write_text(evaluation_html(evaluation, model_dir=model_dir, roc=roc))
+    return {"evaluation": evaluation, "roc": roc, "html": str(out / "report.html")}
+
+
+def flat_metrics(evaluation: dict) -> dict[str, float]:
+    """The scalar metrics worth a Kubeflow Metrics entry: retrieval@K, AUCs, oracle AUCs."""
+    out = {}
+    for k, v in (evaluation.get("retrieval") or {}).items():
+        if isinstance(v, (int, float)) and "@" in k:
+            out[f"retrieval_{k}"] = float(v)
+    for k, v in (evaluation.get("popularity") or {}).items():
+        if isinstance(v, (int, float)) and k.startswith(("HR@", "NDCG@")):
+            out[f"popularity_{k}"] = float(v)
+    for task, m in (evaluation.get("ranking") or {}).items():
+        for name in ("auc", "gauc"):
+            if m.get(name) is not None:
+                out[f"{name}_{task}"] = float(m[name])
+    for task, m in (evaluation.get("oracle") or {}).items():
+        if isinstance(m, dict) and m.get("auc") is not None:
+            out[f"oracle_auc_{task}"] = float(m["auc"])
+    return out
+
+
+def gate(candidate: dict, examples_dir: str | Path, deploy_dir: str | Path, *, metrics: str = "",
+         tolerance: float = 0.01, force: bool = False) -> dict:
+    """Compare the candidate's evaluation with the deployed model's, evaluated here on the same
+    examples. A deployed model that cannot be evaluated on them blocks (unless `force`)."""
+    from .evaluate import evaluate as run
+    from .release import DEFAULT_GATE_METRICS, GateDecision, deployed_model, gate as decide, log_event
+
+    patterns = tuple(m.strip() for m in metrics.split(",") if m.strip()) or DEFAULT_GATE_METRICS
+    current = deployed_model(deploy_dir) if deploy_dir else None
+    deployed_eval = None
+    if current is not None:
+        try:
+            deployed_eval = run(current["model_dir"], examples_dir, progress=False)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            decision = GateDecision(False, f"the deployed model {current.get('model_version')} cannot be evaluated "
+                                    f"on these examples ({type(e).__name__}: {e})", candidate.get("model_version"),
+                                    current.get("model_version"), tolerance)
+            deployed_eval = None
+        else:
+            decision = decide(candidate, deployed_eval, metrics=patterns, tolerance=tolerance)
+    else:
+        decision = decide(candidate, None, metrics=patterns, tolerance=tolerance)
+    if force and not decision.promote:
+        decision.promote, decision.reason = True, f"forced ({decision.reason})"
+    if deploy_dir:
+        log_event(deploy_dir, {"event": "gate", **decision.to_dict()})
+    return {"decision": decision.to_dict(), "text": decision.render_text(), "deployed_evaluation": deployed_eval}
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving
+
+def build_index(model_dir: str | Path, examples_dir: str | Path, out_dir: str | Path) -> dict:
+    from .index import build_index_for_model
+
+    report = build_index_for_model(model_dir, out_dir, examples_dir=examples_dir)
+    return dataclasses.asdict(report) if dataclasses.is_dataclass(report) else dict(report)
+
+
+def serving_feature_repo(deploy_mode: str, deploy_dir: str, override: str = "") -> str | None:
+    """Where the server finds the Feast repo for user_id-only requests."""
+    if override:
+        return override
+    if deploy_mode == "local" and deploy_dir:
+        return str(Path(deploy_dir).resolve() / "features" / "current")
+    return None
+
+
+def package(model_dir: str | Path, index_dir: str | Path, out_dir: str | Path, *, feature_repo: str | None = None,
+            feature_env: str = "local") -> dict:
+    """unipinrec.mar: model, index, serving config; the online store is the Feast repo at
+    `feature_repo` (as the server will see it), read through `unipinrec.features.online_store`."""
+    from .serving.torchserve import build_archive
+
+    store = {"factory": "unipinrec.features:online_store", "kwargs": {"repo_dir": feature_repo, "env": feature_env}} \
+        if feature_repo else None
+    t0 = time.perf_counter()
+    mar = build_archive(model_dir, index_dir, out_dir, store=store)
+    return {"mar": str(mar), "bytes": mar.stat().st_size, "seconds": time.perf_counter() - t0,
+            "online_store": store}
+
+
+def deploy(mar: str | Path, model_dir: str | Path, *, mode: str, deploy_dir: str = "",
+           feature_repo: str | Path | None = None, evaluation: dict | None = None, registry_dir: str = "",
+           overlay_dir: str = "", timeout_s: float = 600.0) -> dict:
+    """local: hot-swap into the local TorchServe (unipinrec.release); kubernetes: publish the
+    archive to the model registry and roll the Deployment out (unipinrec.deploy); none: record."""
+    from .release import deploy_local, log_event
+
+    if mode not in DEPLOY_MODES:
+        raise StepError(f"deploy_mode: {mode!r} is not one of {', '.join(DEPLOY_MODES)}")
+    version = json.loads((Path(model_dir) / "meta.json").read_text())["model_version"]
+    if mode == "local":
+        if not deploy_dir:
+            raise StepError("deploy_dir: the local deployment needs a folder")
+        out = deploy_local(mar, model_dir, deploy_dir, feature_repo=feature_repo, evaluation=evaluation,
+                           timeout_s=timeout_s)
+        return dataclasses.asdict(out)
+    if mode == "none":
+        if deploy_dir:
+            log_event(deploy_dir, {"event": "deploy skipped (deploy_mode none)", "model_version": version})
+        return {"model_version": version, "message": "deploy_mode none: nothing deployed"}
+    from .deploy import KubernetesApi, deploy_model, publish_model
+
+    if not registry_dir or not overlay_dir:
+        raise StepError("registry_dir and overlay_dir: the kubernetes deployment needs both")
+    publish_model(mar, registry_dir, version)
+    result = deploy_model(overlay_dir, version, KubernetesApi(), timeout_s=timeout_s)
+    if deploy_dir and result.status == "deployed":
+        from .release import deploy_local as record
+
+        record(mar, model_dir, deploy_dir, feature_repo=None, evaluation=evaluation, server_dir="/nonexistent")
+    if result.status != "deployed":
+        raise StepError(f"kubernetes deploy of {version}: {result.status}: {result.message}")
+    return {"model_version": version, "status": result.status, "message": result.message}
