@@ -105,7 +105,7 @@ class GXRunner:
         if not self.runnable:
             return
         ids = [c for c in ROW_IDS[self.contract] if c in frame.columns]
-        fmt = {"result_format": "SUMMARY", "partial_unexpected_count": MAX_EXAMPLES}
+        fmt = {"result_format": "SUMMARY", "partial_unexpected_count": 4 * MAX_EXAMPLES}  # room for distinct ones
         if ids:
             fmt["unexpected_index_column_names"] = ids
         res = self._vd.run(batch_parameters={"dataframe": frame}, expectation_parameters=self.params, result_format=fmt)
@@ -123,12 +123,15 @@ class GXRunner:
         out.unexpected_count += int(result.get("unexpected_count") or 0)
         if "observed_value" in result and (out.observed_value is None or not r.success):
             out.observed_value = result["observed_value"]
+        # distinct values: "[9, 9, 9, 9, 9]" says less than "[9, 12]"
         for v in result.get("partial_unexpected_list") or []:
-            if len(out.examples) < MAX_EXAMPLES:
-                out.examples.append(_plain(v))
+            v = _plain(v)
+            if len(out.examples) < MAX_EXAMPLES and v not in out.examples:
+                out.examples.append(v)
         for v in result.get("partial_unexpected_index_list") or []:
-            if len(out.example_rows) < MAX_EXAMPLES:
-                out.example_rows.append(_plain(v))
+            v = _plain(v)
+            if len(out.example_rows) < MAX_EXAMPLES and v not in out.example_rows:
+                out.example_rows.append(v)
 
     def finish(self) -> tuple[list[ExpectationResult], list[dict], bool]:
         ctx = context()

@@ -120,7 +120,8 @@ class ValidationReport:
         e = html.escape
         status = "PASSED" if self.success else "FAILED"
         rows = []
-        for r in self.results:
+        order = {"FAIL": 0, "skipped": 1, "pass": 2}  # failures first: the reader came for them
+        for r in sorted(self.results, key=lambda r: order[r.status]):
             detail = r.skipped or r.error or ""
             if not detail and r.observed_value is not None and not r.success:
                 detail = f"observed: {_short(r.observed_value)}"
