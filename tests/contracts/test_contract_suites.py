@@ -141,3 +141,18 @@ def test_readme_example_records_validate_against_the_json_schemas(contracts_dir)
                                                                "items": "items.schema.json"}[table]).read_text()))
         seen.add(table)
     assert seen == set(CONTRACTS)
+
+
+def test_a_suite_gx_cannot_fully_load_is_an_error_not_a_pass(raw):
+    from unipinrec.format import FormatError
+
+    root = raw() / "items"
+    with pytest.raises(FormatError, match="expect_nonsense"):
+        validate(root, "items", suite={"name": "x", "expectations": [
+            {"type": "expect_column_to_exist", "kwargs": {"column": "item_id"}},
+            {"type": "expect_nonsense", "kwargs": {}}]})
+    with pytest.raises(FormatError, match="no expectations"):
+        validate(root, "items", suite={"name": "x", "expectations": []})
+    with pytest.raises(ValueError, match="colum"):  # GX's own message names the bad keyword
+        validate(root, "items", suite={"name": "x", "expectations": [
+            {"type": "expect_column_values_to_be_between", "kwargs": {"colum": "category", "min_value": 0}}]})

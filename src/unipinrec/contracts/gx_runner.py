@@ -6,6 +6,7 @@ One ephemeral context (in memory, analytics and progress bars off) is shared per
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 
 import great_expectations as gx
 import pandas as pd
@@ -15,6 +16,7 @@ from great_expectations.data_context.types.base import (
     ProgressBarsConfig,
 )
 
+from ..format import FormatError
 from .report import MAX_EXAMPLES, ExpectationResult
 
 _CONTEXT = None
@@ -38,8 +40,21 @@ def context():
 
 
 def load_suite(suite_json: dict) -> "gx.ExpectationSuite":
-    """A GX suite from its JSON dict (the round trip the data_contracts/ files rely on)."""
-    return gx.ExpectationSuite(**suite_json)
+    """A GX suite from its JSON dict (the round trip the data_contracts/ files rely on).
+
+    GX logs and drops expectations of unknown types; a contract that silently lost rules would
+    pass too easily, so that is an error here, as is a suite with no expectations.
+    """
+    name = suite_json.get("name", "?")
+    wanted = [e.get("type") for e in suite_json.get("expectations") or []]
+    if not wanted:
+        raise FormatError(f"suite '{name}' has no expectations")
+    suite = gx.ExpectationSuite(**suite_json)
+    lost = Counter(wanted) - Counter(e.expectation_type for e in suite.expectations)
+    if lost:
+        raise FormatError(f"suite '{name}': Great Expectations {gx.__version__} has no expectation type(s) "
+                          f"{sorted(lost)}")
+    return suite
 
 
 def _column_of(kwargs: dict) -> str | None:
