@@ -13,7 +13,7 @@ import logging
 import time
 from pathlib import Path
 
-from unipinrec.serving.handler_support import build_engine, content_type_error, emit_metrics
+from unipinrec.serving.handler_support import body_size_error, build_engine, content_type_error, emit_metrics
 from unipinrec.serving.request import ServingError, parse_request
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def handle(data, ctx):
     valid, where = [], []
     for i, item in enumerate(data):
         try:
-            err = content_type_error(ctx, i, item)
+            err = content_type_error(ctx, i, item) or body_size_error(ctx, i, _engine.limits.max_body_bytes)
             if err is not None:
                 raise err
             valid.append(parse_request(_body(item), _engine.limits))

@@ -73,6 +73,22 @@ def content_type_error(ctx, idx: int, item: dict) -> ServingError | None:
     return None
 
 
+def body_size_error(ctx, idx: int, limit: int) -> ServingError | None:
+    """A 413 when the request's Content-Length is over `limit` (TorchServe may have decoded the
+    JSON already, so the raw size is known only from the header)."""
+    for name in ("Content-Length", "content-length"):
+        value = _header(ctx, idx, name)
+        if value is not None:
+            try:
+                size = int(value)
+            except (TypeError, ValueError):
+                return None
+            if size > limit:
+                return ServingError(413, "body", f"{size} bytes is over the limit of {limit}")
+            return None
+    return None
+
+
 class _Emitter:
     """Turns per-batch results into TorchServe metrics (declared in serving/metrics.yaml)."""
 

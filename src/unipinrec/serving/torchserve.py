@@ -157,7 +157,8 @@ def free_port() -> int:
 
 
 def render_config(sdir: Path, run_dir: Path, ports: tuple[int, int, int]) -> Path:
-    """config.properties for this run: our ports, an absolute metrics_config."""
+    """config.properties for this run: our ports, an absolute metrics_config, and the gRPC
+    endpoints (which TorchServe always starts; a taken port makes it exit) on free ports."""
     out = []
     keys = {"inference_address": ports[0], "management_address": ports[1], "metrics_address": ports[2]}
     for line in (sdir / "config.properties").read_text().splitlines():
@@ -166,7 +167,11 @@ def render_config(sdir: Path, run_dir: Path, ports: tuple[int, int, int]) -> Pat
             line = f"{key}=http://127.0.0.1:{keys[key]}"
         elif key == "metrics_config":
             line = f"metrics_config={(sdir / 'metrics.yaml').resolve()}"
+        if key.startswith("grpc_"):
+            continue
         out.append(line)
+    out += ["grpc_inference_address=127.0.0.1", f"grpc_inference_port={free_port()}",
+            "grpc_management_address=127.0.0.1", f"grpc_management_port={free_port()}"]
     path = run_dir / "config.properties"
     path.write_text("\n".join(out) + "\n")
     return path
