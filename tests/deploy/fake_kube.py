@@ -13,7 +13,7 @@ import copy
 import json
 
 from unipinrec.deploy.api import DeployError, HttpReply, Obj, ObjectRef
-from unipinrec.deploy.render import model_version_of
+from unipinrec.deploy.render import TARGET_ANNOTATION, model_version_of
 
 
 def ok_answer(version: str) -> HttpReply:
@@ -81,7 +81,8 @@ class FakeKube:
     def service_request(self, namespace, service, port, method, path, body=None, headers=None, timeout_s=30.0):
         self.requests.append({"namespace": namespace, "service": service, "port": port, "method": method,
                               "path": path, "body": json.loads(body) if body else None, "headers": dict(headers or {})})
-        dep = next((o for o in self.objects.values() if o["kind"] == "Deployment"), None)
+        dep = next((o for o in self.objects.values() if o["kind"] == "Deployment"
+                    and o["metadata"].get("annotations", {}).get(TARGET_ANNOTATION) == "true"), None)
         if dep is None or not dep["status"].get("availableReplicas"):
             return HttpReply(503, b"no endpoints")
         return self.answer(dep["_serving_version"])

@@ -3,8 +3,9 @@
 The stand-in behaves like TorchServe as observed on 0.12.0 (see test_gateway_torchserve.py
 for the real thing): every inference path, /ping included, needs `Authorization: Bearer
 <inference key>` and a wrong key gets HTTP 400 "Token Authorization failed"; the management
-token API (`/token?type=inference` with the API key) draws a new inference key and rewrites
-key_file.json.
+API needs the management key (`GET /models/NAME` lists workers, READY once the model is
+loaded); the token API (`/token?type=inference|management` with the API key) draws a new key
+and rewrites key_file.json.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from unipinrec.deploy.gateway import Gateway, make_server
 class FakeTorchServe:
     def __init__(self, key_file):
         self.key_file, self.n, self.seen = key_file, 0, []
-        self.api_key = "api-key"
+        self.api_key, self.mgmt_key, self.worker = "api-key", "mgmt-key-0", "READY"
+        self.mgmt_expires = datetime.now(timezone.utc) + timedelta(hours=1)
         self.rotate(expires_in=timedelta(hours=1))
         outer = self
 
@@ -47,8 +49,17 @@ class FakeTorchServe:
                 if self.path.startswith("/token"):
                     if auth != f"Bearer {outer.api_key}":
                         return self._reply(400, {"message": "Token Authorization failed"})
-                    outer.rotate(expires_in=timedelta(hours=1))
+                    if self.path.endswith("type=management"):
+                        outer.mgmt_key = f"mgmt-key-{outer.n}"
+                        outer.mgmt_expires = datetime.now(timezone.utc) + timedelta(hours=1)
+                        outer.write_key_file()
+                    else:
+                        outer.rotate(expires_in=timedelta(hours=1))
                     return self._reply(200, {})
+                if self.path.startswith("/models"):
+                    if auth != f"Bearer {outer.mgmt_key}" or outer.mgmt_expires <= datetime.now(timezone.utc):
+                        return self._reply(400, {"message": "Token Authorization failed. Token either incorrect"})
+                    return self._reply(200, [{"modelName": "unipinrec", "workers": [{"id": "9000", "status": outer.worker}]}])
                 if auth != f"Bearer {outer.key}" or outer.expired:
                     return self._reply(400, {"code": 400, "type": "InvalidKeyException", "message":
                                              "Token Authorization failed. Token either incorrect, expired, or not provided correctly"})
@@ -78,10 +89,11 @@ class FakeTorchServe:
         return self.expires <= datetime.now(timezone.utc)
 
     def write_key_file(self) -> None:
-        stamp = self.expires.strftime("%Y-%m-%dT%H:%M:%S.%f") + "123Z"  # TorchServe writes nanoseconds
+        def stamp(t):
+            return t.strftime("%Y-%m-%dT%H:%M:%S.%f") + "123Z"  # TorchServe writes nanoseconds
         self.key_file.write_text(json.dumps({
-            "management": {"key": "mgmt", "expiration time": stamp},
-            "inference": {"key": self.key, "expiration time": stamp},
+            "management": {"key": self.mgmt_key, "expiration time": stamp(self.mgmt_expires)},
+            "inference": {"key": self.key, "expiration time": stamp(self.expires)},
             "API": {"key": self.api_key}}, indent=2))
 
 
@@ -130,9 +142,27 @@ def test_prediction_is_forwarded_with_the_pods_own_key(stack, headers):
     assert (method, path, auth) == ("POST", "/predictions/unipinrec", "Bearer inference-key-1")
 
 
-def test_ping_needs_no_client_token_but_reaches_torchserve_with_its_key(stack):
+def test_ping_needs_no_client_token_but_reaches_torchserve_with_its_keys(stack):
     assert stack["call"]("GET", "/ping")[0] == 200
-    assert stack["ts"].seen[-1][2] == "Bearer inference-key-1"
+    assert [s[1:3] for s in stack["ts"].seen[-2:]] == [("/ping", "Bearer inference-key-1"),
+                                                        ("/models/unipinrec", "Bearer mgmt-key-0")]
+
+
+def test_ping_is_503_until_a_worker_has_loaded_the_model(stack):
+    stack["ts"].worker = "UNLOADING"  # what TorchServe 0.12 reports for a started, still loading worker
+    status, body = stack["call"]("GET", "/ping")
+    assert status == 503 and b"no worker READY" in body
+    assert stack["call"]("GET", "/v1/models/unipinrec")[1] == b'{"name": "unipinrec", "ready": false}'
+    stack["ts"].worker = "READY"
+    assert stack["call"]("GET", "/ping")[0] == 200
+
+
+def test_expired_management_key_is_refreshed_for_the_readiness_check(stack):
+    ts = stack["ts"]
+    ts.mgmt_expires = datetime.now(timezone.utc) - timedelta(seconds=1)
+    ts.write_key_file()
+    assert stack["call"]("GET", "/ping")[0] == 200
+    assert ("POST", "/token?type=management") in [s[:2] for s in ts.seen]
 
 
 def test_management_and_unknown_paths_are_never_forwarded(stack):

@@ -10,6 +10,7 @@ tiny echo handler: this checks the container wiring, not the model (serving's ow
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import os
 import shutil
@@ -111,10 +112,10 @@ def pod(request, tmp_path_factory):
     subprocess.run([str(BIN / "torch-model-archiver"), "--model-name", "unipinrec", "--version", "1.0",
                     "--handler", str(base / "build" / "handler.py"), "--export-path", str(base / "store"), "-f"],
                    check=True, capture_output=True)
-    inference, management, metrics, gateway = _free_ports(4)
+    inference, management, metrics, grpc_inf, grpc_mgmt, gateway = _free_ports(6)
     inside = Path("/tmp/pod") if isolated else base
     (base / "etc" / "config.properties").write_text(torchserve_config(
-        str(inside / "store"), ports=(inference, management, metrics), metrics_host="127.0.0.1"))
+        str(inside / "store"), ports=(inference, management, metrics, grpc_inf, grpc_mgmt), metrics_host="127.0.0.1"))
     (base / "secrets" / "token").write_text("tok-123\n")
     if isolated:
         for d in ("work", "tmp", "logs"):
@@ -136,7 +137,7 @@ def pod(request, tmp_path_factory):
         proc = subprocess.Popen(cmd, env=env, cwd=base / "work", stdout=open(base / "out.log", "wb"),
                                 stderr=subprocess.STDOUT)
     info = {"proc": proc, "base": base, "gateway": gateway, "inference": inference, "metrics": metrics,
-            "isolated": isolated}
+            "grpc": (grpc_inf, grpc_mgmt), "isolated": isolated}
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and proc.poll() is None:
         try:
@@ -177,12 +178,22 @@ def test_token_auth_is_on_in_torchserve_itself(pod):
     assert _call(pod["inference"], "GET", "/ping")[0] == 400  # even /ping needs the key
     keys = json.loads((pod["base"] / "work" / "key_file.json").read_text())
     assert set(keys) == {"management", "inference", "API"}
+    # TorchServe always starts gRPC servers (after HTTP): they must sit on the configured loopback ports
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        listening = {c.laddr.port: c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
+        if all(p in listening for p in pod["grpc"]):
+            break
+        time.sleep(0.5)
+    for p in pod["grpc"]:
+        addr = ipaddress.ip_address(listening[p])  # Java may report the IPv4-mapped form ::ffff:127.0.0.1
+        assert (getattr(addr, "ipv4_mapped", None) or addr).is_loopback, listening[p]
 
 
 def test_gateway_serves_probes_and_authenticated_predictions(pod):
     port = pod["gateway"]
-    status, body = _call(port, "GET", "/ping")
-    assert status == 200 and json.loads(body)["status"] == "Healthy"
+    status, body = _call(port, "GET", "/ping")  # the fixture waited for this: a worker is READY
+    assert status == 200 and json.loads(body) == {"status": "Healthy", "ready_workers": 1}
     assert _call(port, "GET", "/livez")[0] == 200
     assert _call(port, "POST", "/predictions/unipinrec", {"user_id": 1})[0] == 401
     status, body = _call(port, "POST", "/predictions/unipinrec", {"user_id": 7, "k": 2},

@@ -110,6 +110,7 @@ def test_token_auth_is_not_disabled_in_any_cluster_manifest(rendered):
         assert props.get("enable_envvars_config", "false").lower() == "false", _where(name, obj)
         assert props["management_address"].startswith("http://127.0.0.1:"), _where(name, obj)
         assert props["inference_address"].startswith("http://127.0.0.1:"), _where(name, obj)
+        assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1", _where(name, obj)
     for name, obj, _, c, _ in _workload_containers(rendered):
         argv = [*c.get("command", []), *c.get("args", [])]
         assert "--disable-token-auth" not in argv, _where(name, obj, c)

@@ -13,8 +13,9 @@ weakening anything:
 * Clients send `Authorization: Bearer <token>` (or `X-UniPinRec-Token`, which survives the
   API server's service proxy); tokens come from a mounted Secret file, one per line, re-read
   when the file changes (rotation without restarts), compared in constant time.
-* Unauthenticated: `/ping` (TorchServe's health, forwarded), `/livez` (the gateway and its
-  child process), KServe v1 readiness `GET /v1/models/<name>`. Everything else needs a token;
+* Unauthenticated: `/ping` (readiness: TorchServe's /ping *and* a worker of the model READY,
+  from the management API), `/livez` (the gateway and its child process), KServe v1 readiness
+  `GET /v1/models/<name>`. Everything else needs a token;
   only prediction paths are forwarded, never management.
 
 Standard library only, so it runs in the serving image with nothing extra.
@@ -81,10 +82,14 @@ class _WatchedFile:
 
 
 def _parse_keys(text: str) -> dict:
+    """{"inference": (key, expiry), "management": (key, expiry), "api": key} from key_file.json."""
     data = json.loads(text)
-    expiry = data["inference"].get("expiration time")
-    when = datetime.fromisoformat(expiry) if expiry else None  # Python 3.11 parses "...123456789Z"
-    return {"inference": data["inference"]["key"], "api": data["API"]["key"], "expires": when}
+    out: dict = {"api": data["API"]["key"]}
+    for kind in ("inference", "management"):
+        expiry = data[kind].get("expiration time")
+        # Python 3.11 parses TorchServe's "2026-01-01T00:00:00.123456789Z"
+        out[kind] = (data[kind]["key"], datetime.fromisoformat(expiry) if expiry else None)
+    return out
 
 
 def _parse_tokens(text: str) -> list[bytes]:
@@ -95,8 +100,9 @@ class Gateway:
     """The request logic, separate from the HTTP server so tests can call `handle` directly."""
 
     def __init__(self, upstream: str, management: str, key_file: Path, token_file: Path,
-                 child_alive: Callable[[], bool] = lambda: True, timeout_s: float = 60.0):
-        self.upstream, self.management = urlsplit(upstream), urlsplit(management)
+                 child_alive: Callable[[], bool] = lambda: True, timeout_s: float = 60.0,
+                 model: str = "unipinrec"):
+        self.upstream, self.management, self.model = urlsplit(upstream), urlsplit(management), model
         self.keys = _WatchedFile(key_file, _parse_keys)
         self.tokens = _WatchedFile(token_file, _parse_tokens)
         self.child_alive, self.timeout_s = child_alive, timeout_s
@@ -118,9 +124,9 @@ class Gateway:
         if path == "/livez":
             return self.livez()
         if path == "/ping" and method == "GET":
-            return self.forward("GET", "/ping", b"")
+            return self.ready()
         if (m := _V1_READY.match(path)) and method == "GET":
-            up = self.forward("GET", "/ping", b"")
+            up = self.ready()
             return _json(200 if up.status == 200 else 503, {"name": m.group(1), "ready": up.status == 200})
         if not self.authorized(headers):
             return _json(401, {"code": 401, "message": "missing or invalid inference token"})
@@ -178,15 +184,15 @@ class Gateway:
                     return _json(503, {"code": 503, "message": f"model server unreachable: {type(e).__name__}"})
         raise AssertionError("unreachable")
 
-    def _key(self, force: bool = False) -> str | None:
+    def _key(self, kind: str = "inference", force: bool = False) -> str | None:
         keys = self.keys.get(force)
-        if keys and keys["expires"] and keys["expires"] <= datetime.now(timezone.utc):
-            self.refresh_key()
+        if keys and keys[kind][1] and keys[kind][1] <= datetime.now(timezone.utc):
+            self.refresh_key(kind)
             keys = self.keys.get(True)
-        return keys["inference"] if keys else None
+        return keys[kind][0] if keys else None
 
-    def refresh_key(self, rejected: str | None = None) -> None:
-        """Ask TorchServe for a new inference key (the management token API, with the API key).
+    def refresh_key(self, kind: str = "inference", rejected: str | None = None) -> None:
+        """Ask TorchServe for a new inference or management key (its token API, with the API key).
 
         Called when the key file says the key expired, or with `rejected` when TorchServe
         refused a key (clock edge, rotation): then it refreshes unless another thread already did.
@@ -195,25 +201,50 @@ class Gateway:
             keys = self.keys.get(True)
             if not keys:
                 return
+            key, expires = keys[kind]
             if rejected is not None:
-                if keys["inference"] != rejected:
+                if key != rejected:
                     return  # already replaced since the rejected request
-            elif keys["expires"] is None or keys["expires"] > datetime.now(timezone.utc):
+            elif expires is None or expires > datetime.now(timezone.utc):
                 return  # another thread refreshed it already
-            self._send(self.management, "POST", "/token?type=inference", b"",
+            self._send(self.management, "POST", f"/token?type={kind}", b"",
                        {"Authorization": f"Bearer {keys['api']}"})
 
-    def forward(self, method: str, path: str, body: bytes, content_type: str = "application/json") -> Reply:
-        key = self._key()
+    def _call(self, target, kind: str, method: str, path: str, body: bytes, content_type: str) -> Reply:
+        key = self._key(kind)
         if key is None:
             return _json(503, {"code": 503, "message": "model server is starting (no key file yet)"})
         headers = {"Authorization": f"Bearer {key}", "Content-Type": content_type}
-        reply = self._send(self.upstream, method, path, body, headers)
+        reply = self._send(target, method, path, body, headers)
         if reply.status in (400, 401) and b"Token Authorization failed" in reply.body:
-            self.refresh_key(rejected=key)  # expired or rotated under us: one retry with a fresh key
-            headers["Authorization"] = f"Bearer {self._key(force=True)}"
-            reply = self._send(self.upstream, method, path, body, headers)
+            self.refresh_key(kind, rejected=key)  # expired or rotated under us: one retry with a fresh key
+            headers["Authorization"] = f"Bearer {self._key(kind, force=True)}"
+            reply = self._send(target, method, path, body, headers)
         return reply
+
+    def forward(self, method: str, path: str, body: bytes, content_type: str = "application/json") -> Reply:
+        return self._call(self.upstream, "inference", method, path, body, content_type)
+
+    def ready(self) -> Reply:
+        """TorchServe's /ping, and at least one worker of the model READY.
+
+        TorchServe 0.12 answers /ping "Healthy" as soon as workers are *started*, before they
+        have loaded the model; routing traffic then gets 503s. The management API's model
+        description says when a worker is READY.
+        """
+        ping = self.forward("GET", "/ping", b"")
+        if ping.status != 200:
+            return ping
+        desc = self._call(self.management, "management", "GET", f"/models/{self.model}", b"", "application/json")
+        try:
+            workers = [w for m in json.loads(desc.body) for w in m.get("workers", [])] if desc.status == 200 else []
+        except (ValueError, AttributeError, TypeError):
+            workers = []
+        ready = sum(w.get("status") == "READY" for w in workers)
+        if not ready:
+            return _json(503, {"status": "Unhealthy", "message": f"model {self.model}: no worker READY yet",
+                               "workers": [w.get("status") for w in workers]})
+        return _json(200, {"status": "Healthy", "ready_workers": ready})
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -248,7 +279,7 @@ def make_server(gateway: Gateway, host: str, port: int) -> ThreadingHTTPServer:
 
 
 def run(listen: str, upstream: str, management: str, key_file: Path, token_file: Path,
-        command: list[str], grace_s: float = 25.0) -> int:
+        command: list[str], grace_s: float = 25.0, model: str = "unipinrec") -> int:
     """Start `command` (TorchServe) in its own process group; serve until it exits or SIGTERM.
 
     Exit status: 0 after SIGTERM/SIGINT (the child is stopped with SIGTERM, then SIGKILL after
@@ -257,7 +288,7 @@ def run(listen: str, upstream: str, management: str, key_file: Path, token_file:
     """
     child = subprocess.Popen(command, start_new_session=True) if command else None
     gateway = Gateway(upstream, management, key_file, token_file,
-                      child_alive=lambda: child is None or child.poll() is None)
+                      child_alive=lambda: child is None or child.poll() is None, model=model)
     host, _, port = listen.rpartition(":")
     server = make_server(gateway, host or "0.0.0.0", int(port))
     signalled = threading.Event()
@@ -313,10 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--management", default="http://127.0.0.1:8081", help="TorchServe management address (token API)")
     p.add_argument("--key-file", type=Path, required=True, help="TorchServe's key_file.json (in its working directory)")
     p.add_argument("--token-file", type=Path, required=True, help="client tokens, one per line (a mounted Secret)")
+    p.add_argument("--model", default="unipinrec", help="the model whose READY workers make the pod ready")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- torchserve --start --foreground ...")
     args = p.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    return run(args.listen, args.upstream, args.management, args.key_file, args.token_file, command)
+    return run(args.listen, args.upstream, args.management, args.key_file, args.token_file, command,
+               model=args.model)
 
 
 if __name__ == "__main__":

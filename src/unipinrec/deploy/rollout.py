@@ -129,8 +129,9 @@ def rollout_state(dep: Obj | None) -> RolloutState:
 
 
 def wait_for_rollout(api: KubeApi, ref: ObjectRef, timeout_s: float, poll_s: float = 2.0,
-                     clock: Callable[[], float] = time.monotonic,
-                     sleep: Callable[[float], None] = time.sleep) -> RolloutState:
+                     clock: Callable[[], float] | None = None,
+                     sleep: Callable[[float], None] | None = None) -> RolloutState:
+    clock, sleep = clock or time.monotonic, sleep or time.sleep
     deadline = clock() + timeout_s
     while True:
         state = rollout_state(api.get(ref))
@@ -179,8 +180,8 @@ def _apply_all(api: KubeApi, objects: list[Obj], log: list[str]) -> None:
 
 
 def rollback(api: KubeApi, plan: Plan, timeout_s: float, poll_s: float, log: list[str],
-             clock: Callable[[], float] = time.monotonic,
-             sleep: Callable[[float], None] = time.sleep) -> tuple[bool, str]:
+             clock: Callable[[], float] | None = None,
+             sleep: Callable[[float], None] | None = None) -> tuple[bool, str]:
     """Re-apply the previous pod template and wait; (back on the previous version, message)."""
     if plan.previous_template is None:
         return False, "no previous version to roll back to (first deploy)"
@@ -204,8 +205,8 @@ def rollback(api: KubeApi, plan: Plan, timeout_s: float, poll_s: float, log: lis
 def deploy_model(overlay_dir: str | Path | None, model_version: str, api: KubeApi, *,
                  objects: list[Obj] | None = None, timeout_s: float = 600.0, poll_s: float = 2.0,
                  smoke_request: SmokeRequest | None = None, plan_only: bool = False,
-                 clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> DeployResult:
+                 clock: Callable[[], float] | None = None,
+                 sleep: Callable[[float], None] | None = None) -> DeployResult:
     """Deploy `model_version` from a kustomize overlay (or pre-rendered `objects`) and verify it.
 
     Returns a `DeployResult`; `status` is "deployed", "rolled_back" (the new version failed and
