@@ -41,3 +41,4 @@ def build_examples(
         stats.log_metric(f"examples_{split}", n)
         examples.metadata[f"examples_{split}"] = n
     stats.log_metric("history_differs_from_builder", out["history_differs_from_builder"])
+    steps.save_metrics(stats)

@@ -28,5 +28,6 @@ def build_features(
         stats.log_metric(key, value)
     for key, value in meta["seconds"].items():
         stats.log_metric(f"seconds_{key}", round(value, 3))
+    steps.save_metrics(stats)
     feature_repo.metadata["feature_service"] = meta["feature_service"]
     feature_repo.metadata["env"] = feature_env

@@ -27,3 +27,4 @@ def build_index(
             stats.log_metric(key, value)
         elif isinstance(value, str):
             index.metadata[key] = value
+    steps.save_metrics(stats)

@@ -42,4 +42,5 @@ def evaluate(
             roc.log_roc_curve(curve["fpr"], curve["tpr"], curve["threshold"])
             roc.metadata["task"] = task
             break
+    steps.save_metrics(metrics, roc)
     evaluation.metadata["model_version"] = out["evaluation"]["model_version"]

@@ -53,5 +53,6 @@ def gate(
             if c[side] is not None:
                 decision.log_metric(f"{side}_{c['metric']}", c[side])
     report.metadata["reason"] = d["reason"]
+    steps.save_metrics(decision)
     print(out["text"])
     return bool(d["promote"])

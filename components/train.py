@@ -34,3 +34,4 @@ def train(
     for key, value in summary.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics.log_metric(key, value)
+    steps.save_metrics(metrics)

@@ -38,5 +38,6 @@ def validate_data(
     for contract, rows in out["rows"].items():
         results.log_metric(f"rows_{contract}", rows)
     results.log_metric("failed_expectations", out["failed_expectations"])
+    steps.save_metrics(results)
     print(out["summary"])
     return namedtuple("ValidationOutputs", ["passed", "summary"])(out["passed"], out["summary"])

@@ -150,11 +150,14 @@ def _root_log_to(stream):
 
     handler = logging.StreamHandler(stream)
     root = logging.getLogger()
+    level = root.level
     root.addHandler(handler)
+    root.setLevel(logging.INFO)  # e.g. "Task ingest cache hit" is logged at INFO
     try:
         yield
     finally:
         root.removeHandler(handler)
+        root.setLevel(level)
 
 
 def _newest_run_dir(root: Path, before: set[str]) -> Path | None:

@@ -108,11 +108,11 @@ def gate(candidate: dict, deployed: dict | None, *, metrics: tuple[str, ...] | l
             missing.append(pattern)
         for name in sorted(set(cand_vals) | set(dep_vals)):
             c, d = cand_vals.get(name), dep_vals.get(name)
-            if c is None and d is not None:
+            if name not in cand_vals:
                 status = "MISSING in candidate"
                 worse.append(name)
             elif c is None or d is None:
-                status = "not compared (absent on one side)"
+                status = "not compared (undefined or absent on one side)"
             elif c >= d - tolerance:
                 status = "ok" if c >= d else f"ok (within tolerance {tolerance:g})"
             else:
