@@ -29,6 +29,7 @@ from unipinrec.deploy.torchserve_config import torchserve_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
 HANDLER = textwrap.dedent('''
     import json
     def handle(data, ctx):
@@ -115,7 +116,8 @@ def pod(request, tmp_path_factory):
     inference, management, metrics, grpc_inf, grpc_mgmt, gateway = _free_ports(6)
     inside = Path("/tmp/pod") if isolated else base
     (base / "etc" / "config.properties").write_text(torchserve_config(
-        str(inside / "store"), ports=(inference, management, metrics, grpc_inf, grpc_mgmt), metrics_host="127.0.0.1"))
+        str(inside / "store"), ports=(inference, management, metrics, grpc_inf, grpc_mgmt), metrics_host="127.0.0.1",
+        metrics_config=str(REPO / "serving" / "metrics.yaml")))
     (base / "secrets" / "token").write_text("tok-123\n")
     if isolated:
         for d in ("work", "tmp", "logs"):

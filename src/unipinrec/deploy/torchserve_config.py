@@ -15,6 +15,8 @@ files equal to it. Rules it encodes:
 from __future__ import annotations
 
 MODEL_NAME = "unipinrec"
+# serving/metrics.yaml as docker/Dockerfile.serving installs it: custom metrics need declaring.
+METRICS_CONFIG = "/opt/unipinrec/serving/metrics.yaml"
 INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT, GATEWAY_PORT = 8085, 8081, 8082, 8080
 GRPC_INFERENCE_PORT, GRPC_MANAGEMENT_PORT = 7070, 7071
 
@@ -23,7 +25,7 @@ def torchserve_config(model_store: str, *, model_name: str = MODEL_NAME, workers
                       token_expiration_min: int = 60, max_request_mb: int = 16,
                       ports: tuple[int, ...] = (INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT,
                                                 GRPC_INFERENCE_PORT, GRPC_MANAGEMENT_PORT),
-                      metrics_host: str = "0.0.0.0") -> str:
+                      metrics_host: str = "0.0.0.0", metrics_config: str = METRICS_CONFIG) -> str:
     """config.properties text; `ports` = (inference, management, metrics, grpc inference, grpc management)."""
     size = max_request_mb * 1024 * 1024
     inference, management, metrics, grpc_inference, grpc_management = ports
@@ -39,6 +41,7 @@ def torchserve_config(model_store: str, *, model_name: str = MODEL_NAME, workers
         "grpc_management_address=127.0.0.1",
         f"grpc_management_port={grpc_management}",
         "metrics_mode=prometheus",
+        f"metrics_config={metrics_config}",
         "enable_envvars_config=false",
         f"token_expiration_min={token_expiration_min}",
         f"model_store={model_store}",
