@@ -6,6 +6,7 @@ test checks those signatures against the installed kfp so the two cannot drift a
 from __future__ import annotations
 
 import inspect
+import json
 from datetime import datetime, timezone
 from types import SimpleNamespace
 
@@ -31,12 +32,17 @@ class RecordingClient:
         self.experiments[name] = f"exp-{len(self.experiments) + 1}"
         return SimpleNamespace(experiment_id=self.experiments[name])
 
-    def get_pipeline_id(self, name):
-        return self.pipelines.get(name, (None,))[0]
+    def list_pipelines(self, page_token="", page_size=10, sort_by="", filter=None, namespace=None):
+        """pipelines: name -> (id, versions newest first[, namespace]); without a namespace: shared."""
+        name = json.loads(filter)["predicates"][0]["stringValue"]
+        self.calls.append(("list_pipelines", name, namespace))
+        entry = self.pipelines.get(name)
+        hit = entry is not None and (entry[2] if len(entry) > 2 else None) == namespace
+        return SimpleNamespace(pipelines=[SimpleNamespace(pipeline_id=entry[0])] if hit else None)
 
     def list_pipeline_versions(self, pipeline_id, page_token="", page_size=10, sort_by="", filter=None):
         self.calls.append(("list_pipeline_versions", pipeline_id, page_size, sort_by))
-        versions = next(v for pid, v in self.pipelines.values() if pid == pipeline_id)
+        versions = next(entry[1] for entry in self.pipelines.values() if entry[0] == pipeline_id)
         return SimpleNamespace(pipeline_versions=[SimpleNamespace(pipeline_version_id=v) for v in versions[:page_size]])
 
     def run_pipeline(self, experiment_id, job_name, pipeline_package_path=None, params=None, pipeline_id=None,
@@ -53,7 +59,7 @@ NOW = datetime(2026, 3, 2, 3, 0, 0, tzinfo=timezone.utc)
 
 def test_stand_in_matches_the_installed_kfp_client():
     kfp_client = pytest.importorskip("kfp.client").Client
-    for name in ("get_experiment", "create_experiment", "get_pipeline_id", "list_pipeline_versions", "run_pipeline"):
+    for name in ("get_experiment", "create_experiment", "list_pipelines", "list_pipeline_versions", "run_pipeline"):
         ours = list(inspect.signature(getattr(RecordingClient, name)).parameters)
         theirs = list(inspect.signature(getattr(kfp_client, name)).parameters)
         assert ours == theirs, name
@@ -64,7 +70,7 @@ def test_runs_the_newest_version_of_the_uploaded_pipeline():
                              pipelines={"unipinrec": ("pipe-1", ["ver-newest", "ver-older"])})
     run_id = submit_run(client, RetrainRequest(namespace="team", params={"epochs": 3}), now=NOW)
     assert run_id == "run-1"
-    assert client.calls[0] == ("list_pipeline_versions", "pipe-1", 1, "created_at desc")
+    assert ("list_pipeline_versions", "pipe-1", 1, "created_at desc") in client.calls
     run = [c for c in client.calls if c[0] == "run_pipeline"][0][1]
     assert run["experiment_id"] == "exp-9" and run["pipeline_id"] == "pipe-1" and run["version_id"] == "ver-newest"
     assert run["job_name"] == "unipinrec-retrain-20260302-030000" and run["params"] == {"epochs": 3}
@@ -79,6 +85,17 @@ def test_creates_the_experiment_when_missing_and_runs_a_package(tmp_path):
     assert ("create_experiment", "unipinrec-retraining", "team") in client.calls
     run = [c for c in client.calls if c[0] == "run_pipeline"][0][1]
     assert run["pipeline_package_path"] == str(pkg) and run["experiment_id"] == "exp-1"
+
+
+def test_finds_a_pipeline_uploaded_into_the_profile_namespace_or_shared():
+    client = RecordingClient(experiments={"unipinrec-retraining": "e"}, pipelines={"unipinrec": ("p-ns", ["v1"], "team")})
+    submit_run(client, RetrainRequest(namespace="team"), now=NOW)
+    assert ("list_pipelines", "unipinrec", "team") in client.calls
+    shared = RecordingClient(experiments={"unipinrec-retraining": "e"}, pipelines={"unipinrec": ("p-shared", ["v1"], None)})
+    submit_run(shared, RetrainRequest(namespace="team"), now=NOW)
+    assert [c for c in shared.calls if c[0] == "list_pipelines"] == [("list_pipelines", "unipinrec", "team"),
+                                                                      ("list_pipelines", "unipinrec", None)]
+    assert [c for c in shared.calls if c[0] == "run_pipeline"][0][1]["pipeline_id"] == "p-shared"
 
 
 def test_missing_pipeline_is_a_clear_error():

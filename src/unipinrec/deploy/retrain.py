@@ -41,6 +41,18 @@ def _experiment_id(client, name: str, namespace: str | None) -> str:
         return client.create_experiment(name=name, namespace=namespace).experiment_id
 
 
+def _pipeline_id(client, name: str, namespace: str | None) -> str | None:
+    """The pipeline named `name`: in the profile namespace first, then among shared pipelines."""
+    by_name = json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
+    for ns in dict.fromkeys([namespace, None]):
+        found = getattr(client.list_pipelines(filter=by_name, namespace=ns), "pipelines", None) or []
+        if len(found) > 1:
+            raise DeployError(f"pipeline_name: {len(found)} pipelines are named {name!r}; names must be unique")
+        if found:
+            return found[0].pipeline_id
+    return None
+
+
 def _latest_version_id(client, pipeline_id: str) -> str:
     versions = client.list_pipeline_versions(pipeline_id=pipeline_id, page_size=1, sort_by="created_at desc")
     items = getattr(versions, "pipeline_versions", None) or []
@@ -61,7 +73,7 @@ def submit_run(client, req: RetrainRequest, now: datetime | None = None) -> str:
         run = client.run_pipeline(experiment_id, run_name, pipeline_package_path=req.package_path, params=params,
                                   service_account=req.service_account)
     else:
-        pipeline_id = client.get_pipeline_id(req.pipeline_name)
+        pipeline_id = _pipeline_id(client, req.pipeline_name, req.namespace)
         if pipeline_id is None:
             raise DeployError(f"pipeline_name: no pipeline named {req.pipeline_name!r} in KFP; upload it first "
                               "(docs/deploy.md, step 6)")
