@@ -157,6 +157,16 @@ def test_first_deploy_failure_has_nothing_to_roll_back_to(objects):
     assert "no previous version to roll back to" in result.message
 
 
+def test_a_bootstrap_deployment_without_a_version_is_not_a_rollback_target(objects):
+    api = FakeKube(crashing={"v1", "unset"})
+    for obj in objects:  # `kubectl apply -k` of the committed manifests: version "unset"
+        api.apply(obj, field_manager="kubectl")
+    result, clock = run(api, objects, "v1", timeout_s=30)
+    assert result.status == "failed" and result.previous_version == "unset"
+    assert "applied without a model version" in result.message
+    assert clock.t < 60  # no second wait for a rollback that cannot succeed
+
+
 def test_rollback_that_cannot_complete_is_reported_as_failed(objects):
     api = FakeKube()
     run(api, objects, "v1")

@@ -93,14 +93,15 @@ def _parse_keys(text: str) -> dict:
 
 
 def _parse_tokens(text: str) -> list[bytes]:
-    return [line.strip().encode() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    lines = (line.strip() for line in text.splitlines())
+    return [line.encode() for line in lines if line and not line.startswith("#")]
 
 
 class Gateway:
     """The request logic, separate from the HTTP server so tests can call `handle` directly."""
 
     def __init__(self, upstream: str, management: str, key_file: Path, token_file: Path,
-                 child_alive: Callable[[], bool] = lambda: True, timeout_s: float = 60.0,
+                 child_alive: Callable[[], bool] = lambda: True, timeout_s: float = 300.0,
                  model: str = "unipinrec"):
         self.upstream, self.management, self.model = urlsplit(upstream), urlsplit(management), model
         self.keys = _WatchedFile(key_file, _parse_keys)
@@ -150,16 +151,20 @@ class Gateway:
     def v1_predict(self, model: str, body: bytes) -> Reply:
         """KServe v1: {"instances": [request, ...]} -> {"predictions": [answer, ...]}."""
         try:
-            instances = json.loads(body)["instances"]
-            assert isinstance(instances, list)
-        except (ValueError, KeyError, TypeError, AssertionError):
+            instances = json.loads(body).get("instances")
+        except (ValueError, AttributeError):
+            instances = None
+        if not isinstance(instances, list):
             return _json(400, {"code": 400, "message": "instances: expected {\"instances\": [request, ...]}"})
         answers = []
         for inst in instances:
             r = self.forward("POST", f"/predictions/{model}", json.dumps(inst).encode())
             if r.status != 200:
                 return r
-            answers.append(json.loads(r.body))
+            try:
+                answers.append(json.loads(r.body))
+            except ValueError:
+                return _json(502, {"code": 502, "message": "the model server answered with something other than JSON"})
         return _json(200, {"predictions": answers})
 
     # -- TorchServe side ---------------------------------------------------------------

@@ -26,6 +26,7 @@ SERVICE_ANNOTATION = "unipinrec.io/service"
 TOKEN_SECRET_ANNOTATION = "unipinrec.io/token-secret"
 VERSION_LABEL = "app.kubernetes.io/version"
 VERSION_ENV = "MODEL_VERSION"
+UNSET = "unset"  # the placeholder version in the committed manifests (never deployed)
 # A label value: the version also becomes a pod label, so it obeys the label rules.
 _VERSION_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
 

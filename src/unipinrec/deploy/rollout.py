@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from .api import DeployError, KubeApi, Obj, ObjectRef
-from .render import (SERVICE_ANNOTATION, TOKEN_SECRET_ANNOTATION, VERSION_ANNOTATION, find_target,
+from .render import (SERVICE_ANNOTATION, TOKEN_SECRET_ANNOTATION, UNSET, VERSION_ANNOTATION, find_target,
                      model_version_of, render, with_model_version)
 
 FIELD_MANAGER = "unipinrec-deploy"
@@ -185,6 +185,9 @@ def rollback(api: KubeApi, plan: Plan, timeout_s: float, poll_s: float, log: lis
     """Re-apply the previous pod template and wait; (back on the previous version, message)."""
     if plan.previous_template is None:
         return False, "no previous version to roll back to (first deploy)"
+    if plan.previous_version in (None, UNSET):
+        return False, ("no previous version to roll back to (the live Deployment was applied without a model "
+                       "version, e.g. by `kubectl apply -k`)")
     dep = copy.deepcopy(find_target(plan.objects))
     dep["spec"]["template"] = copy.deepcopy(plan.previous_template)
     dep["metadata"].setdefault("annotations", {})[VERSION_ANNOTATION] = plan.previous_version or ""
