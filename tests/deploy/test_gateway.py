@@ -236,3 +236,28 @@ def test_oversized_or_chunked_bodies_are_refused(stack, monkeypatch):
 
     monkeypatch.setattr(g, "MAX_BODY", 10)
     assert stack["call"]("POST", "/predictions/unipinrec", {"user_id": 123456789}, BEARER)[0] == 413
+
+
+def test_responses_are_not_held_back_by_nagle(stack):
+    """Headers and body are two writes: without TCP_NODELAY each answer waits ~40 ms for the
+    client's delayed ACK (measured: p50 44 ms through the gateway vs 1.1 ms direct, 1.4 ms with it)."""
+    import socket as _socket
+
+    from unipinrec.deploy import gateway as g
+
+    assert g._Handler.disable_nagle_algorithm is True
+    server = make_server(stack["gw"], "127.0.0.1", 0)
+    seen = {}
+
+    class Probe(g._Handler):
+        def setup(self):
+            super().setup()
+            seen["nodelay"] = self.connection.getsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY)
+
+    server.RequestHandlerClass = Probe
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+    conn.request("GET", "/livez")
+    conn.getresponse().read()
+    server.shutdown()
+    assert seen["nodelay"] == 1
