@@ -1,45 +1,45 @@
 #!/usr/bin/env bash
-# The GPU runs behind docs/results.md, in one command on one GPU (examples built beforehand, see
-# configs/*.yaml first lines):
-#   bash bench/gpu_results.sh runs/gpu runs/ml1m_ex runs/syn_ex [guard_seconds]
-# 1) throughput / time / memory per kind, each kind alone on the GPU (bench/train_bench.py);
-# 2) the trainings in parallel on the same GPU (ML-1M unified 2- and 8-block, retrieval-only,
-#    ranking-only; synthetic unified), each under a time guard: a run cut by the guard resumes
-#    from its checkpoint when this script runs again;
-# 3) evaluation of every finished model.
+# The GPU runs behind docs/results.md (examples built beforehand, see configs/*.yaml first lines):
+#   bash bench/gpu_results.sh OUT_DIR ML1M_EXAMPLES SYNTHETIC_EXAMPLES [guard_seconds] [jobs...]
+# Each job trains under a time guard (a run cut by it resumes from its checkpoint when the script
+# runs again), jobs on the same GPU run in parallel; then every finished model is evaluated.
+# Jobs (name:gpu[:extra train args, comma-separated]), default: the first GPU call's set.
+# BENCH=1 first measures throughput / time / memory per kind alone on the GPU (bench/train_bench.py).
 set -u
-R=${1:-runs/gpu}; ML=${2:-runs/ml1m_ex}; SYN=${3:-runs/syn_ex}; GUARD=${4:-480}
+R=${1:-runs/gpu}; ML=${2:-runs/ml1m_ex}; SYN=${3:-runs/syn_ex}; GUARD=${4:-480}; shift $(( $# < 4 ? $# : 4 ))
+JOBS=("$@")
+[ ${#JOBS[@]} -eq 0 ] && JOBS=(ml1m-large:0 ml1m:0 ml1m-retrieval_only:0:--kind,retrieval_only
+                                ml1m-ranking_only:0:--kind,ranking_only synthetic:0)
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}src
 PY=${PYTHON:-python3}
 CLI=("$PY" -c "from unipinrec.cli import main; main()")
 mkdir -p "$R"
-"$PY" -c "import torch, yaml, safetensors; print('torch', torch.__version__, torch.cuda.get_device_name(0))" || exit 1
+"$PY" -c "import torch, yaml, safetensors; print('torch', torch.__version__, torch.cuda.device_count(), 'x', torch.cuda.get_device_name(0))" || exit 1
 START=$(date +%s)
-
-if [ ! -f "$R/bench_gpu.json" ]; then
+if [ "${BENCH:-0}" = 1 ]; then
   "$PY" bench/train_bench.py --config configs/ml1m.yaml --examples "$ML" --device cuda \
       --kinds unified interleaved retrieval_only --steps 40 --json "$R/bench_gpu.json" 2>&1 | tee "$R/bench_gpu.log"
 fi
 LEFT=$(( GUARD - ($(date +%s) - START) ))
 
-train() {  # name, config, examples, extra args...
-  local name=$1 cfg=$2 ex=$3; shift 3
-  if [ -f "$R/$name/meta.json" ]; then return 0; fi
-  timeout "$LEFT" "${CLI[@]}" train --config "$cfg" --examples "$ex" --out "$R/$name" --device cuda \
-      --no-progress "$@" >> "$R/$name.log" 2>&1
-  echo "$name: exit $? after $(( $(date +%s) - START )) s"
-}
-train ml1m-large configs/ml1m-large.yaml "$ML" &
-train ml1m configs/ml1m.yaml "$ML" &
-train ml1m-retrieval_only configs/ml1m.yaml "$ML" --kind retrieval_only &
-train ml1m-ranking_only configs/ml1m.yaml "$ML" --kind ranking_only &
-train synthetic configs/synthetic.yaml "$SYN" &
+config_of() { case $1 in synthetic*) echo configs/synthetic.yaml;; ml1m-large*) echo configs/ml1m-large.yaml;; *) echo configs/ml1m.yaml;; esac; }
+examples_of() { case $1 in synthetic*) echo "$SYN";; *) echo "$ML";; esac; }
+
+for job in "${JOBS[@]}"; do
+  IFS=: read -r name gpu extra <<< "$job"
+  [ -f "$R/$name/meta.json" ] && continue
+  ( timeout "$LEFT" "${CLI[@]}" train --config "$(config_of "$name")" --examples "$(examples_of "$name")" \
+        --out "$R/$name" --device "cuda:$gpu" --no-progress ${extra//,/ } >> "$R/$name.log" 2>&1
+    echo "$name: exit $? after $(( $(date +%s) - START )) s" ) &
+done
 wait
 
-for name in ml1m ml1m-large ml1m-retrieval_only ml1m-ranking_only synthetic; do
-  ex=$ML; [ "$name" = synthetic ] && ex=$SYN
+for job in "${JOBS[@]}"; do
+  IFS=: read -r name gpu extra <<< "$job"
   if [ -f "$R/$name/meta.json" ] && [ ! -f "$R/$name/metrics.json" ]; then
-    "${CLI[@]}" evaluate --model "$R/$name" --examples "$ex" --out "$R/$name/metrics.json" --device cuda --no-progress
+    "${CLI[@]}" evaluate --model "$R/$name" --examples "$(examples_of "$name")" --out "$R/$name/metrics.json" \
+        --device "cuda:$gpu" --no-progress 2>&1 | tail -2 &
   fi
 done
+wait
 echo "total $(( $(date +%s) - START )) s"

@@ -249,7 +249,8 @@ def test_training_forward_losses_and_backward():
         targets = torch.where(torch.arange(W)[None] < (h.lengths - 1)[:, None], torch.roll(h.items, -1, 1), 0)
         slate = candidates(3, 4)
         batch = TrainBatch(h, torch.rand(B, W, N_TASKS).round(), targets, slate, torch.rand(3, 4, N_TASKS).round(),
-                           torch.ones(3, 4, dtype=torch.bool), torch.zeros(3, 4, dtype=torch.long))
+                           torch.ones(3, 4, dtype=torch.bool), torch.zeros(3, 4, dtype=torch.long),
+                           torch.arange(4).repeat(3, 1))
         loss, stats = m(batch, alpha=0.5, num_uniform_negatives=16, num_inbatch_negatives=8)
         assert torch.isfinite(loss)
         loss.backward()
@@ -265,3 +266,21 @@ def test_time_buckets_and_row_helpers():
     assert keep_last(x, torch.tensor([3, 1]), 2).tolist() == [[2, 3], [4, 0]]
     y = torch.tensor([[7, 8], [9, 0]])
     assert append_rows(x, torch.tensor([3, 1]), y, torch.tensor([2, 1])).tolist() == [[1, 2, 3, 7, 8, 0], [4, 9, 0, 0, 0, 0]]
+
+
+def test_slate_positions_reach_rank_and_training_forward_alike():
+    m = make_model(slate_positions=4)
+    h = make_history([6, 9])
+    cand = candidates(2, 5)
+    pos = torch.tensor([[0, 1, 2, 3, 9], [3, 2, 1, 0, 0]])
+    with torch.no_grad():
+        _, cache = m.encode_history(h)
+        at = m.rank(cand, cache, slate_positions=pos)
+        blended = m.rank_head(m.blended_forward(h, slate_items=cand, slate_positions=pos).slate_hidden)
+        default = m.rank(cand, cache)
+    assert (at - blended).abs().max() < TOL
+    assert (default[1, 3:] - at[1, 3:]).abs().max() < TOL  # the default position is 0
+    assert (default[0, 1:] - at[0, 1:]).abs().max() > 1e-4
+    with torch.no_grad():  # position 9 clips to the last embedding (3)
+        clipped = m.rank(cand[:1, 4:], cache[0], slate_positions=torch.tensor([[3]]))
+    assert (clipped[0, 0] - at[0, 4]).abs().max() < TOL

@@ -169,6 +169,7 @@ class TrainBatch:
     slate_labels: torch.Tensor  # (B, S, T) float
     slate_valid: torch.Tensor  # (B, S) bool
     slate_actions: torch.Tensor  # (B, S) action ids of the impressions
+    slate_positions: torch.Tensor  # (B, S) where each was shown
 
     def to(self, device) -> "TrainBatch":
         return _to(self, device)
@@ -257,13 +258,15 @@ def collate_examples(batch: pa.RecordBatch | pa.Table, vocab: ItemVocab, spec: T
     order = np.lexsort((s["position"], np.repeat(np.arange(B), s_len)))
     s_items = vocab.lookup(s["item_id"][order], unknown=0)
     s_actions = s["action"][order].astype(np.int64)
+    s_positions = s["position"][order].astype(np.int64)
     if max_slate is not None:
         keep = (np.arange(len(order)) - np.repeat(s_off[:-1], s_len)) < max_slate
-        s_items, s_actions = s_items[keep], s_actions[keep]
+        s_items, s_actions, s_positions = s_items[keep], s_actions[keep], s_positions[keep]
         s_len = np.minimum(s_len, max_slate)
         s_off = np.concatenate([[0], np.cumsum(s_len)])
     slate_items, _ = _pad(s_off, s_items, None)
     slate_actions, _ = _pad(s_off, s_actions, None)
+    slate_positions, _ = _pad(s_off, s_positions, None)
     W_s = slate_items.shape[1]
     slate_valid = (np.arange(W_s)[None] < s_len[:, None]) & (slate_items > 0)
 
@@ -282,4 +285,5 @@ def collate_examples(batch: pa.RecordBatch | pa.Table, vocab: ItemVocab, spec: T
     s_labels = tm[slate_actions.clip(0, len(tm) - 1)] * slate_valid[..., None]
     t = torch.from_numpy
     hist = HistoryBatch(t(items), t(actions), t(ts), t(surfaces), t(lengths.astype(np.int64)), t(request_ts))
-    return TrainBatch(hist, t(h_labels), t(targets), t(slate_items), t(s_labels), t(slate_valid), t(slate_actions))
+    return TrainBatch(hist, t(h_labels), t(targets), t(slate_items), t(s_labels), t(slate_valid), t(slate_actions),
+                      t(slate_positions))

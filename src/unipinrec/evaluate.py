@@ -154,7 +154,8 @@ def evaluate_model(model: UniPinRec, vocab: ItemVocab, spec: TaskSpec, examples_
                 for k, v in m.items():
                     sink.setdefault(k, []).append(v.cpu())
         if can_rank and b.slate_items.shape[1] > 0:
-            probs = torch.sigmoid(model.rank(b.slate_items, cache).float())  # (B, S, T)
+            # logged slates: each impression at the position it was shown (position-aware models)
+            probs = torch.sigmoid(model.rank(b.slate_items, cache, slate_positions=b.slate_positions).float())
             valid = b.slate_valid
             rows = valid.nonzero()[:, 0].cpu().numpy()
             flat["user"].append(rb.column("user_id").to_numpy()[rows])

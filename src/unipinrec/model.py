@@ -56,13 +56,16 @@ class ModelConfig:
     num_surfaces: int = 16
     temperature: float = 0.05  # retrieval softmax temperature over cosine similarities
     mam_rate: float = 0.15  # share of history tokens given the MASK action in training
+    # > 0: candidate tokens carry an embedding of their slate position (clipped to this many), so
+    # training absorbs position bias; serving ranks every candidate at position 0 unless told
+    slate_positions: int = 0
     kind: Literal["unified", "retrieval_only", "ranking_only", "interleaved"] = "unified"
 
     def validate(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "max_history", "mlp_ratio", "time_buckets", "num_surfaces"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        for name in ("num_items", "num_actions", "num_tasks"):
+        for name in ("num_items", "num_actions", "num_tasks", "slate_positions"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = taken from the data)")
         if self.d_model % self.n_heads:
@@ -310,6 +313,7 @@ class UniPinRec(nn.Module):
         self.time_emb = nn.Embedding(cfg.time_buckets, D)
         self.pos_emb = nn.Embedding(cfg.max_history + 1, D)  # candidates sit at position len <= L
         self.surface_emb = nn.Embedding(cfg.num_surfaces, D) if cfg.use_surface else None
+        self.slate_pos_emb = nn.Embedding(cfg.slate_positions, D) if cfg.slate_positions else None
         self.action_token_emb = nn.Parameter(torch.zeros(D))  # marks action tokens (interleaved)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -370,19 +374,23 @@ class UniPinRec(nn.Module):
             return torch.zeros_like(request_ts)
         return torch.where(lengths > 0, request_ts - last_ts, torch.zeros_like(request_ts))
 
-    def _candidate_tokens(self, candidates, lengths, gaps):
-        """candidates (B, C) item rows at position len with the MASK action -> (B, C, D)."""
+    def _candidate_tokens(self, candidates, lengths, gaps, slate_positions=None):
+        """candidates (B, C) item rows at position len with the MASK action -> (B, C, D).
+        slate_positions (B, C): where each was shown (used only when config.slate_positions > 0)."""
         cfg = self.config
         if gaps.dim() == 1:
             gaps = gaps[:, None]
         pos = lengths.clamp(max=cfg.max_history)[:, None]  # (B, 1)
         x = self.item_emb(candidates) + self.action_emb.weight[cfg.mask_action] + self.pos_emb(pos)
         x = x + self.time_emb(time_bucket(gaps, cfg.time_buckets)).expand_as(x)
+        if self.slate_pos_emb is not None:
+            sp = torch.zeros_like(candidates) if slate_positions is None else slate_positions
+            x = x + self.slate_pos_emb(sp.clamp(0, cfg.slate_positions - 1))
         return x + self._surface(torch.zeros_like(candidates))
 
     # --- training forward -------------------------------------------------------------------
 
-    def blended_forward(self, history, slate_items=None, mam_mask=None) -> ForwardOutput:
+    def blended_forward(self, history, slate_items=None, mam_mask=None, slate_positions=None) -> ForwardOutput:
         """History (+ slate tokens appended with MASK) through the encoder, as in training.
 
         mam_mask (B, W) bool: history tokens whose action is replaced by MASK."""
@@ -395,7 +403,8 @@ class UniPinRec(nn.Module):
         N = x.shape[1]
         if slate_items is not None and slate_items.shape[1] > 0:
             gaps = self.default_candidate_gaps(history.lengths, _last(history.ts, history.lengths), history.request_ts)
-            x = torch.cat([x, self._candidate_tokens(slate_items, history.lengths, gaps)], dim=1)  # (B, N+S, D)
+            s = self._candidate_tokens(slate_items, history.lengths, gaps, slate_positions)
+            x = torch.cat([x, s], dim=1)  # (B, N+S, D)
             mask = blended_mask(valid, slate_items.shape[1])
         else:
             mask = causal_mask(valid)
@@ -417,7 +426,8 @@ class UniPinRec(nn.Module):
         use_mam = cfg.kind in ("unified", "ranking_only") and self.training and cfg.mam_rate > 0
         mam = (torch.rand(valid.shape, device=valid.device) < cfg.mam_rate) & valid if use_mam else None
         with_slate = cfg.kind != "retrieval_only"
-        out = self.blended_forward(hist, batch.slate_items if with_slate else None, mam)
+        out = self.blended_forward(hist, batch.slate_items if with_slate else None, mam,
+                                   getattr(batch, "slate_positions", None))
         stats: dict[str, torch.Tensor] = {}
         loss = out.retrieval_hidden.new_zeros(())
         if cfg.kind != "ranking_only":
@@ -540,15 +550,17 @@ class UniPinRec(nn.Module):
                for a, b in ((c.items, n.items), (c.actions, n.actions), (c.ts, n.ts), (c.surfaces, n.surfaces))]
         return user, KVCache(keys, values, total, tpa, *raw, n.request_ts, user)
 
-    def rank(self, candidates: torch.Tensor, kv_cache: KVCache, candidate_gaps: torch.Tensor | None = None) -> torch.Tensor:
+    def rank(self, candidates: torch.Tensor, kv_cache: KVCache, candidate_gaps: torch.Tensor | None = None,
+             slate_positions: torch.Tensor | None = None) -> torch.Tensor:
         """candidates (B, C) item rows -> task logits (B, C, T). Each candidate token (MASK action,
-        position len) attends to the cached history keys/values and to itself only."""
+        position len) attends to the cached history keys/values and to itself only.
+        slate_positions (B, C): only for models with config.slate_positions > 0; default 0."""
         if self.config.kind == "retrieval_only":
             raise RuntimeError("a retrieval_only model has no ranking head; use a unified or ranking_only model")
         c = kv_cache
         if candidate_gaps is None:
             candidate_gaps = self.default_candidate_gaps(c.lengths, c.last_ts(), c.request_ts)
-        x = self._candidate_tokens(candidates, c.lengths, candidate_gaps)  # (B, C, D)
+        x = self._candidate_tokens(candidates, c.lengths, candidate_gaps, slate_positions)  # (B, C, D)
         past_valid = c.padding_mask
         for block, pk, pv in zip(self.blocks, c.keys, c.values):
             x = block.forward_candidates(x, pk, pv, past_valid)

@@ -66,7 +66,8 @@ def cat_batches(parts: list[TrainBatch]) -> TrainBatch:
                       torch.cat([_pad1(p.slate_items, S) for p in parts]),
                       torch.cat([_pad1(p.slate_labels, S) for p in parts]),
                       torch.cat([_pad1(p.slate_valid, S) for p in parts]),
-                      torch.cat([_pad1(p.slate_actions, S) for p in parts]))
+                      torch.cat([_pad1(p.slate_actions, S) for p in parts]),
+                      torch.cat([_pad1(p.slate_positions, S) for p in parts]))
 
 
 def select(data: TrainBatch, rows: torch.Tensor) -> TrainBatch:
@@ -79,7 +80,8 @@ def select(data: TrainBatch, rows: torch.Tensor) -> TrainBatch:
     hist = HistoryBatch(h.items[rows, :W], h.actions[rows, :W], h.ts[rows, :W], h.surfaces[rows, :W], lengths,
                         h.request_ts[rows])
     return TrainBatch(hist, data.history_labels[rows, :W], data.targets[rows, :W], data.slate_items[rows, :S],
-                      data.slate_labels[rows, :S], sv[:, :S], data.slate_actions[rows, :S])
+                      data.slate_labels[rows, :S], sv[:, :S], data.slate_actions[rows, :S],
+                      data.slate_positions[rows, :S])
 
 
 # ---------------------------------------------------------------------------------------------
