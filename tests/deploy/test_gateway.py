@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -117,7 +118,8 @@ def stack(tmp_path):
         conn.close()
         return out
 
-    yield {"ts": ts, "gw": gw, "call": call, "token_file": token_file, "alive": alive, "key_file": key_file}
+    yield {"ts": ts, "gw": gw, "call": call, "token_file": token_file, "alive": alive, "key_file": key_file,
+           "gw_port": port}
     server.shutdown()
     ts.server.shutdown()
 
@@ -236,6 +238,11 @@ def test_oversized_or_chunked_bodies_are_refused(stack, monkeypatch):
 
     monkeypatch.setattr(g, "MAX_BODY", 10)
     assert stack["call"]("POST", "/predictions/unipinrec", {"user_id": 123456789}, BEARER)[0] == 413
+    port = stack["gw_port"]
+    for head, status in ((b"Content-Length: nonsense", b"400"), (b"Transfer-Encoding: chunked", b"411")):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /predictions/unipinrec HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n\r\n")
+            assert sock.recv(100).split(b" ")[1] == status
 
 
 def test_responses_are_not_held_back_by_nagle(stack):

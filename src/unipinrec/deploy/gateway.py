@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 TOKEN_HEADER = "X-UniPinRec-Token"
@@ -61,8 +61,10 @@ def _json(status: int, obj) -> Reply:
 class _WatchedFile:
     """A small file re-read when its mtime or size changes."""
 
-    def __init__(self, path: Path, parse: Callable[[str], object]):
-        self.path, self._parse, self._stamp, self.value = Path(path), parse, None, None
+    def __init__(self, path: Path, parse: Callable[[str], Any]):
+        self.path, self._parse = Path(path), parse
+        self._stamp: tuple[int, int] | None = None
+        self.value: Any = None
         self._lock = threading.Lock()
 
     def get(self, force: bool = False):
@@ -259,10 +261,16 @@ class _Handler(BaseHTTPRequestHandler):
     # delayed ACK (about 40 ms per response on Linux).
     disable_nagle_algorithm = True
 
+    server: "GatewayServer"
+
     def _serve(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        if self.headers.get("Transfer-Encoding") or length > MAX_BODY:
-            reply = _json(413 if length > MAX_BODY else 411, {"code": 413, "message": "send a Content-Length body up to 16 MiB"})
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if self.headers.get("Transfer-Encoding") or not 0 <= length <= MAX_BODY:
+            status = 413 if length > MAX_BODY else (411 if self.headers.get("Transfer-Encoding") else 400)
+            reply = _json(status, {"code": status, "message": "send a Content-Length body of at most 16 MiB"})
             self.close_connection = True
         else:
             body = self.rfile.read(length) if length else b""
@@ -279,11 +287,16 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-def make_server(gateway: Gateway, host: str, port: int) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((host, port), _Handler)
-    server.daemon_threads = True
-    server.gateway = gateway
-    return server
+class GatewayServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], gateway: Gateway):
+        super().__init__(address, _Handler)
+        self.gateway = gateway
+
+
+def make_server(gateway: Gateway, host: str, port: int) -> GatewayServer:
+    return GatewayServer((host, port), gateway)
 
 
 def run(listen: str, upstream: str, management: str, key_file: Path, token_file: Path,

@@ -41,7 +41,7 @@ def _experiment_id(client, name: str, namespace: str | None) -> str:
         return client.create_experiment(name=name, namespace=namespace).experiment_id
 
 
-def _pipeline_id(client, name: str, namespace: str | None) -> str | None:
+def _pipeline_id(client, name: str | None, namespace: str | None) -> str | None:
     """The pipeline named `name`: in the profile namespace first, then among shared pipelines."""
     by_name = json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
     for ns in dict.fromkeys([namespace, None]):
