@@ -1,0 +1,412 @@
+"""Serving benchmark: cross-stage KV sharing against re-encoding and against two models.
+
+    # CPU, real TorchServe over HTTP, concurrent clients (headline: L=2048, C=256, d=256, 4 layers)
+    .venv/bin/python bench/serving_bench.py http --quick
+    .venv/bin/python bench/serving_bench.py http                 # the grid L x C
+    # in-process engine (the GPU when there is one; exact torch top-K instead of faiss)
+    python bench/serving_bench.py inprocess --device cuda
+    # the item index: ANN recall@100 against exact on a 1M-item synthetic catalog
+    .venv/bin/python bench/serving_bench.py ann --items 1000000
+
+Modes: (a) unified, one encode, ranking on the same KV cache; (b) unified, the history encoded
+again for ranking; (c) two models (retrieval-only + ranking-only), each encoding the history.
+Weights are random (latency does not depend on what they learned). FLOPs per request come
+from torch.utils.flop_counter on the in-process engine (faiss work is not counted; it is tiny
+next to the transformer here). (d) measures the cross-request KV cache: the same user again
+(hit) and with 8 actions appended (extend) against a cold encode (miss).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+MODES = {"a": "unified, KV shared", "b": "unified, re-encode", "c": "two models"}
+ARCHIVES = {"a": "unipinrec", "b": "unipinrec_recompute", "c": "unipinrec_baseline", "d": "unipinrec_kv"}
+HEADLINE = (2048, 256)
+RTS = 1_800_000_000
+TARGET_QPS_RATIO, TARGET_P50_RATIO, TARGET_EFFICIENCY = 1.64, 0.75, 0.90
+
+
+# --- models and requests --------------------------------------------------------------------------
+
+
+def make_models(work: Path, L: int, args) -> dict:
+    from unipinrec.serving.synthetic import make_model_dir
+
+    shape = dict(num_items=args.items, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, max_history=L)
+    paths = {"unified": work / "unified", "retrieval": work / "retrieval", "ranking": work / "ranking"}
+    make_model_dir(paths["unified"], kind="unified", seed=0, **shape)
+    make_model_dir(paths["retrieval"], kind="retrieval_only", seed=1, **shape)
+    make_model_dir(paths["ranking"], kind="ranking_only", seed=2, **shape)
+    return paths
+
+
+def make_bodies(n: int, L: int, C: int, num_items: int, seed: int, first_user: int = 0) -> list[dict]:
+    from unipinrec.serving.synthetic import random_history
+
+    rng = np.random.default_rng(seed)
+    return [{"user_id": first_user + i, "history": random_history(rng, L, num_items), "k": 20, "num_candidates": C,
+             "request_ts": RTS} for i in range(n)]
+
+
+def _register_cpu_sdpa_flops() -> None:
+    """torch's flop counter knows the CUDA attention kernels but not the CPU flash kernel that
+    scaled_dot_product_attention uses here; count it like the others (full N x M: with an
+    explicit mask the kernel does compute every block)."""
+    import torch
+    from torch.utils import flop_counter as fc
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None and op not in fc.flop_registry and op.default not in fc.flop_registry:
+        def cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+        fc.register_flop_formula([op])(cpu_sdpa)
+
+
+def flops_per_request(engine, body: dict) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _register_cpu_sdpa_flops()
+    engine.handle(body)  # warm
+    with FlopCounterMode(display=False) as counter:
+        engine.handle(body)
+    return float(counter.get_total_flops())
+
+
+def engines(paths: dict, index_dirs: dict | None, device: str = "cpu", torch_index: bool = False) -> dict:
+    """The three modes in-process (kv cache off: every request is a new user anyway)."""
+    from unipinrec.checkpoint import load_model
+    from unipinrec.serving.engine import Engine, EngineConfig
+
+    cfg = dict(kv_cache_bytes=0, device=device)
+    uni, ret, rnk = (load_model(paths[k], device=device) for k in ("unified", "retrieval", "ranking"))
+
+    def index_for(loaded, name):
+        if torch_index:
+            import torch
+
+            from unipinrec.index import TorchIndex
+
+            with torch.inference_mode():
+                v = loaded.model.item_vectors()[1:].float()
+            return TorchIndex(v, loaded.vocab.item_ids, loaded.version)
+        from unipinrec.index import ItemIndex
+
+        return ItemIndex.load(index_dirs[name], expect_model_version=loaded.version)
+
+    return {
+        "a": Engine(uni, index_for(uni, "unified"), config=EngineConfig(share_kv=True, **cfg)),
+        "b": Engine(uni, index_for(uni, "unified"), config=EngineConfig(share_kv=False, **cfg)),
+        "c": Engine(ret, index_for(ret, "retrieval"), ranking=rnk, config=EngineConfig(**cfg)),
+    }
+
+
+def summarize(lat_ms: list[float], n: int, wall_s: float) -> dict:
+    q = np.percentile(lat_ms, [50, 95, 99])
+    return {"p50_ms": float(q[0]), "p95_ms": float(q[1]), "p99_ms": float(q[2]), "qps": n / wall_s, "n": n}
+
+
+def add_ratios(rows: list[dict]) -> None:
+    by = {(r["L"], r["C"], r["mode"]): r for r in rows}
+    for r in rows:
+        c = by.get((r["L"], r["C"], "c"))
+        if c is None:
+            continue
+        r["qps_vs_c"] = r["qps"] / c["qps"]
+        r["p50_vs_c"] = r["p50_ms"] / c["p50_ms"]
+        r["flop_ratio_c_over"] = c["gflops"] / r["gflops"] if r.get("gflops") else None
+
+
+def print_table(rows: list[dict], title: str) -> None:
+    print(f"\n{title}")
+    head = f"{'L':>5} {'C':>4} {'mode':<22} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'QPS':>7} {'GFLOP':>7} " \
+           f"{'QPS/(c)':>8} {'p50/(c)':>8} {'FLOP (c)/x':>10}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['L']:>5} {r['C']:>4} {r['mode'] + ' ' + MODES.get(r['mode'], ''):<22} {r['p50_ms']:>8.1f} "
+              f"{r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['qps']:>7.2f} {r.get('gflops', float('nan')):>7.2f} "
+              f"{r.get('qps_vs_c', float('nan')):>8.3f} {r.get('p50_vs_c', float('nan')):>8.3f} "
+              f"{r.get('flop_ratio_c_over') or float('nan'):>10.3f}")
+
+
+def headline_verdict(rows: list[dict]) -> dict | None:
+    a = next((r for r in rows if (r["L"], r["C"]) == HEADLINE and r["mode"] == "a"), None)
+    if a is None or "qps_vs_c" not in a:
+        return None
+    eff = a["qps_vs_c"] / a["flop_ratio_c_over"]
+    verdict = {"qps_ratio": a["qps_vs_c"], "p50_ratio": a["p50_vs_c"], "flop_ratio": a["flop_ratio_c_over"],
+               "efficiency": eff, "qps_target_met": a["qps_vs_c"] >= TARGET_QPS_RATIO,
+               "p50_target_met": a["p50_vs_c"] <= TARGET_P50_RATIO, "efficiency_aim_met": eff >= TARGET_EFFICIENCY}
+    print(f"\nheadline L={HEADLINE[0]} C={HEADLINE[1]}: QPS(a)/QPS(c) = {a['qps_vs_c']:.3f} (target >= "
+          f"{TARGET_QPS_RATIO}: {'met' if verdict['qps_target_met'] else 'NOT met'}), p50(a)/p50(c) = "
+          f"{a['p50_vs_c']:.3f} (target <= {TARGET_P50_RATIO}: {'met' if verdict['p50_target_met'] else 'NOT met'}), "
+          f"FLOP ratio (c)/(a) = {a['flop_ratio_c_over']:.3f}, measured/FLOP = {eff:.1%} (aim >= 90%)")
+    return verdict
+
+
+# --- HTTP against TorchServe ------------------------------------------------------------------------
+
+
+def run_clients(url: str, payloads: list[bytes], clients: int) -> tuple[list[float], float]:
+    import requests
+
+    lock = threading.Lock()
+    todo = list(range(len(payloads)))
+    lat = [0.0] * len(payloads)
+    errors: list[str] = []
+
+    def worker():
+        with requests.Session() as s:
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    i = todo.pop(0)
+                t = time.perf_counter()
+                r = s.post(url, data=payloads[i], headers={"Content-Type": "application/json"}, timeout=600)
+                lat[i] = (time.perf_counter() - t) * 1000
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code} {r.text[:200]}")
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    return lat, wall
+
+
+def http_bench(args) -> dict:
+    from unipinrec.index import build_index_for_model
+    from unipinrec.serving import torchserve as ts
+
+    Ls = [HEADLINE[0]] if args.quick else args.L
+    Cs = [HEADLINE[1]] if args.quick else args.C
+    rows, kv_rows = [], []
+    work_root = Path(args.work or tempfile.mkdtemp(prefix="serving-bench-"))
+    for L in Ls:
+        work = work_root / f"L{L}"
+        paths = make_models(work, L, args)
+        index_dirs = {"unified": work / "unified-index", "retrieval": work / "retrieval-index"}
+        for name in index_dirs:
+            build_index_for_model(paths[name], index_dirs[name], num_queries=200)
+        store = work / "store"
+        common = dict(batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay)
+        ts.build_archive(paths["unified"], index_dirs["unified"], store, engine={"kv_cache_bytes": 0}, **common)
+        ts.build_archive(paths["unified"], index_dirs["unified"], store, name=ARCHIVES["b"],
+                         engine={"kv_cache_bytes": 0, "share_kv": False}, **common)
+        ts.build_archive(paths["retrieval"], index_dirs["retrieval"], store, name=ARCHIVES["c"],
+                         ranking_dir=paths["ranking"], engine={"kv_cache_bytes": 0}, **common)
+        ts.build_archive(paths["unified"], index_dirs["unified"], store, name=ARCHIVES["d"],
+                         engine={"kv_cache_bytes": 1024 * 2**20}, **common)
+        in_proc = engines(paths, index_dirs)
+        ports = (ts.free_port(), ts.free_port(), ts.free_port())
+        info = ts.start(store, work / "run", ports=ports, token_auth=False, timeout_s=600)
+        try:
+            for C in Cs:
+                flops = {m: flops_per_request(in_proc[m], make_bodies(1, L, C, args.items, seed=7)[0]) for m in MODES}
+                n = args.requests
+                per_round = max(1, n // args.rounds)
+                lat = {m: [] for m in MODES}
+                wall = {m: 0.0 for m in MODES}
+                for m in MODES:  # warm-up
+                    warm = make_bodies(args.clients, L, C, args.items, seed=11, first_user=10**6)
+                    run_clients(f"{info.inference}/predictions/{ARCHIVES[m]}", [json.dumps(b).encode() for b in warm],
+                                args.clients)
+                for rnd in range(args.rounds):  # rounds interleave the modes: a noisy neighbour hits all
+                    order = list(MODES) if rnd % 2 == 0 else list(MODES)[::-1]
+                    for m in order:
+                        bodies = make_bodies(per_round, L, C, args.items, seed=1000 * rnd + ord(m), first_user=rnd * 10**5)
+                        payloads = [json.dumps(b).encode() for b in bodies]
+                        got, w = run_clients(f"{info.inference}/predictions/{ARCHIVES[m]}", payloads, args.clients)
+                        lat[m] += got
+                        wall[m] += w
+                for m in MODES:
+                    row = {"L": L, "C": C, "mode": m, **summarize(lat[m], len(lat[m]), wall[m]),
+                           "gflops": flops[m] / 1e9}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                kv_rows.append(kv_cache_bench(f"{info.inference}/predictions/{ARCHIVES['d']}", L, C, args))
+        finally:
+            ts.stop(work / "run")
+    add_ratios(rows)
+    print_table(rows, f"TorchServe over HTTP, {args.clients} clients, batchSize {args.batch_size}, "
+                      f"d={args.d_model}, {args.layers} layers, {args.items:,} items, torch threads/worker "
+                      f"{os.environ.get('OMP_NUM_THREADS', 'default')}")
+    verdict = headline_verdict(rows)
+    print("\n(d) cross-request KV cache over HTTP, p50 ms by lookup result:")
+    for r in kv_rows:
+        print(f"  L={r['L']:>5} C={r['C']:>4}: miss {r['miss_p50_ms']:.1f}  hit {r['hit_p50_ms']:.1f}  extend(+8) "
+              f"{r['extend_p50_ms']:.1f}  -> hit {r['miss_p50_ms'] / r['hit_p50_ms']:.2f}x, extend "
+              f"{r['miss_p50_ms'] / r['extend_p50_ms']:.2f}x faster than miss")
+    return {"rows": rows, "kv_cache": kv_rows, "headline": verdict}
+
+
+def kv_cache_bench(url: str, L: int, C: int, args) -> dict:
+    """Per user: L-8 actions (miss), the same again (hit), then 8 appended (extend)."""
+    import requests
+
+    by = {"miss": [], "hit": [], "extend": []}
+    bodies = make_bodies(args.kv_users, L, C, args.items, seed=77, first_user=5 * 10**6)
+    with requests.Session() as s:
+        for b in bodies:
+            first = {**b, "history": b["history"][:-8]}
+            for payload in (first, first, b):
+                t = time.perf_counter()
+                r = s.post(url, data=json.dumps(payload), headers={"Content-Type": "application/json"}, timeout=600)
+                ms = (time.perf_counter() - t) * 1000
+                by[r.json()["kv_cache"]].append(ms)
+    return {"L": L, "C": C, **{f"{k}_p50_ms": statistics.median(v) if v else float("nan") for k, v in by.items()}}
+
+
+# --- in-process (GPU) ---------------------------------------------------------------------------------
+
+
+def inprocess_bench(args) -> dict:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from unipinrec.serving.request import parse_request
+
+    Ls = [HEADLINE[0]] if args.quick else args.L
+    Cs = [HEADLINE[1]] if args.quick else args.C
+    rows = []
+    work_root = Path(args.work or tempfile.mkdtemp(prefix="serving-bench-"))
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    for L in Ls:
+        paths = make_models(work_root / f"L{L}", L, args)
+        eng = engines(paths, None, device=device, torch_index=True)
+        for C in Cs:
+            flops = {m: flops_per_request(eng[m], make_bodies(1, L, C, args.items, seed=7)[0]) for m in MODES}
+            for B in args.batch:
+                reqs = [parse_request(b) for b in make_bodies(B, L, C, args.items, seed=3)]
+                for m in MODES:
+                    for _ in range(3):
+                        eng[m].handle_batch(reqs)
+                    lat = []
+                    for _ in range(args.repeats):
+                        if device.startswith("cuda"):
+                            torch.cuda.synchronize()
+                        t = time.perf_counter()
+                        out = eng[m].handle_batch(reqs)
+                        if device.startswith("cuda"):
+                            torch.cuda.synchronize()
+                        lat.append((time.perf_counter() - t) * 1000)
+                        assert all(isinstance(o, dict) for o in out), out
+                    row = {"L": L, "C": C, "mode": m, "batch": B, "p50_ms": float(np.percentile(lat, 50)),
+                           "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
+                           "qps": B * 1000 / float(np.median(lat)), "gflops": flops[m] / 1e9, "n": len(lat)}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    for B in args.batch:
+        sub = [r for r in rows if r["batch"] == B]
+        add_ratios(sub)
+        print_table(sub, f"in-process engine on {name} ({device}), batch {B} (latency = the whole batch), "
+                         f"d={args.d_model}, {args.layers} layers, torch exact top-K")
+    verdicts = {}
+    for B in args.batch:
+        sub = [r for r in rows if r["batch"] == B]
+        print(f"batch {B}:", end="")
+        verdicts[B] = headline_verdict(sub)
+    return {"device": name, "rows": rows, "headline": verdicts}
+
+
+# --- ANN index ----------------------------------------------------------------------------------------
+
+
+def ann_bench(args) -> dict:
+    import faiss
+
+    from unipinrec.index import build_index, synthetic_queries
+
+    rng = np.random.default_rng(0)
+    n, d = args.items_ann, args.dim
+    t = time.perf_counter()
+    centers = rng.standard_normal((args.clusters, d)).astype(np.float32)
+    v = np.empty((n, d), dtype=np.float32)
+    for s in range(0, n, 200_000):  # a clustered catalog: items gather around topics
+        m = min(200_000, n - s)
+        v[s:s + m] = centers[rng.integers(0, args.clusters, m)] + args.spread * rng.standard_normal((m, d)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    print(f"catalog {n:,} x {d} in {time.perf_counter() - t:.1f} s; faiss threads {faiss.omp_get_max_threads()}", flush=True)
+    queries = synthetic_queries(v, args.queries, seed=1)
+    index, report = build_index(v, np.arange(n), "bench", None, kind=args.kind, k=100, target_recall=args.target,
+                                queries=queries, progress=True)
+    single = synthetic_queries(v, 200, seed=2)
+    t = time.perf_counter()
+    for q in single:
+        index.search(q[None], 100)
+    one_ms = (time.perf_counter() - t) * 1000 / len(single)
+    out = {"items": n, "dim": d, **{k: getattr(report, k) for k in ("kind", "factory", "params", "recall_at_k",
+                                                                    "query_ms_per_query", "exact_query_ms_per_query",
+                                                                    "build_s", "tuning")},
+           "single_query_ms": one_ms}
+    print(json.dumps(out, indent=2))
+    print(f"\nANN {report.factory} on {n:,} x {d}: recall@100 = {report.recall_at_k:.4f} vs exact "
+          f"(target >= 0.95: {'met' if report.recall_at_k >= 0.95 else 'NOT met'}) on {len(queries) - len(queries) // 2} "
+          f"held-out queries; {report.query_ms_per_query:.3f} ms/query batched, {one_ms:.3f} ms one at a time; exact "
+          f"{report.exact_query_ms_per_query:.3f} ms/query batched; build {report.build_s:.0f} s")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("http", "inprocess"):
+        s = sub.add_parser(name)
+        s.add_argument("--quick", action="store_true", help="only the headline L=2048, C=256")
+        s.add_argument("--L", type=int, nargs="+", default=[256, 1024, 2048, 4096])
+        s.add_argument("--C", type=int, nargs="+", default=[128, 256, 512])
+        s.add_argument("--d-model", type=int, default=256)
+        s.add_argument("--layers", type=int, default=4)
+        s.add_argument("--heads", type=int, default=4)
+        s.add_argument("--items", type=int, default=20_000, help="catalog size (exact index)")
+        s.add_argument("--work", help="folder for models and archives (default: a temp folder)")
+        s.add_argument("--out", help="write the results as JSON here")
+    h = sub.choices["http"]
+    h.add_argument("--requests", type=int, default=24, help="timed requests per mode and (L, C)")
+    h.add_argument("--rounds", type=int, default=2, help="interleaved rounds the requests are split into")
+    h.add_argument("--clients", type=int, default=2, help="concurrent HTTP clients")
+    h.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize")
+    h.add_argument("--max-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay (ms)")
+    h.add_argument("--kv-users", type=int, default=5, help="users in the cross-request KV cache run (d)")
+    g = sub.choices["inprocess"]
+    g.add_argument("--device", help="cuda | cpu (default: cuda when available)")
+    g.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    g.add_argument("--repeats", type=int, default=20)
+    a = sub.add_parser("ann")
+    a.add_argument("--items-ann", "--items", dest="items_ann", type=int, default=1_000_000)
+    a.add_argument("--dim", type=int, default=64)
+    a.add_argument("--clusters", type=int, default=2000)
+    a.add_argument("--spread", type=float, default=0.5)
+    a.add_argument("--kind", default="ivfpq")
+    a.add_argument("--target", type=float, default=0.97)
+    a.add_argument("--queries", type=int, default=1000)
+    a.add_argument("--out")
+    args = p.parse_args()
+    result = {"http": http_bench, "inprocess": inprocess_bench, "ann": ann_bench}[args.cmd](args)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"args": vars(args), **result}, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
