@@ -73,11 +73,14 @@ class FeatureStoreError(RuntimeError):
 # The repo: definitions (from feature_repo/) + data/ (sources, registry, online store)
 
 def default_template() -> Path:
-    """`feature_repo/` of this checkout (an editable install or the project image)."""
-    path = Path(__file__).resolve().parents[2] / "feature_repo"
-    if not (path / "feature_services.py").exists():
-        raise FeatureStoreError(f"feature repo definitions not found at {path}; pass template=PATH to feature_repo/")
-    return path
+    """`feature_repo/` of this checkout (editable install), or of the working directory (the
+    project image copies the repository's folders into its WORKDIR and installs the package)."""
+    candidates = [Path(__file__).resolve().parents[2] / "feature_repo", Path.cwd() / "feature_repo"]
+    for path in candidates:
+        if (path / "feature_services.py").exists():
+            return path
+    raise FeatureStoreError(f"feature repo definitions not found in {' or '.join(map(str, candidates))}; "
+                            "pass template=PATH to feature_repo/")
 
 
 def prepare_repo(repo_dir: str | Path, template: str | Path | None = None) -> Path:
