@@ -323,18 +323,22 @@ def run(listen: str, upstream: str, management: str, key_file: Path, token_file:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    watcher = None
     if child is not None:
         def watch() -> None:
             child.wait()
             print(f"gateway: model server exited with status {child.returncode}", file=sys.stderr, flush=True)
             stop()
-        threading.Thread(target=watch, daemon=True).start()
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
     print(f"gateway: listening on {listen}, forwarding to {upstream}", file=sys.stderr, flush=True)
     server.serve_forever(poll_interval=0.5)
     server.server_close()
     if child is None:
         return 0
     _stop_group(child, grace_s)
+    if watcher is not None:
+        watcher.join(5)  # a daemon thread writing to stderr during interpreter shutdown aborts Python
     return 0 if signalled.is_set() else (child.returncode or 1)
 
 
