@@ -44,7 +44,8 @@ def run_one(args) -> dict:
     model = UniPinRec(mcfg).to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr)
     kw = dict(alpha=tc.alpha, num_uniform_negatives=tc.num_uniform_negatives,
-              num_inbatch_negatives=tc.num_inbatch_negatives, logq_correction=tc.logq_correction)
+              num_inbatch_negatives=tc.num_inbatch_negatives, logq_correction=tc.logq_correction,
+              full_softmax=tc.full_softmax)
     bf16 = tc.bf16 and dev.type == "cuda"
     g = torch.Generator().manual_seed(0)
     tokens = events = 0

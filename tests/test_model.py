@@ -284,3 +284,43 @@ def test_slate_positions_reach_rank_and_training_forward_alike():
     with torch.no_grad():  # position 9 clips to the last embedding (3)
         clipped = m.rank(cand[:1, 4:], cache[0], slate_positions=torch.tensor([[3]]))
     assert (clipped[0, 0] - at[0, 4]).abs().max() < TOL
+
+
+def test_full_softmax_loss_is_exact_cross_entropy_over_every_item():
+    m = make_model().float().train()
+    h = make_history([8, 5, 12])
+    B, W = h.items.shape
+    targets = torch.where(torch.arange(W)[None] < (h.lengths - 1)[:, None], torch.roll(h.items, -1, 1), 0)
+    hidden = torch.randn(B, W, m.config.d_model)
+    loss = m.full_softmax_loss(hidden, targets)
+    # by hand: every one of the N items is a class (padding row 0 never is), no logQ term
+    sel = targets > 0
+    u = torch.nn.functional.normalize(m.retrieval_proj(hidden[sel]), dim=-1)
+    v = m.item_vectors()[1:]
+    logits = u @ v.T / m.config.temperature
+    assert logits.shape == (int(sel.sum()), N_ITEMS)
+    expected = -torch.log_softmax(logits, dim=1).gather(1, (targets[sel] - 1)[:, None]).mean()
+    assert torch.allclose(loss, expected, atol=1e-5)
+    # the loss moves when a single non-target item's vector moves: the whole catalog is in it
+    never = sorted(set(range(1, N_ITEMS + 1)) - set(targets[sel].tolist()))[0]
+    with torch.no_grad():
+        m.item_emb.weight[never] = m.retrieval_proj(hidden[sel]).mean(0) * 10
+    assert m.full_softmax_loss(hidden, targets) > loss + 1e-3
+    # no targets -> zero loss that still backpropagates
+    assert m.full_softmax_loss(hidden, torch.zeros_like(targets)).item() == 0.0
+
+
+def test_training_forward_with_full_softmax():
+    for kind in ("unified", "retrieval_only", "interleaved"):
+        m = make_model(kind).float().train()
+        h = make_history([8, 5, 12])
+        B, W = h.items.shape
+        targets = torch.where(torch.arange(W)[None] < (h.lengths - 1)[:, None], torch.roll(h.items, -1, 1), 0)
+        slate = candidates(3, 4)
+        batch = TrainBatch(h, torch.rand(B, W, N_TASKS).round(), targets, slate, torch.rand(3, 4, N_TASKS).round(),
+                           torch.ones(3, 4, dtype=torch.bool), torch.zeros(3, 4, dtype=torch.long),
+                           torch.arange(4).repeat(3, 1))
+        loss, stats = m(batch, full_softmax=True, num_uniform_negatives=0, num_inbatch_negatives=0)
+        assert torch.isfinite(loss) and stats["retrieval_loss"] > 0
+        loss.backward()
+        assert m.item_emb.weight.grad[1:].abs().sum(1).gt(0).all()  # every item gets a gradient

@@ -206,6 +206,7 @@ class TrainConfig:
     num_uniform_negatives: int = 128
     num_inbatch_negatives: int = 128
     logq_correction: bool = True
+    full_softmax: bool = False  # retrieval loss over the whole catalog (negatives counts unused)
     max_slate: int = 16  # slate tokens kept per training example
     include_valid: bool = False  # also train on the valid split (HSTU's protocol trains on it)
     seed: int = 42
@@ -228,7 +229,7 @@ class TrainConfig:
             raise ValueError("betas must hold two numbers")
         if self.num_uniform_negatives < 0 or self.num_inbatch_negatives < 0:
             raise ValueError("negative counts must be >= 0")
-        if self.num_uniform_negatives + self.num_inbatch_negatives == 0:
+        if self.num_uniform_negatives + self.num_inbatch_negatives == 0 and not self.full_softmax:
             raise ValueError("the retrieval loss needs some negatives")
 
 

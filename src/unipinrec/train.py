@@ -243,7 +243,8 @@ def train(config: ExperimentConfig, examples_dir: str | Path, out_dir: str | Pat
         _trim_log(log_path, step, LOG_FIELDS)
     show = (tc.progress if progress is None else progress) and d.main
     loss_kw = dict(alpha=tc.alpha, num_uniform_negatives=tc.num_uniform_negatives,
-                   num_inbatch_negatives=tc.num_inbatch_negatives, logq_correction=tc.logq_correction)
+                   num_inbatch_negatives=tc.num_inbatch_negatives, logq_correction=tc.logq_correction,
+                   full_softmax=tc.full_softmax)
     tokens_per_action = mcfg.tokens_per_action
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
