@@ -118,7 +118,7 @@ def test_examples_read_histories_through_feast(tmp_path):
     raw, ex, repo = tmp_path / "raw", tmp_path / "ex", tmp_path / "repo"
     generate_synthetic(raw, num_users=60, num_items=80, num_requests_per_user=6, seed=3, progress=False)
     build_examples(raw, ex, max_history=8, progress=False)
-    F.build_feature_store(raw, repo, max_history=8, online=False)
+    F.build_feature_store(raw, repo, max_history=8, at=F.request_times(raw, 8))  # as the pipeline does
     builder = {s: fmt.read_sharded(ex / s) for s in fmt.SPLITS}
     stats = F.attach_histories(ex, repo, tmp_path / "ex_feast")
     assert {s: v["examples"] for s, v in stats.items()} == {s: t.num_rows for s, t in builder.items()}
@@ -129,6 +129,19 @@ def test_examples_read_histories_through_feast(tmp_path):
     # no history reaches request_ts
     for row in feast_test.slice(0, 30).to_pylist():
         assert all(a["ts"] < row["request_ts"] for a in row["history"])
+    # between two requests a lookup sees an earlier snapshot: stale, never a later action
+    users = feast_test.column("user_id").to_numpy()[:20]
+    when = feast_test.column("request_ts").to_numpy()[:20] - 1
+    for t, h in zip(when, F.historical_histories(repo, users, when).to_pylist()):
+        assert all(a["ts"] < t for a in h)
+    # the online store holds each user's latest history (all actions, the last 8)
+    events = fmt.read_sharded(raw / "events").to_pylist()
+    lookup = F.OnlineHistoryLookup(repo)
+    for u in (0, 1, 2):
+        mine = sorted((e for e in events if e["user_id"] == u and e["action"] != 0),
+                      key=lambda e: (e["ts"], e["request_id"] if e["request_id"] is not None else -1,
+                                     e["position"] if e["position"] is not None else -1))
+        assert [a["item_id"] for a in lookup(u)] == [e["item_id"] for e in mine[-8:]]
 
 
 def test_apply_leaves_the_process_clean(store, tmp_path):
@@ -180,3 +193,20 @@ def test_snapshots_table_shape():
             expected.append((u, t + 1, [r[1] for r in upto], [r[3] for r in upto]))
     got = [(r["user_id"], int(r["event_timestamp"].timestamp()), r["hist_item_ids"], r["hist_ts"]) for r in snap]
     assert got == expected
+
+    # snapshots at given (user, time) points hold the actions strictly before the time, plus
+    # every user's latest state; user 9 has no actions, time 0 precedes every action
+    at_users, at_times = np.array([0, 0, 1, 3, 9, 2]), np.array([25, 50, 0, 30, 10, 51])
+    with tempfile.TemporaryDirectory() as d:
+        fmt.write_sharded(d, _events(rows), fmt.EVENTS_SCHEMA)
+        snap = F.history_snapshots(d, 4, at=(at_users, at_times)).to_pylist()
+    expected = []
+    for u, t in zip(at_users, at_times):
+        before = [r for r in hist if r[0] == u and r[3] < t][-4:]
+        if before:
+            expected.append((int(u), int(t), [r[1] for r in before]))
+    for u in range(5):
+        mine = [r for r in hist if r[0] == u]
+        expected.append((u, mine[-1][3] + 1, [r[1] for r in mine[-4:]]))
+    got = [(r["user_id"], int(r["event_timestamp"].timestamp()), r["hist_item_ids"]) for r in snap]
+    assert sorted(got) == sorted(expected)

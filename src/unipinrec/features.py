@@ -128,23 +128,10 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.repeat(starts - offsets, lengths) + np.arange(total)
 
 
-def history_snapshots(events_dir: str | Path, max_history: int) -> pa.Table:
-    """The user-history source table (USER_HISTORY_SCHEMA), one row per (user, distinct ts)."""
-    if max_history <= 0:
-        raise ValueError(f"max_history must be positive, got {max_history}")
-    r = _history_rows(Path(events_dir))
-    user, ts = r["user"], r["ts"]
-    n = len(user)
-    if n == 0:
-        return USER_HISTORY_SCHEMA.empty_table()
-    last_of_time = np.ones(n, dtype=bool)  # last row of each (user, ts) group: a snapshot ends here
-    last_of_time[:-1] = (user[1:] != user[:-1]) | (ts[1:] != ts[:-1])
-    ends = np.flatnonzero(last_of_time)
-    first_of_user = np.ones(n, dtype=bool)
-    first_of_user[1:] = user[1:] != user[:-1]
-    user_start = np.maximum.accumulate(np.where(first_of_user, np.arange(n), 0))
-    begins = np.maximum(user_start[ends], ends - max_history + 1)
-    lengths = (ends - begins + 1).astype(np.int64)
+def _snapshot_table(r: dict[str, np.ndarray], begins: np.ndarray, ends: np.ndarray, users: np.ndarray,
+                    stamps: np.ndarray) -> pa.Table:
+    """Rows of the history source: history rows [begin, end) of `r` for each snapshot."""
+    lengths = (ends - begins).astype(np.int64)
     rows = _ranges(begins.astype(np.int64), lengths)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
 
@@ -153,13 +140,83 @@ def history_snapshots(events_dir: str | Path, max_history: int) -> pa.Table:
 
     return pa.Table.from_arrays(
         [
-            pa.array(user[ends], pa.int64()),
-            pa.array(ts[ends] + SNAPSHOT_DELAY_S, pa.int64()).cast(pa.timestamp("s", tz="UTC")),
-            lists(r["item"], pa.int64()), lists(r["action"], pa.int32()), lists(ts, pa.int64()),
+            pa.array(users, pa.int64()),
+            pa.array(stamps, pa.int64()).cast(pa.timestamp("s", tz="UTC")),
+            lists(r["item"], pa.int64()), lists(r["action"], pa.int32()), lists(r["ts"], pa.int64()),
             lists(r["surface"], pa.int32()), pa.array(lengths, pa.int64()),
         ],
         schema=USER_HISTORY_SCHEMA,
     )
+
+
+def history_snapshots(events_dir: str | Path, max_history: int,
+                      at: tuple[np.ndarray, np.ndarray] | None = None) -> pa.Table:
+    """The user-history source table (USER_HISTORY_SCHEMA).
+
+    at=None: one row after every distinct action time t of a user (actions with ts <= t,
+    stamped t + 1 s): exact for a lookup at any time; rows = distinct (user, ts), each up to L.
+    at=(user_ids, times): one row per given (user, time) holding the actions with ts < time,
+    stamped at that time (a lookup at exactly those times is exact, between them it sees the
+    latest earlier snapshot, never a later action), plus each user's full history stamped
+    last ts + 1 s for the online store. Rows = requests + users: what scales to long histories.
+    """
+    if max_history <= 0:
+        raise ValueError(f"max_history must be positive, got {max_history}")
+    r = _history_rows(Path(events_dir))
+    user, ts = r["user"], r["ts"]
+    n = len(user)
+    if n == 0:
+        return USER_HISTORY_SCHEMA.empty_table()
+    first_of_user = np.ones(n, dtype=bool)
+    first_of_user[1:] = user[1:] != user[:-1]
+    user_start = np.maximum.accumulate(np.where(first_of_user, np.arange(n), 0))
+    last_of_user = np.r_[first_of_user[1:], True]
+    ends = np.flatnonzero(last_of_user) + 1  # the final state of every user (end exclusive)
+    final = (np.maximum(user_start[ends - 1], ends - max_history), ends, user[ends - 1],
+             ts[ends - 1] + SNAPSHOT_DELAY_S)
+    if at is None:
+        last_of_time = np.ones(n, dtype=bool)  # last row of each (user, ts) group: a snapshot ends here
+        last_of_time[:-1] = (user[1:] != user[:-1]) | (ts[1:] != ts[:-1])
+        e = np.flatnonzero(last_of_time) + 1
+        return _snapshot_table(r, np.maximum(user_start[e - 1], e - max_history), e, user[e - 1],
+                               ts[e - 1] + SNAPSHOT_DELAY_S)
+    q_user = np.asarray(at[0], dtype=np.int64)
+    q_ts = np.asarray(at[1], dtype=np.int64)
+    uniq = user[first_of_user]  # users with history, ascending (rows are sorted by user)
+    rank = np.searchsorted(uniq, q_user)
+    known = (rank < len(uniq)) & (uniq[np.minimum(rank, len(uniq) - 1)] == q_user)
+    q_user, q_ts, rank = q_user[known], q_ts[known], rank[known]
+    starts = np.flatnonzero(first_of_user)
+    counts = np.diff(np.r_[starts, n])
+    # actions of the user with ts < time: searchsorted inside the user's (time-sorted) rows
+    t0 = int(min(ts.min(), q_ts.min() if len(q_ts) else ts.min()))
+    span = np.int64(int(max(ts.max(), q_ts.max() if len(q_ts) else ts.max())) - t0 + 2)
+    key = np.repeat(np.arange(len(uniq), dtype=np.int64), counts) * span + (ts - t0)
+    e = np.searchsorted(key, rank * span + (q_ts - t0), side="left")
+    b = np.maximum(starts[rank], e - max_history)
+    keep = e > b  # a request before the user's first action has nothing to snapshot
+    table = _snapshot_table(r, np.r_[b[keep], final[0]], np.r_[e[keep], final[1]],
+                            np.r_[q_user[keep], final[2]], np.r_[q_ts[keep], final[3]])
+    # one row per (user, stamp): the final row wins over a request at the same second
+    stamps = table.column("event_timestamp").cast(pa.int64()).to_numpy()
+    uid = table.column("user_id").to_numpy()
+    order = np.lexsort((-np.arange(len(uid)), stamps, uid))
+    dup = np.r_[False, (uid[order][1:] == uid[order][:-1]) & (stamps[order][1:] == stamps[order][:-1])]
+    return table.take(pa.array(np.sort(order[~dup])))
+
+
+def request_times(raw_dir: str | Path, max_history: int, slate_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(user_ids, request_ts) of every example the example builder makes from RAW: the times
+    the training examples look histories up at."""
+    import tempfile
+
+    from .data import build_examples
+
+    with tempfile.TemporaryDirectory(prefix="unipinrec-req-") as tmp:
+        build_examples(raw_dir, tmp, max_history=max_history, slate_size=slate_size, progress=False)
+        parts = [fmt.read_sharded(Path(tmp) / s, columns=["user_id", "request_ts"]) for s in fmt.SPLITS]
+    t = pa.concat_tables(parts)
+    return t.column("user_id").to_numpy(), t.column("request_ts").to_numpy()
 
 
 def item_rows(raw_dir: str | Path) -> pa.Table:
@@ -174,11 +231,13 @@ def item_rows(raw_dir: str | Path) -> pa.Table:
     )
 
 
-def write_sources(raw_dir: str | Path, repo_dir: str | Path, max_history: int) -> dict:
-    """Write data/user_history.parquet and data/item_features.parquet into the repo."""
+def write_sources(raw_dir: str | Path, repo_dir: str | Path, max_history: int,
+                  at: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """Write data/user_history.parquet and data/item_features.parquet into the repo
+    (`at`: snapshot times, see `history_snapshots`)."""
     raw, data = Path(raw_dir), Path(repo_dir) / "data"
     data.mkdir(parents=True, exist_ok=True)
-    hist = history_snapshots(raw / "events", max_history)
+    hist = history_snapshots(raw / "events", max_history, at)
     pq.write_table(hist, data / "user_history.parquet", compression="zstd")
     items = item_rows(raw)
     pq.write_table(items, data / "item_features.parquet", compression="zstd")
@@ -188,6 +247,7 @@ def write_sources(raw_dir: str | Path, repo_dir: str | Path, max_history: int) -
         "history_users": len(pc.unique(hist.column("user_id"))),
         "item_rows": items.num_rows,
         "max_history": max_history,
+        "snapshots": "every action" if at is None else "requests + latest",
         "first_ts": int(pc.min(ts).cast(pa.int64()).as_py() or 0),
         "last_ts": int(pc.max(ts).cast(pa.int64()).as_py() or 0),
     }
@@ -280,15 +340,18 @@ def read_feature_meta(repo_dir: str | Path) -> dict:
 
 
 def build_feature_store(raw_dir: str | Path, repo_dir: str | Path, *, max_history: int, env: str = "local",
-                        template: str | Path | None = None, online: bool = True) -> dict:
+                        template: str | Path | None = None, online: bool = True,
+                        at: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """RAW -> a ready feature repo: definitions, sources, registry (apply), online store (materialize).
 
-    Returns (and writes to REPO/feature_meta.json) row counts and the seconds each stage took.
+    `at`: (user_ids, times) to snapshot histories at (e.g. `request_times(raw, L)`); None
+    snapshots after every action. Returns (and writes to REPO/feature_meta.json) row counts and
+    the seconds each stage took.
     """
     repo = prepare_repo(repo_dir, template)
     seconds = {}
     t0 = time.perf_counter()
-    sources = write_sources(raw_dir, repo, max_history)
+    sources = write_sources(raw_dir, repo, max_history, at)
     seconds["write_sources"] = time.perf_counter() - t0
     meta = {"project": PROJECT, "feature_service": FEATURE_SERVICE, "env": env, "raw": str(raw_dir),
             "sources": sources, "seconds": seconds}

@@ -127,12 +127,20 @@ def validate_raw(raw_dir: str | Path, out_dir: str | Path) -> dict:
             "failed_expectations": sum(len(v) for v in failed.values())}
 
 
-def build_features(raw_dir: str | Path, repo_dir: str | Path, *, config_yaml: str = "", env: str = "local") -> dict:
-    """Feast: copy the definitions, write the sources from RAW, apply, materialize."""
-    from .features import build_feature_store
+def build_features(raw_dir: str | Path, repo_dir: str | Path, *, config_yaml: str = "", env: str = "local",
+                   snapshots: str = "requests") -> dict:
+    """Feast: copy the definitions, write the sources from RAW, apply, materialize.
 
+    snapshots: "requests" stores a user's history at each time an example looks it up (the
+    example builder's request times) and the latest one; "actions" after every action (exact
+    at any time, but rows x L grows with every action)."""
+    from .features import build_feature_store, request_times
+
+    if snapshots not in ("requests", "actions"):
+        raise StepError(f"snapshots: {snapshots!r} is not requests or actions")
     cfg = parse_config(config_yaml)
-    return build_feature_store(raw_dir, repo_dir, max_history=cfg.data.max_history, env=env)
+    at = request_times(raw_dir, cfg.data.max_history, cfg.data.slate_size) if snapshots == "requests" else None
+    return build_feature_store(raw_dir, repo_dir, max_history=cfg.data.max_history, env=env, at=at)
 
 
 def build_examples(raw_dir: str | Path, repo_dir: str | Path, out_dir: str | Path, *, config_yaml: str = "",
