@@ -25,6 +25,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+import unipinrec
+
 from unipinrec.deploy.torchserve_config import torchserve_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -124,7 +126,8 @@ def pod(request, tmp_path_factory):
             os.chown(base / d, 1000, 1000)
     env = {"PATH": f"{BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "TEMP": str(inside / "tmp"), "TMPDIR": str(inside / "tmp"),
            "HOME": str(inside / "tmp"), "LOG_LOCATION": str(inside / "logs"), "METRICS_LOCATION": str(inside / "logs"),
-           "PYTHONDONTWRITEBYTECODE": "1"}
+           "PYTHONDONTWRITEBYTECODE": "1",
+           "PYTHONPATH": str(Path(unipinrec.__file__).resolve().parents[1])}  # the package under test
     cmd = [str(BIN / "python"), "-m", "unipinrec.deploy.gateway", f"--listen=127.0.0.1:{gateway}",
            f"--upstream=http://127.0.0.1:{inference}", f"--management=http://127.0.0.1:{management}",
            f"--key-file={inside}/work/key_file.json", f"--token-file={inside}/secrets/token", "--",
