@@ -89,7 +89,8 @@ def compile_cmd(
 def run_cmd(
     local: bool = typer.Option(False, "--local", help="Run here with kfp's local SubprocessRunner (required; "
                                "use `submit` for a cluster)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Experiment config (default: configs/synthetic.yaml)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Experiment config (default: pipelines/demo.yaml, "
+                                          "sized for a laptop; configs/*.yaml for the full ones)."),
     source: str = typer.Option("synthetic", "--source", help="synthetic | movielens-1m | movielens-100k | raw."),
     data_path: Optional[Path] = typer.Option(None, "--data-path", help="MovieLens files or a RAW folder (source raw)."),
     users: int = typer.Option(0, "--users", help="Synthetic users (0: the config's)."),
@@ -127,13 +128,12 @@ def run_cmd(
         if value < 0:
             fail(f"{option} must be >= 0, got {value}")
     pipeline, run = _pipelines()
-    text = _config_text(config)
+    text = _config_text(config if config is not None else REPO / "pipelines" / "demo.yaml")
     args = {"source": source, "data_path": str(data_path.resolve()) if data_path else "",
             "num_users": users, "num_items": items, "num_requests_per_user": requests_per_user, "seed": seed,
             "epochs": float(epochs), "deploy_mode": deploy_mode, "deploy_dir": str(deploy_dir.resolve()),
             "gate_metrics": gate_metrics, "gate_tolerance": float(gate_tolerance), "force_promote": force_promote}
-    if text is not None:
-        args["config_yaml"] = text
+    args["config_yaml"] = text
     echo = None if as_json else (lambda line: typer.echo(line, err=True))
     if echo:
         echo(f"running pipeline '{run.PIPELINE_NAME}' locally (artifacts in {pipeline_root}/, cache "
