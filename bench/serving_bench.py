@@ -209,14 +209,15 @@ def http_bench(args) -> dict:
         for name in index_dirs:
             build_index_for_model(paths[name], index_dirs[name], num_queries=200)
         store = work / "store"
-        common = dict(batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay)
+        common = dict(batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay, workers=args.workers,
+                      torch_threads=args.threads)
         ts.build_archive(paths["unified"], index_dirs["unified"], store, engine={"kv_cache_bytes": 0}, **common)
         ts.build_archive(paths["unified"], index_dirs["unified"], store, name=ARCHIVES["b"],
                          engine={"kv_cache_bytes": 0, "share_kv": False}, **common)
         ts.build_archive(paths["retrieval"], index_dirs["retrieval"], store, name=ARCHIVES["c"],
                          ranking_dir=paths["ranking"], engine={"kv_cache_bytes": 0}, **common)
-        ts.build_archive(paths["unified"], index_dirs["unified"], store, name=ARCHIVES["d"],
-                         engine={"kv_cache_bytes": 1024 * 2**20}, **common)
+        ts.build_archive(paths["unified"], index_dirs["unified"], store, name=ARCHIVES["d"],  # one worker: one cache
+                         engine={"kv_cache_bytes": 1024 * 2**20}, **{**common, "workers": 1})
         in_proc = engines(paths, index_dirs)
         ports = (ts.free_port(), ts.free_port(), ts.free_port())
         info = ts.start(store, work / "run", ports=ports, token_auth=False, timeout_s=600)
@@ -248,9 +249,9 @@ def http_bench(args) -> dict:
         finally:
             ts.stop(work / "run")
     add_ratios(rows)
-    print_table(rows, f"TorchServe over HTTP, {args.clients} clients, batchSize {args.batch_size}, "
-                      f"d={args.d_model}, {args.layers} layers, {args.items:,} items, torch threads/worker "
-                      f"{os.environ.get('OMP_NUM_THREADS', 'default')}")
+    print_table(rows, f"TorchServe over HTTP, {args.clients} clients, {args.workers} workers x {args.threads or 'default'} "
+                      f"torch threads, batchSize {args.batch_size}, d={args.d_model}, {args.layers} layers, "
+                      f"{args.items:,} items, {os.cpu_count()} CPUs")
     verdict = headline_verdict(rows)
     print("\n(d) cross-request KV cache over HTTP, p50 ms by lookup result:")
     for r in kv_rows:
@@ -384,7 +385,9 @@ def main() -> None:
     h = sub.choices["http"]
     h.add_argument("--requests", type=int, default=24, help="timed requests per mode and (L, C)")
     h.add_argument("--rounds", type=int, default=2, help="interleaved rounds the requests are split into")
-    h.add_argument("--clients", type=int, default=2, help="concurrent HTTP clients")
+    h.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients")
+    h.add_argument("--workers", type=int, default=2, help="TorchServe workers per model (a, b, c)")
+    h.add_argument("--threads", type=int, default=1, help="torch intra-op threads per worker (0: torch's default)")
     h.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize")
     h.add_argument("--max-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay (ms)")
     h.add_argument("--kv-users", type=int, default=5, help="users in the cross-request KV cache run (d)")

@@ -306,7 +306,7 @@ class TorchIndex:
 
         self.vectors = vectors if isinstance(vectors, torch.Tensor) else torch.as_tensor(vectors)
         self.item_ids = np.asarray(item_ids, dtype=np.int64)
-        self._ids_t = torch.as_tensor(self.item_ids, device=self.vectors.device)
+        self._ids_t = torch.tensor(self.item_ids, device=self.vectors.device)  # a copy: ids.npy may be read-only
         self.model_version = model_version
         self.meta = {"model_version": model_version, "kind": "torch-exact"}
 
@@ -322,8 +322,9 @@ class TorchIndex:
         if exclude:
             for i, e in enumerate(exclude):
                 if e is not None and len(e):
-                    mask = torch.isin(self._ids_t, torch.as_tensor(list(e), device=q.device))
-                    scores[i].masked_fill_(mask, float("-inf"))
+                    seen = torch.as_tensor(np.asarray(list(e) if isinstance(e, (set, frozenset)) else e, dtype=np.int64),
+                                           device=q.device)
+                    scores[i].masked_fill_(torch.isin(self._ids_t, seen), float("-inf"))
         k = min(k, self.num_items)
         top, pos = scores.topk(k, dim=1)
         ids = self._ids_t[pos]

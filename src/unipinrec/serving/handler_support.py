@@ -4,7 +4,8 @@ metrics. TorchServe itself is imported only lazily (metric dimensions), never at
 
 Archive layout (written by `unipinrec.serving.torchserve.build_archive`):
 
-    serving.json   {"engine": {EngineConfig fields}, "ranking": bool, "store": null | {...}}
+    serving.json   {"engine": {EngineConfig fields}, "ranking": bool, "store": null | {...},
+                    "torch_threads": null | int}
     model/         the (retrieval or unified) model folder
     ranking/       the ranking-only model folder (two-model baseline only)
     index/         the item index built for model/
@@ -45,6 +46,11 @@ def build_engine(model_dir: Path, model_yaml_config: dict) -> Engine:
     spec = json.loads((model_dir / SERVING_JSON).read_text())
     handler_cfg = (model_yaml_config or {}).get("handler") or {}
     config = engine_config(spec, handler_cfg.get("engine"))
+    threads = handler_cfg.get("torch_threads", spec.get("torch_threads"))
+    if threads:  # process-wide, so set here at the edge rather than in the engine
+        import torch
+
+        torch.set_num_threads(int(threads))
     store = make_store(handler_cfg.get("store", spec.get("store")), model_dir)
     ranking = model_dir / "ranking" if spec.get("ranking") else None
     return Engine.from_dirs(model_dir / "model", model_dir / "index", ranking_dir=ranking, config=config, store=store)

@@ -62,9 +62,12 @@ def build_archive(model_dir: str | Path, index_dir: str | Path, store_dir: str |
                   ranking_dir: str | Path | None = None, engine: dict | None = None,
                   histories: str | Path | None = None, store: dict | None = None,
                   batch_size: int | None = None, max_batch_delay_ms: int | None = None,
+                  workers: int | None = None, torch_threads: int | None = None,
                   serving: str | Path | None = None) -> Path:
     """Write STORE/NAME.mar holding handler, model(s), index and serving.json.
 
+    `workers` sets min/maxWorkers (more than one breaks the split flow: handles are per
+    worker); `torch_threads` sets each worker's intra-op threads (default: torch's).
     `histories`: an examples folder whose test split is packed as the in-memory online store
     (each user's latest history), for requests that carry no history; `store` instead names an
     external store ({"factory": "module:function", "kwargs": {...}}).
@@ -107,7 +110,7 @@ def build_archive(model_dir: str | Path, index_dir: str | Path, store_dir: str |
         if histories is not None:
             shutil.copytree(Path(histories) / "test", stage / "store" / "test")
             store = {"kind": "examples", "path": "store", "split": "test"}
-        spec = {"engine": engine or {}, "ranking": ranking_dir is not None, "store": store,
+        spec = {"engine": engine or {}, "ranking": ranking_dir is not None, "store": store, "torch_threads": torch_threads,
                 "model_version": meta["model_version"], "kind": meta["kind"]}
         (stage / SERVING_JSON).write_text(json.dumps(spec, indent=2) + "\n")
         mcfg = yaml.safe_load((sdir / "model-config.yaml").read_text()) or {}
@@ -115,6 +118,8 @@ def build_archive(model_dir: str | Path, index_dir: str | Path, store_dir: str |
             mcfg["batchSize"] = batch_size
         if max_batch_delay_ms is not None:
             mcfg["maxBatchDelay"] = max_batch_delay_ms
+        if workers is not None:
+            mcfg["minWorkers"] = mcfg["maxWorkers"] = workers
         cfg_path = Path(tmp) / "model-config.yaml"
         cfg_path.write_text(yaml.safe_dump(mcfg, sort_keys=False))
         cmd = [_bin("torch-model-archiver"), "--model-name", name, "--version", meta["model_version"],
