@@ -22,7 +22,7 @@ if [ "${BENCH:-0}" = 1 ]; then
 fi
 LEFT=$(( GUARD - ($(date +%s) - START) ))
 
-config_of() { case $1 in synthetic*) echo configs/synthetic.yaml;; ml1m-large*) echo configs/ml1m-large.yaml;; *) echo configs/ml1m.yaml;; esac; }
+config_of() { [ -f "configs/$1.yaml" ] && { echo "configs/$1.yaml"; return; }; case $1 in synthetic*) echo configs/synthetic.yaml;; ml1m-large*) echo configs/ml1m-large.yaml;; *) echo configs/ml1m.yaml;; esac; }
 examples_of() { case $1 in synthetic*) echo "$SYN";; *) echo "$ML";; esac; }
 
 for job in "${JOBS[@]}"; do

@@ -26,7 +26,9 @@ def test_ml1m_configs_use_hstu_settings():
         cfg = load_config(next(p for p in CONFIGS if p.name == name))
         assert (cfg.model.max_history, cfg.model.d_model, cfg.model.n_layers) == (200, 50, layers)
         assert cfg.model.temperature == 0.05 and cfg.train.batch_size == 128
-        assert cfg.train.num_uniform_negatives == 128 and cfg.train.epochs >= 90
+        assert cfg.train.num_uniform_negatives == 128 or cfg.train.full_softmax
+        # our epoch holds ~2.4 windows per user: 40 epochs ~ HSTU's 101 in optimizer steps
+        assert cfg.train.epochs >= (40 if cfg.train.full_softmax else 90)
         assert cfg.data.source == "movielens-1m" and list(cfg.tasks.tasks) == ["liked"]
 
 

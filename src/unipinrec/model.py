@@ -432,11 +432,15 @@ class UniPinRec(nn.Module):
         stats: dict[str, torch.Tensor] = {}
         loss = out.retrieval_hidden.new_zeros(())
         if cfg.kind != "ranking_only":
-            if full_softmax:
-                r = self.full_softmax_loss(out.retrieval_hidden, batch.targets)
-            else:
-                r = self.retrieval_loss(out.retrieval_hidden, batch.targets, num_uniform_negatives,
-                                        num_inbatch_negatives, logq_correction)
+            # logits in fp32 even under bf16 autocast: at temperature 0.05 a bf16 cosine (about 3
+            # significant digits) would blur the logits by ~0.1, the size of the differences that rank items
+            with torch.autocast(hist.items.device.type, enabled=False):
+                hidden = out.retrieval_hidden.float()
+                if full_softmax:
+                    r = self.full_softmax_loss(hidden, batch.targets)
+                else:
+                    r = self.retrieval_loss(hidden, batch.targets, num_uniform_negatives,
+                                            num_inbatch_negatives, logq_correction)
             loss = loss + r
             stats["retrieval_loss"] = r.detach()
         if cfg.kind != "retrieval_only":
