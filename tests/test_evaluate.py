@@ -88,3 +88,28 @@ def test_evaluate_fails_cleanly_on_a_missing_model(tmp_path, tiny_model):
                         str(tmp_path / "nope"), "--examples", str(ex), "--out", str(tmp_path / "m.json")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "model.safetensors" in r.stderr
+
+
+def test_new_item_retrieval_is_scored_with_history_removed(tiny_model):
+    from unipinrec import format as fmt
+    from unipinrec.batches import TaskSpec
+    from unipinrec.actions import vocab_for
+    from unipinrec.checkpoint import load_model
+    from unipinrec.evaluate import evaluate_model
+
+    model_dir, ex = tiny_model
+    loaded = load_model(model_dir, "cpu")
+    spec = TaskSpec.resolve(loaded.tasks, vocab_for("synthetic"))
+    L = loaded.model.config.max_history
+    kept = evaluate_model(loaded.model, loaded.vocab, spec, ex, progress=False, exclude_history=False, popularity=True)
+    excluded = evaluate_model(loaded.model, loaded.vocab, spec, ex, progress=False, exclude_history=True)
+    assert "retrieval_new_items" not in excluded
+    # by hand: test examples with a positive slate item that is not in their (last L) history
+    expected = 0
+    for r in fmt.read_sharded(ex / "test").to_pylist():
+        hist = {a["item_id"] for a in r["history"][-L:]}
+        expected += any(spec.positive[a["action"]] and a["item_id"] not in hist for a in r["slate"])
+    assert expected > 0
+    assert kept["retrieval_new_items"]["num_examples"] == expected == kept["popularity_new_items"]["num_examples"]
+    for k in ("HR@10", "recall@100"):
+        assert 0.0 <= kept["retrieval_new_items"][k] <= 1.0

@@ -6,6 +6,9 @@ example's (truncated) history are removed (`exclude_history`), and each positive
 rank is its number of strictly better-scored items + 1. HR@K = share of examples with a positive
 in the top K, NDCG@K = DCG/IDCG with binary relevance (1/log2(rank+1) for a single target, as
 HSTU), recall@K = share of positives in the top K. MovieLens test slates hold the one next item.
+With `exclude_history` off (users re-engage with seen items, as on synthetic data) the positives
+that are not in the history are also scored with the history removed (`retrieval_new_items`),
+so re-engagement cannot make retrieval look better than it is.
 
 Ranking: the model's `rank` over each slate (candidates attend to the cached history), AUC per
 task over all impressions and per-user grouped AUC (impression-weighted mean over users with
@@ -132,6 +135,8 @@ def evaluate_model(model: UniPinRec, vocab: ItemVocab, spec: TaskSpec, examples_
     can_rank = model.config.kind != "retrieval_only"
     per_ex: dict[str, list] = {}
     pop_ex: dict[str, list] = {}
+    new_ex: dict[str, list] = {}
+    pop_new_ex: dict[str, list] = {}
     flat = {"user": [], "request_ts": [], "item": [], "labels": [], "pred": []}
     for start in tqdm(range(0, table.num_rows, batch_size), disable=not progress, desc=f"evaluate {split}", unit="batch"):
         rb = table.slice(start, batch_size)
@@ -139,18 +144,27 @@ def evaluate_model(model: UniPinRec, vocab: ItemVocab, spec: TaskSpec, examples_
         user, cache = model.encode_history(b.history)
         pos_mask = torch.from_numpy(spec.positive).to(device)[b.slate_actions.clamp(0, len(spec.positive) - 1)]
         pos_mask = pos_mask & b.slate_valid
-        has = pos_mask.any(1)
-        if has.any():
-            for name, base, sink in (("model", user @ items.T, per_ex), ("popularity", pop, pop_ex)):
+        hist = b.history.items.masked_fill(
+            torch.arange(b.history.items.shape[1], device=device)[None] >= b.history.lengths[:, None], 0)
+        # positives the user had not acted on before: with history kept rankable, these are
+        # scored a second time with the history removed (new-item retrieval, as on MovieLens)
+        in_hist = (b.slate_items[:, :, None] == hist[:, None, :]).any(-1)
+        new_mask = pos_mask & ~in_hist
+        passes = [(exclude_history, pos_mask, per_ex, pop_ex)]
+        if not exclude_history:
+            passes.append((True, new_mask, new_ex, pop_new_ex))
+        for excl, mask, sink_model, sink_pop in passes:
+            has = mask.any(1)
+            if not has.any():
+                continue
+            for base, sink in ((user @ items.T, sink_model), (pop, sink_pop)):
                 if base is None:
                     continue
                 scores = (base.expand(len(user), -1) if base.dim() == 1 else base).float().clone()
                 scores[:, 0] = float("-inf")
-                if exclude_history:
-                    hist = b.history.items.masked_fill(
-                        torch.arange(b.history.items.shape[1], device=device)[None] >= b.history.lengths[:, None], 0)
+                if excl:
                     scores.scatter_(1, hist, float("-inf"))
-                m = retrieval_metrics(scores[has], b.slate_items[has], pos_mask[has], ks_all)
+                m = retrieval_metrics(scores[has], b.slate_items[has], mask[has], ks_all)
                 for k, v in m.items():
                     sink.setdefault(k, []).append(v.cpu())
         if can_rank and b.slate_items.shape[1] > 0:
@@ -174,6 +188,10 @@ def evaluate_model(model: UniPinRec, vocab: ItemVocab, spec: TaskSpec, examples_
            "num_items": len(vocab), "retrieval": summarise(per_ex)}
     if popularity:
         out["popularity"] = summarise(pop_ex)
+    if not exclude_history:
+        out["retrieval_new_items"] = summarise(new_ex)
+        if popularity:
+            out["popularity_new_items"] = summarise(pop_new_ex)
     if can_rank and flat["user"]:
         cat = {k: np.concatenate(v) for k, v in flat.items()}
         out["ranking"] = {}
