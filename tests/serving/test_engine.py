@@ -238,3 +238,13 @@ def test_engine_refuses_an_index_of_another_model(tiny):
 def test_engine_refuses_models_without_the_needed_heads(tiny):
     with pytest.raises(ValueError, match="ranking head"):
         Engine.from_dirs(tiny.retrieval, tiny.retrieval_index, ranking_dir=tiny.retrieval)
+
+
+def test_engine_imports_no_platform_libraries():
+    import subprocess
+    import sys
+
+    code = ("import sys, unipinrec.serving.engine, unipinrec.serving.handler_support, unipinrec.index; "
+            "print(sorted(m for m in ('kfp', 'feast', 'great_expectations', 'faiss', 'ts') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
