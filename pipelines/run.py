@@ -13,7 +13,6 @@ import contextlib
 import io
 import json
 import re
-import sys
 import tempfile
 import time
 import warnings
@@ -166,27 +165,9 @@ def _newest_run_dir(root: Path, before: set[str]) -> Path | None:
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
 
 
-def _hide_docker_folder() -> None:
-    """kfp.local imports the `docker` SDK when it can (for its DockerRunner) and falls back when
-    that raises ImportError. Run from the repository, `import docker` finds the repository's
-    docker/ folder (Dockerfiles) as a namespace package instead, and kfp then fails on a missing
-    attribute. Without the SDK installed, make `import docker` fail cleanly."""
-    import importlib.util
-
-    if "docker" in sys.modules:
-        mod = sys.modules["docker"]
-        if mod is not None and not hasattr(mod, "DockerClient"):
-            sys.modules["docker"] = None  # the folder, already imported as a namespace package
-        return
-    spec = importlib.util.find_spec("docker")
-    if spec is not None and spec.origin in (None, "namespace"):
-        sys.modules["docker"] = None  # `import docker` now raises ImportError
-
-
 def run_local(arguments: dict[str, Any], *, pipeline_root: str | Path, log_file: str | Path | None = None,
               caching: bool = True, echo: Callable[[str], None] | None = None) -> LocalRun:
     """Run the pipeline here with kfp's SubprocessRunner (no venv per task: this environment)."""
-    _hide_docker_folder()
     from kfp import local
 
     root = Path(pipeline_root).resolve()

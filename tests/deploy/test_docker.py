@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-DOCKER = REPO / "docker"
+DOCKER = REPO / "images"
 IMAGES = {"pipeline": DOCKER / "Dockerfile.pipeline", "serving": DOCKER / "Dockerfile.serving"}
 
 

@@ -15,7 +15,7 @@ files equal to it. Rules it encodes:
 from __future__ import annotations
 
 MODEL_NAME = "unipinrec"
-# serving/metrics.yaml as docker/Dockerfile.serving installs it: custom metrics need declaring.
+# serving/metrics.yaml as images/Dockerfile.serving installs it: custom metrics need declaring.
 METRICS_CONFIG = "/opt/unipinrec/serving/metrics.yaml"
 INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT, GATEWAY_PORT = 8085, 8081, 8082, 8080
 GRPC_INFERENCE_PORT, GRPC_MANAGEMENT_PORT = 7070, 7071

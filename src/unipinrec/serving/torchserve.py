@@ -42,12 +42,20 @@ def _bin(name: str) -> str:
     return found
 
 
+SERVING_FILES = ("handler.py", "config.properties", "model-config.yaml", "metrics.yaml")
+
+
 def serving_dir(path: str | Path | None = None) -> Path:
-    d = Path(path) if path else REPO_SERVING_DIR
-    for name in ("handler.py", "config.properties", "model-config.yaml", "metrics.yaml"):
-        if not (d / name).exists():
-            raise ServeError(f"{d / name} is missing (the serving/ folder of the repository)")
-    return d
+    """The serving/ folder: the given one, else the repository's (editable install), else
+    ./serving in the working directory (the images install the package non-editable and copy
+    serving/ beside their working directory)."""
+    candidates = [Path(path)] if path else [REPO_SERVING_DIR, Path.cwd() / "serving"]
+    for d in candidates:
+        missing = [name for name in SERVING_FILES if not (d / name).exists()]
+        if not missing:
+            return d
+    raise ServeError(f"{candidates[0] / missing[0]} is missing (the serving/ folder of the repository; "
+                     "run from a directory that holds serving/)")
 
 
 def _copy_model(src: Path, dst: Path) -> None:
