@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from http import HTTPStatus
 from pathlib import Path
 
 from unipinrec.serving.handler_support import body_size_error, build_engine, content_type_error, emit_metrics
@@ -59,7 +60,8 @@ def handle(data, ctx):
     out = []
     for i, res in enumerate(results):
         if isinstance(res, ServingError):
-            ctx.set_response_status(res.status, res.message, i)
+            # the standard reason phrase: messages may quote client input (never into a header)
+            ctx.set_response_status(res.status, HTTPStatus(res.status).phrase, i)
             out.append(json.dumps(res.to_dict()))
         else:
             out.append(json.dumps(res))

@@ -112,6 +112,12 @@ def test_split_retrieve_and_rank_share_state_in_the_worker(http, server):
     assert gone.status_code == 404 and gone.json()["error"]["field"] == "handle"
 
 
+def test_client_text_never_reaches_the_status_line(http, server):
+    r = post(http, server, {"user_id": 70, "stage": "rank", "handle": "h\u00fc\r\nX-Injected: 1"})
+    assert r.status_code == 404 and r.json()["error"]["field"] == "handle"
+    assert "X-Injected" not in r.headers and r.reason == "Not Found"
+
+
 def _mutated(**changes):
     b = body(user_id=80)
     b.update(changes)
