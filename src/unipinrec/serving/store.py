@@ -47,15 +47,19 @@ class History:
     @classmethod
     def from_actions(cls, actions: Iterable) -> "History":
         """From dicts {item_id, action, ts[, surface]} or objects with those attributes."""
-        rows = []
-        for a in actions:
-            if isinstance(a, Mapping):
-                rows.append((a["item_id"], a["action"], a["ts"], a.get("surface", 0)))
-            else:
-                rows.append((a.item_id, a.action, a.ts, getattr(a, "surface", 0)))
-        if not rows:
+        actions = list(actions)
+        n = len(actions)
+        if n == 0:
             return cls.empty()
-        arr = np.asarray(rows, dtype=np.int64)
+
+        def values():  # one flat pass, no per-action tuples (this runs on every request)
+            for a in actions:
+                if isinstance(a, Mapping):
+                    yield a["item_id"]; yield a["action"]; yield a["ts"]; yield a.get("surface", 0)  # noqa: E702
+                else:
+                    yield a.item_id; yield a.action; yield a.ts; yield getattr(a, "surface", 0)  # noqa: E702
+
+        arr = np.fromiter(values(), dtype=np.int64, count=4 * n).reshape(n, 4)
         return cls(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3])
 
 
