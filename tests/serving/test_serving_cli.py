@@ -35,7 +35,8 @@ def test_package_builds_the_three_archives(tiny, tmp_path):
     store = tmp_path / "store"
     r = runner.invoke(app, ["package", "--model", str(tiny.unified), "--index", str(tiny.unified_index),
                             "--out", str(store), "--baseline-retrieval", str(tiny.retrieval),
-                            "--baseline-ranking", str(tiny.ranking), "--recompute", "--batch-size", "2"])
+                            "--baseline-ranking", str(tiny.ranking), "--recompute", "--batch-size", "2",
+                            "--workers", "2", "--torch-threads", "1"])
     assert r.exit_code == 0, r.output
     names = sorted(p.name for p in store.glob("*.mar"))
     assert names == ["unipinrec.mar", "unipinrec_baseline.mar", "unipinrec_recompute.mar"]
@@ -44,10 +45,11 @@ def test_package_builds_the_three_archives(tiny, tmp_path):
         spec = json.loads(z.read("serving.json"))
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
     assert {"model/model.safetensors", "ranking/model.safetensors", "index/index.faiss", "handler.py"} <= files
-    assert spec["ranking"] is True and spec["kind"] == "retrieval_only"
+    assert spec["ranking"] is True and spec["kind"] == "retrieval_only" and spec["torch_threads"] == 1
     with zipfile.ZipFile(store / "unipinrec_recompute.mar") as z:
         assert json.loads(z.read("serving.json"))["engine"]["share_kv"] is False
-        assert "batchSize: 2" in z.read(manifest["model"]["configFile"]).decode()
+        cfg = z.read(manifest["model"]["configFile"]).decode()
+        assert "batchSize: 2" in cfg and "maxWorkers: 2" in cfg
 
 
 def test_package_refuses_an_index_of_another_model(tiny, tmp_path):

@@ -71,6 +71,10 @@ def package_cmd(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="TorchServe batchSize (default: serving/model-config.yaml)."),
     max_batch_delay: Optional[int] = typer.Option(None, "--max-batch-delay", help="TorchServe maxBatchDelay in ms."),
     kv_cache_mb: Optional[int] = typer.Option(None, "--kv-cache-mb", help="Cross-request KV cache size (0 = off)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Workers per model (default 1; more breaks the "
+                                          "split retrieve/rank flow, whose handles live in one worker)."),
+    torch_threads: Optional[int] = typer.Option(None, "--torch-threads", help="torch intra-op threads per worker "
+                                                "(default: torch's; 1 with one worker per core)."),
     store_examples: Optional[Path] = typer.Option(None, "--store-examples",
                                                   help="Examples folder packed as the in-memory online store "
                                                        "(latest test history per user) for requests without a history."),
@@ -81,7 +85,8 @@ def package_cmd(
     _model_dir("--model", model)
     if (baseline_retrieval is None) != (baseline_ranking is None):
         fail("--baseline-retrieval and --baseline-ranking go together")
-    for option, value in (("--batch-size", batch_size), ("--max-batch-delay", max_batch_delay)):
+    for option, value in (("--batch-size", batch_size), ("--max-batch-delay", max_batch_delay), ("--workers", workers),
+                          ("--torch-threads", torch_threads)):
         if value is not None and value <= 0:
             fail(f"{option} must be positive, got {value}")
     if kv_cache_mb is not None and kv_cache_mb < 0:
@@ -89,7 +94,7 @@ def package_cmd(
     engine = {} if kv_cache_mb is None else {"kv_cache_bytes": kv_cache_mb * 2**20}
     if store_examples is not None and not (store_examples / "test").exists():
         fail(f"--store-examples: {store_examples} has no test/ split")
-    common = dict(batch_size=batch_size, max_batch_delay_ms=max_batch_delay)
+    common = dict(batch_size=batch_size, max_batch_delay_ms=max_batch_delay, workers=workers, torch_threads=torch_threads)
     with user_errors(ValueError, KeyError, ts.ServeError):
         with tempfile.TemporaryDirectory() as tmp:
             written = [ts.build_archive(model, index, out, engine=engine, histories=store_examples, **common)]
