@@ -73,6 +73,8 @@ mount -o remount,bind,ro "$R"
 mount -t proc proc "$R/proc"
 mount --rbind /dev "$R/dev"
 mount -t tmpfs -o mode=755 tmpfs "$R/tmp"
+# a checkout or venv that lives under /tmp (CI clones may) stays visible, read-only
+for d in $KEEP; do mkdir -p "$R$d"; mount --rbind "$d" "$R$d"; mount -o remount,bind,ro "$R$d"; done
 # the interpreter may live under a directory uid 1000 cannot enter (e.g. /root): show only its path
 if [ -n "$HIDDEN" ]; then
   mount -t tmpfs -o mode=755 tmpfs "$R$HIDDEN"
@@ -89,6 +91,12 @@ fi
 exec chroot "$R" setpriv --reuid 1000 --regid 1000 --clear-groups --inh-caps=-all \
   env -C /tmp/pod/work "$@"
 '''
+
+
+def _kept_under_tmp() -> dict[str, str]:
+    """The checkout and the venv when they live under /tmp, which the pod's view masks."""
+    dirs = {os.path.realpath(REPO), os.path.realpath(BIN.parent)}
+    return {"KEEP": " ".join(sorted(d for d in dirs if d.startswith("/tmp/")))}
 
 
 def _hidden_dir() -> dict[str, str]:
@@ -136,7 +144,7 @@ def pod(request, tmp_path_factory):
         rootview = tmp_path_factory.mktemp("rootview")
         argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", ISOLATE, "isolate",
                 "env", *[f"{k}={v}" for k, v in env.items()], *cmd]
-        proc = subprocess.Popen(argv, env={**env, "ROOTVIEW": str(rootview), "POD": str(base), **_hidden_dir()},
+        proc = subprocess.Popen(argv, env={**env, "ROOTVIEW": str(rootview), "POD": str(base), **_hidden_dir(), **_kept_under_tmp()},
                                 stdout=open(base / "out.log", "wb"), stderr=subprocess.STDOUT)
     else:
         proc = subprocess.Popen(cmd, env=env, cwd=base / "work", stdout=open(base / "out.log", "wb"),
