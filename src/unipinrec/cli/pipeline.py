@@ -187,6 +187,17 @@ def _print_summary(s: dict) -> None:
         typer.echo(f"report ({task}): {path}")
 
 
+def _run_arguments(params: List[str], config: Optional[Path], package: Optional[Path]) -> dict:
+    """Pipeline arguments of a submitted or scheduled run, checked before anything is sent."""
+    args = _params(params)
+    text = _config_text(config)
+    if text is not None:
+        args["config_yaml"] = text
+    if package is not None and not package.is_file():
+        fail(f"--package: {package} is not a file")
+    return args
+
+
 @pipeline_app.command("submit")
 def submit_cmd(
     host: str = typer.Option(..., "--host", help="Kubeflow Pipelines API, e.g. http://localhost:8888 or https://kubeflow.example.com/pipeline."),
@@ -200,12 +211,7 @@ def submit_cmd(
 ) -> None:
     """Submit one run to a Kubeflow Pipelines server."""
     _, run = _pipelines()
-    args = _params(params)
-    text = _config_text(config)
-    if text is not None:
-        args["config_yaml"] = text
-    if package is not None and not package.is_file():
-        fail(f"--package: {package} is not a file")
+    args = _run_arguments(params, config, package)
     with user_errors(ConnectionError, OSError, ValueError):
         client = run.client(host, namespace, token)
         run_id = run.submit(client, args, experiment=experiment, run_name=run_name, package=package,
@@ -227,12 +233,7 @@ def schedule_cmd(
 ) -> None:
     """Upload the pipeline as a new version and create a recurring run (max concurrency 1, latest version)."""
     _, run = _pipelines()
-    args = _params(params)
-    text = _config_text(config)
-    if text is not None:
-        args["config_yaml"] = text
-    if package is not None and not package.is_file():
-        fail(f"--package: {package} is not a file")
+    args = _run_arguments(params, config, package)
     with user_errors(ConnectionError, OSError, ValueError):
         run.recurring_run_body("x", "x", cron, {})  # a bad cron fails before anything is uploaded
         client = run.client(host, namespace, token)
