@@ -74,3 +74,47 @@ def test_weights_file_is_safetensors_not_pickle(tmp_path):
     assert int.from_bytes(head, "little") > 0  # safetensors: little-endian header length, then JSON
     assert (tmp_path / "m" / "model.safetensors").read_bytes()[8:9] == b"{"
     assert load_model(tmp_path / "m").kind == "retrieval_only"
+
+
+def test_category_buffer_round_trips_and_is_in_the_version(tmp_path):
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_items=5, num_actions=5, num_tasks=3, d_model=16, n_layers=1, n_heads=2,
+                      max_history=50, use_category=True, num_categories=3)
+    m = UniPinRec(cfg).eval()
+    with torch.no_grad():
+        m.category_emb.weight[1:].normal_(0, 1.0)
+    m.set_item_categories([2, 0, 1, -1, 2])
+    vocab = ItemVocab([101, 102, 103, 104, 105])
+    version = save_model(tmp_path / "m", m, ExperimentConfig(), vocab)
+    loaded = load_model(tmp_path / "m")
+    assert loaded.config.model.use_category and loaded.config.model.num_categories == 3
+    assert loaded.model.item_category.tolist() == [0, 3, 1, 2, 0, 3]  # row 0 and unknown -> padding
+    assert torch.equal(loaded.model.item_vectors(), m.item_vectors())
+    h = HistoryBatch.from_histories([[(101, 1, 5), (104, 2, 9)]], [20], vocab, 50)
+    with torch.no_grad():
+        c1, c2 = m.encode_history(h)[1], loaded.model.encode_history(h)[1]
+        assert torch.equal(m.rank(torch.tensor([[1, 5]]), c1), loaded.model.rank(torch.tensor([[1, 5]]), c2))
+    # the categories are part of the content hash: other categories, other version
+    m.set_item_categories([0, 0, 1, -1, 2])
+    assert save_model(tmp_path / "m2", m, ExperimentConfig(), vocab) != version
+
+
+def test_checkpoint_without_the_category_option_still_loads(tmp_path):
+    """A model folder written before use_category existed: its config.yaml has no such keys."""
+    from unipinrec.checkpoint import _version
+
+    m = _model()
+    vocab = ItemVocab([1, 2, 3, 4, 5])
+    save_model(tmp_path / "m", m, ExperimentConfig(), vocab)
+    cfg_path, meta_path = tmp_path / "m" / "config.yaml", tmp_path / "m" / "meta.json"
+    old = "".join(line for line in cfg_path.read_text().splitlines(keepends=True)
+                  if "use_category" not in line and "num_categories" not in line)
+    assert old != cfg_path.read_text()
+    cfg_path.write_text(old)
+    meta = json.loads(meta_path.read_text())
+    meta["model_version"] = _version((tmp_path / "m" / "model.safetensors").read_bytes(), old.encode())
+    meta_path.write_text(json.dumps(meta))
+    loaded = load_model(tmp_path / "m")
+    assert not loaded.config.model.use_category and loaded.model.category_emb is None
+    assert "item_category" not in loaded.model.state_dict()
+    assert torch.equal(loaded.model.item_vectors(), m.item_vectors())

@@ -324,3 +324,106 @@ def test_training_forward_with_full_softmax():
         assert torch.isfinite(loss) and stats["retrieval_loss"] > 0
         loss.backward()
         assert m.item_emb.weight.grad[1:].abs().sum(1).gt(0).all()  # every item gets a gradient
+
+
+# --- item categories (use_category) -----------------------------------------------------------
+
+N_CATS = 4
+
+
+def make_category_model(kind="unified", time_gap="previous", seed=0) -> UniPinRec:
+    m = make_model(kind, time_gap, seed=seed, use_category=True, num_categories=N_CATS)
+    with torch.no_grad():  # a visible category signal (the init is small, std 0.02)
+        m.category_emb.weight[1:].normal_(0, 1.0)
+    m.set_item_categories(torch.arange(N_ITEMS) % N_CATS)
+    return m
+
+
+def test_category_changes_tokens_item_vectors_and_scores():
+    m = make_category_model()
+    h = make_history([7, 12, 3])
+    cand = candidates(3, 5)
+    with torch.no_grad():
+        u1, c1 = m.encode_history(h)
+        s1, v1 = m.rank(cand, c1), m.item_vectors()
+        cats = m.item_category.clone()
+        m.set_item_categories((torch.arange(N_ITEMS) + 1) % N_CATS)  # every item moves to another category
+        u2, c2 = m.encode_history(h)
+        s2, v2 = m.rank(cand, c2), m.item_vectors()
+    assert cats[0] == 0 and cats[1:].tolist() == [c % N_CATS + 1 for c in range(N_ITEMS)]  # row 0 = padding
+    assert (u1 - u2).abs().max() > 1e-3 and (s1 - s2).abs().max() > 1e-3
+    assert (v1[1:] - v2[1:]).abs().max() > 1e-3  # retrieval item vectors carry the category too
+    assert v2[0].abs().max() == 0 and torch.allclose(v2[1:].norm(dim=1), torch.ones(N_ITEMS, dtype=v2.dtype))
+    # the item vectors are item + category embeddings, normalised
+    expected = torch.nn.functional.normalize(m.item_emb.weight[1:] + m.category_emb(m.item_category[1:]), dim=-1)
+    assert (v2[1:] - expected).abs().max() < TOL
+    # items of one category share its embedding: the category is a real input of the same model
+    off = make_model(seed=0)
+    with torch.no_grad():
+        assert (off.encode_history(h)[0] - u1).abs().max() > 1e-3
+
+
+def test_unknown_category_is_the_padding_row_and_bad_input_is_refused():
+    m = make_category_model()
+    m.set_item_categories(torch.tensor([-1] * N_ITEMS))
+    assert m.item_category.abs().max() == 0
+    with pytest.raises(ValueError, match="out of range"):
+        m.set_item_categories(torch.full((N_ITEMS,), N_CATS))
+    with pytest.raises(ValueError, match="item categories"):
+        m.set_item_categories(torch.zeros(N_ITEMS - 1))
+    with pytest.raises(ValueError, match="num_categories"):
+        UniPinRec(ModelConfig(num_items=3, num_actions=2, num_tasks=1, use_category=True))
+    with pytest.raises(RuntimeError, match="use_category"):
+        make_model().set_item_categories(torch.zeros(N_ITEMS))
+
+
+@pytest.mark.parametrize("kind", ["unified", "interleaved"])
+@pytest.mark.parametrize("time_gap", ["previous", "request"])
+def test_rank_over_cache_equals_full_recompute_with_categories(kind, time_gap):
+    m = make_category_model(kind, time_gap)
+    h = make_history([7, 12, 1, 4])
+    cand = candidates(4, 6)
+    with torch.no_grad():
+        _, cache = m.encode_history(h)
+        scores = m.rank(cand, cache)
+        blended = m.rank_head(m.blended_forward(h, slate_items=cand).slate_hidden)
+        assert (scores - blended).abs().max() < TOL
+        for b in range(4):
+            for c in range(6):
+                single = m.blended_forward(row(h, b), slate_items=cand[b:b + 1, c:c + 1])
+                assert (m.rank_head(single.slate_hidden)[0, 0] - scores[b, c]).abs().max() < TOL
+        # and an extended cache equals a full encode
+        old = HistoryBatch(h.items[:, :3] * (torch.arange(3)[None] < h.lengths.clamp(max=3)[:, None]),
+                           h.actions[:, :3], h.ts[:, :3], h.surfaces[:, :3], h.lengths.clamp(max=3), h.request_ts)
+        n = h.lengths - old.lengths
+        W = h.items.shape[1]
+        idx = (old.lengths[:, None] + torch.arange(W)[None]).clamp(max=W - 1)
+        pick = lambda t: torch.gather(t, 1, idx) * (torch.arange(W)[None] < n[:, None])  # noqa: E731
+        new = HistoryBatch(pick(h.items), pick(h.actions), pick(h.ts), pick(h.surfaces), n, h.request_ts)
+        u_ext, ext = m.extend_history(m.encode_history(old)[1], new)
+        assert (u_ext - m.encode_history(h)[0]).abs().max() < TOL
+        assert (m.rank(cand, ext) - scores).abs().max() < TOL
+
+
+def test_category_training_losses_use_the_category_and_train_it():
+    m = make_category_model().float().train()
+    h = make_history([8, 5, 12])
+    B, W = h.items.shape
+    targets = torch.where(torch.arange(W)[None] < (h.lengths - 1)[:, None], torch.roll(h.items, -1, 1), 0)
+    # the full-softmax loss scores every item by item + category, as item_vectors() does
+    hidden = torch.randn(B, W, m.config.d_model)
+    sel = targets > 0
+    u = torch.nn.functional.normalize(m.retrieval_proj(hidden[sel]), dim=-1)
+    logits = u @ m.item_vectors()[1:].T / m.config.temperature
+    expected = -torch.log_softmax(logits, dim=1).gather(1, (targets[sel] - 1)[:, None]).mean()
+    assert torch.allclose(m.full_softmax_loss(hidden, targets), expected, atol=1e-5)
+    for full in (False, True):
+        m.zero_grad()
+        batch = TrainBatch(h, torch.rand(B, W, N_TASKS).round(), targets, candidates(3, 4),
+                           torch.rand(3, 4, N_TASKS).round(), torch.ones(3, 4, dtype=torch.bool),
+                           torch.zeros(3, 4, dtype=torch.long), torch.arange(4).repeat(3, 1))
+        loss, _ = m(batch, full_softmax=full, num_uniform_negatives=16, num_inbatch_negatives=8)
+        loss.backward()
+        assert m.category_emb.weight.grad[1:].abs().sum() > 0
+        assert m.category_emb.weight.grad[0].abs().max() == 0  # padding row stays zero
+    assert "item_category" in m.state_dict() and m.state_dict()["item_category"].dtype == torch.long

@@ -1,7 +1,7 @@
 """UniPinRec: one causal transformer for retrieval and ranking (DESIGN section 3).
 
 One token per history action: item + action (with a MASK action) + log time-gap bucket +
-absolute position (+ surface) embeddings, through a pre-norm causal transformer. Its outputs
+absolute position (+ surface) (+ item category, `use_category`) embeddings, through a pre-norm causal transformer. Its outputs
 feed a retrieval head (L2-normalised user vector vs item vectors) and, through the same
 layers' keys/values, a ranking head in which each candidate token (MASK action, next position)
 attends to the cached history and to itself only.
@@ -59,13 +59,17 @@ class ModelConfig:
     # > 0: candidate tokens carry an embedding of their slate position (clipped to this many), so
     # training absorbs position bias; serving ranks every candidate at position 0 unless told
     slate_positions: int = 0
+    # item category (items table `category`: topic / first genre) embedded into every item token and
+    # added to the retrieval item vectors: items of a sparse id share what their category has learnt
+    use_category: bool = False
+    num_categories: int = 0  # category ids 0..num_categories-1; 0 in a config file = from the data
     kind: Literal["unified", "retrieval_only", "ranking_only", "interleaved"] = "unified"
 
     def validate(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "max_history", "mlp_ratio", "time_buckets", "num_surfaces"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        for name in ("num_items", "num_actions", "num_tasks", "slate_positions"):
+        for name in ("num_items", "num_actions", "num_tasks", "slate_positions", "num_categories"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = taken from the data)")
         if self.d_model % self.n_heads:
@@ -313,6 +317,14 @@ class UniPinRec(nn.Module):
         self.time_emb = nn.Embedding(cfg.time_buckets, D)
         self.pos_emb = nn.Embedding(cfg.max_history + 1, D)  # candidates sit at position len <= L
         self.surface_emb = nn.Embedding(cfg.num_surfaces, D) if cfg.use_surface else None
+        self.category_emb = None
+        if cfg.use_category:
+            if cfg.num_categories <= 0:
+                raise ValueError("use_category needs num_categories resolved (> 0)")
+            self.category_emb = nn.Embedding(cfg.num_categories + 1, D, padding_idx=0)  # row 0: padding/unknown
+            # item row -> category row (category id + 1; 0 for padding and unknown): a buffer, so it
+            # travels in the state_dict (safetensors weights, content hash); set_item_categories fills it
+            self.register_buffer("item_category", torch.zeros(cfg.num_items + 1, dtype=torch.long))
         self.slate_pos_emb = nn.Embedding(cfg.slate_positions, D) if cfg.slate_positions else None
         self.action_token_emb = nn.Parameter(torch.zeros(D))  # marks action tokens (interleaved)
         self.drop = nn.Dropout(cfg.dropout)
@@ -332,6 +344,34 @@ class UniPinRec(nn.Module):
             if m.padding_idx is not None:
                 with torch.no_grad():
                     m.weight[m.padding_idx].zero_()
+
+    def set_item_categories(self, categories) -> None:
+        """categories: N category ids (>= 0, or < 0 = unknown), in item-row order 1..N."""
+        if self.category_emb is None:
+            raise RuntimeError("this model was built without use_category")
+        c = torch.as_tensor(categories, dtype=torch.long).reshape(-1)
+        if c.numel() != self.config.num_items:
+            raise ValueError(f"{c.numel()} item categories given, the model embeds {self.config.num_items} items")
+        if c.numel() and int(c.max()) >= self.config.num_categories:
+            raise ValueError(f"category {int(c.max())} is out of range: num_categories is {self.config.num_categories}")
+        rows = torch.where(c >= 0, c + 1, torch.zeros_like(c))
+        with torch.no_grad():
+            self.item_category[0] = 0
+            self.item_category[1:] = rows.to(self.item_category.device)
+
+    def _item_embed(self, items: torch.Tensor) -> torch.Tensor:
+        """Item rows (any shape) -> item embeddings (+ category embedding when enabled)."""
+        x = self.item_emb(items)
+        if self.category_emb is not None:
+            x = x + self.category_emb(self.item_category[items])
+        return x
+
+    def _item_table(self) -> torch.Tensor:
+        """(N+1, D) un-normalised item vectors of every row (row 0 = padding)."""
+        w = self.item_emb.weight
+        if self.category_emb is not None:
+            w = w + self.category_emb(self.item_category)
+        return w
 
     # --- tokens -------------------------------------------------------------------------------
 
@@ -359,7 +399,7 @@ class UniPinRec(nn.Module):
         prev_ts = ts[:, 0] if prev_ts is None else prev_ts
         pos = (start[:, None] + ar[None]).clamp(max=cfg.max_history)  # padding clamps harmlessly
         gaps = self._gaps(ts, prev_ts, request_ts)
-        base = self.item_emb(items) + self.time_emb(time_bucket(gaps, cfg.time_buckets)) + self.pos_emb(pos)
+        base = self._item_embed(items) + self.time_emb(time_bucket(gaps, cfg.time_buckets)) + self.pos_emb(pos)
         base = base + self._surface(surfaces)  # (B, W, D)
         if cfg.kind == "interleaved":
             item_tok = base + self.action_emb.weight[cfg.mask_action]
@@ -381,7 +421,7 @@ class UniPinRec(nn.Module):
         if gaps.dim() == 1:
             gaps = gaps[:, None]
         pos = lengths.clamp(max=cfg.max_history)[:, None]  # (B, 1)
-        x = self.item_emb(candidates) + self.action_emb.weight[cfg.mask_action] + self.pos_emb(pos)
+        x = self._item_embed(candidates) + self.action_emb.weight[cfg.mask_action] + self.pos_emb(pos)
         x = x + self.time_emb(time_bucket(gaps, cfg.time_buckets)).expand_as(x)
         if self.slate_pos_emb is not None:
             sp = torch.zeros_like(candidates) if slate_positions is None else slate_positions
@@ -478,8 +518,8 @@ class UniPinRec(nn.Module):
         if num_uniform > 0:
             negs.append(torch.randint(1, N + 1, (num_uniform,), device=y.device))
         neg = torch.cat(negs) if negs else y[:0]  # (K,)
-        pos_v = F.normalize(self.item_emb(y).float(), dim=-1)  # (P, D)
-        neg_v = F.normalize(self.item_emb(neg).float(), dim=-1)  # (K, D)
+        pos_v = F.normalize(self._item_embed(y).float(), dim=-1)  # (P, D)
+        neg_v = F.normalize(self._item_embed(neg).float(), dim=-1)  # (K, D)
         tau = self.config.temperature
         pos_logit = (u * pos_v).sum(-1, keepdim=True) / tau  # (P, 1)
         neg_logit = (u @ neg_v.T) / tau  # (P, K)
@@ -502,7 +542,7 @@ class UniPinRec(nn.Module):
         if y.numel() == 0:
             return hidden.sum() * 0.0
         u = F.normalize(self.retrieval_proj(hidden[sel]).float(), dim=-1)  # (P, D)
-        items = F.normalize(self.item_emb.weight[1:].float(), dim=-1)  # (N, D): row r -> class r - 1
+        items = F.normalize(self._item_table()[1:].float(), dim=-1)  # (N, D): row r -> class r - 1
         logits = (u @ items.T) / self.config.temperature  # (P, N)
         return F.cross_entropy(logits, y - 1)
 
@@ -590,7 +630,7 @@ class UniPinRec(nn.Module):
 
     def item_vectors(self) -> torch.Tensor:
         """(N+1, D) L2-normalised retrieval item vectors; row 0 (padding) is zero."""
-        v = F.normalize(self.item_emb.weight, dim=-1)
+        v = F.normalize(self._item_table(), dim=-1)
         return torch.cat([torch.zeros_like(v[:1]), v[1:]])
 
     def num_parameters(self) -> int:
@@ -612,6 +652,11 @@ class _Hist:  # the HistoryBatch fields the model reads, for internal re-encodes
     request_ts: torch.Tensor
 
 
-def resolve(cfg: ModelConfig, *, num_items: int, num_actions: int, num_tasks: int, kind: str | None = None) -> ModelConfig:
-    """Fill the data-dependent sizes (and optionally the kind) of a config."""
-    return replace(cfg, num_items=num_items, num_actions=num_actions, num_tasks=num_tasks, kind=kind or cfg.kind)
+def resolve(cfg: ModelConfig, *, num_items: int, num_actions: int, num_tasks: int, kind: str | None = None,
+            num_categories: int | None = None) -> ModelConfig:
+    """Fill the data-dependent sizes (and optionally the kind) of a config. num_categories (the
+    data's) is used only when the config leaves it at 0."""
+    out = replace(cfg, num_items=num_items, num_actions=num_actions, num_tasks=num_tasks, kind=kind or cfg.kind)
+    if cfg.num_categories == 0 and num_categories:
+        out = replace(out, num_categories=num_categories)
+    return out

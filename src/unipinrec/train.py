@@ -48,6 +48,20 @@ def load_split(examples_dir: str | Path, split: str, vocab: ItemVocab, spec: Tas
     return cat_batches(parts)
 
 
+def load_item_categories(examples_dir: str | Path, vocab: ItemVocab) -> "np.ndarray":
+    """EX/items `category` in item-row order (rows 1..N of `vocab`); null -> -1 (unknown)."""
+    import numpy as np
+
+    table = fmt.read_sharded(Path(examples_dir) / "items", columns=["item_id", "category"])
+    rows = vocab.lookup(table.column("item_id").to_numpy())
+    cat = table.column("category").fill_null(-1).to_numpy().astype(np.int64)
+    if (cat < -1).any():
+        raise ValueError(f"{examples_dir}/items: field 'category' must be >= 0 (found {int(cat.min())})")
+    out = np.full(len(vocab), -1, dtype=np.int64)
+    out[rows - 1] = cat
+    return out
+
+
 def _pad1(t: torch.Tensor, width: int) -> torch.Tensor:
     if t.shape[1] >= width:
         return t
@@ -205,7 +219,9 @@ def train(config: ExperimentConfig, examples_dir: str | Path, out_dir: str | Pat
                          f"'{ex_meta['source']}' vocabulary {list(actions.names)}")
     vocab = ItemVocab.from_examples_dir(examples_dir)
     spec = TaskSpec.resolve(config.tasks, actions)
-    mcfg = resolve(config.model, num_items=len(vocab), num_actions=actions.size, num_tasks=spec.num_tasks, kind=kind)
+    categories = load_item_categories(examples_dir, vocab) if config.model.use_category else None
+    mcfg = resolve(config.model, num_items=len(vocab), num_actions=actions.size, num_tasks=spec.num_tasks, kind=kind,
+                   num_categories=max(1, int(categories.max()) + 1) if categories is not None and len(categories) else 1)
     mcfg.validate()
     config = dataclasses.replace(config, model=mcfg)
     if int(ex_meta.get("max_history", mcfg.max_history)) < mcfg.max_history:
@@ -221,7 +237,10 @@ def train(config: ExperimentConfig, examples_dir: str | Path, out_dir: str | Pat
     total_steps = tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(tc.epochs * steps_per_epoch))
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
-    model = UniPinRec(mcfg).to(dev)
+    model = UniPinRec(mcfg)
+    if categories is not None:
+        model.set_item_categories(categories)  # before the checkpoint: a resume overwrites it with the same
+    model = model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
                             fused=dev.type == "cuda")
     fingerprint = _fingerprint(config, ex_meta, d.world)
