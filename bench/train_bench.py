@@ -28,7 +28,7 @@ def run_one(args) -> dict:
     from unipinrec.batches import ItemVocab, TaskSpec
     from unipinrec.config import load_config
     from unipinrec.model import UniPinRec, resolve
-    from unipinrec.train import load_split, pick_device, Dist, select
+    from unipinrec.train import load_item_categories, load_split, pick_device, Dist, select
 
     cfg = load_config(args.config)
     tc = cfg.train
@@ -37,11 +37,16 @@ def run_one(args) -> dict:
     actions = vocab_for(meta["source"])
     vocab = ItemVocab.from_examples_dir(args.examples)
     spec = TaskSpec.resolve(cfg.tasks, actions)
-    mcfg = resolve(cfg.model, num_items=len(vocab), num_actions=actions.size, num_tasks=spec.num_tasks, kind=args.one)
+    cats = load_item_categories(args.examples, vocab) if cfg.model.use_category else None
+    mcfg = resolve(cfg.model, num_items=len(vocab), num_actions=actions.size, num_tasks=spec.num_tasks, kind=args.one,
+                   num_categories=max(1, int(cats.max()) + 1) if cats is not None else None)
     data = load_split(args.examples, "train", vocab, spec, mcfg.max_history, tc.max_slate).to(dev)
     n = data.history.lengths.shape[0]
     torch.manual_seed(0)
-    model = UniPinRec(mcfg).to(dev).train()
+    model = UniPinRec(mcfg)
+    if cats is not None:
+        model.set_item_categories(cats)
+    model = model.to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr)
     kw = dict(alpha=tc.alpha, num_uniform_negatives=tc.num_uniform_negatives,
               num_inbatch_negatives=tc.num_inbatch_negatives, logq_correction=tc.logq_correction,

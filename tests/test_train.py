@@ -140,3 +140,21 @@ def test_bad_config_and_examples_fail_with_named_field(tiny_examples, tmp_path):
                               str(tmp_path / "o"), "--kind", "both"], env=_env(), capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 1 and "--kind" in r.stderr
+
+
+def test_use_category_fills_the_buffer_from_the_items_table(tiny_examples, tmp_path):
+    import dataclasses
+
+    from unipinrec import format as fmt
+
+    torch.set_num_threads(1)
+    cfg = load_config(TINY)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, use_category=True))
+    train(cfg, tiny_examples, tmp_path / "m", progress=False)
+    loaded = load_model(tmp_path / "m")
+    items = fmt.read_sharded(tiny_examples / "items", columns=["item_id", "category"])
+    cats = dict(zip(items.column("item_id").to_pylist(), items.column("category").to_pylist()))
+    assert loaded.config.model.num_categories == max(cats.values()) + 1  # 0 in the config = from the data
+    buf = loaded.model.item_category
+    assert buf[0] == 0 and buf[1:].tolist() == [cats[int(i)] + 1 for i in loaded.vocab.item_ids]
+    assert loaded.model.category_emb.weight[1:].abs().sum() > 0
