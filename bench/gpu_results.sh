@@ -5,6 +5,8 @@
 # runs again), jobs on the same GPU run in parallel; then every finished model is evaluated.
 # Jobs (name:gpu[:extra train args, comma-separated]), default: the first GPU call's set.
 # BENCH=1 first measures throughput / time / memory per kind alone on the GPU (bench/train_bench.py).
+# CFG_DIR=DIR: a job's config is DIR/<name>.yaml when that exists (e.g. configs/ml1m_variants).
+# COLLECT=DIR: at the end, every job's metrics in DIR/results.json and its logs in DIR/logs.tgz.
 set -u
 R=${1:-runs/gpu}; ML=${2:-runs/ml1m_ex}; SYN=${3:-runs/syn_ex}; GUARD=${4:-480}; shift $(( $# < 4 ? $# : 4 ))
 JOBS=("$@")
@@ -22,7 +24,7 @@ if [ "${BENCH:-0}" = 1 ]; then
 fi
 LEFT=$(( GUARD - ($(date +%s) - START) ))
 
-config_of() { [ -f "configs/$1.yaml" ] && { echo "configs/$1.yaml"; return; }; case $1 in synthetic*) echo configs/synthetic.yaml;; ml1m-large*) echo configs/ml1m-large.yaml;; *) echo configs/ml1m.yaml;; esac; }
+config_of() { [ -n "${CFG_DIR:-}" ] && [ -f "$CFG_DIR/$1.yaml" ] && { echo "$CFG_DIR/$1.yaml"; return; }; [ -f "configs/$1.yaml" ] && { echo "configs/$1.yaml"; return; }; case $1 in synthetic*) echo configs/synthetic.yaml;; ml1m-large*) echo configs/ml1m-large.yaml;; *) echo configs/ml1m.yaml;; esac; }
 examples_of() { case $1 in synthetic*) echo "$SYN";; *) echo "$ML";; esac; }
 
 for job in "${JOBS[@]}"; do
@@ -43,3 +45,20 @@ for job in "${JOBS[@]}"; do
 done
 wait
 echo "total $(( $(date +%s) - START )) s"
+if [ -n "${COLLECT:-}" ]; then
+  mkdir -p "$COLLECT"
+  "$PY" - "$R" "$COLLECT/results.json" "${JOBS[@]}" <<'PYEOF'
+import json, sys
+from pathlib import Path
+r, out, jobs = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+res = {}
+for job in jobs:
+    name = job.split(":")[0]
+    d = {p.stem: json.loads(p.read_text()) for p in (r / name / "metrics.json", r / name / "train_summary.json") if p.exists()}
+    curve = r / name / "eval_log.csv"
+    d["eval_log"] = curve.read_text() if curve.exists() else None
+    res[name] = d
+out.write_text(json.dumps(res, indent=1))
+PYEOF
+  tar czf "$COLLECT/logs.tgz" $(cd "$R" && ls -d */train_log.csv */eval_log.csv */train_summary.json *.log 2>/dev/null | sed "s|^|$R/|")
+fi
