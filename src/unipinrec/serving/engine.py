@@ -416,12 +416,13 @@ class Engine:
                 continue
             if r.candidates is not None:
                 c = np.asarray(r.candidates, dtype=np.int64)
-                known = np.isin(c, self.vocab.item_ids)
-                if not known.all():
-                    j = int(np.flatnonzero(~known)[0])
+                # one sorted lookup validates and maps (np.isin would sort the whole vocab per request)
+                c_rows = self.vocab.lookup(c, unknown=0)
+                if not (c_rows > 0).all():
+                    j = int(np.flatnonzero(c_rows == 0)[0])
                     out[i] = ServingError(422, f"candidates[{j}]", f"unknown item id {int(c[j])}")
                     continue
-                rows = torch.from_numpy(self.vocab.lookup(c)).to(self.device) if len(c) else None
+                rows = torch.from_numpy(c_rows).to(self.device) if len(c) else None
                 s = (self.item_vectors[rows] @ state.user_vector).float().cpu().numpy() if len(c) else np.zeros(0, np.float32)
             else:
                 c, s = state.candidates[: r.num_candidates], state.retrieval_scores[: r.num_candidates]
