@@ -361,7 +361,6 @@ def _example_queries_and_popularity(loaded, examples_dir: Path, num_queries: int
             user, _ = loaded.model.encode_history(batch)
             queries.append(user.float().numpy())
     queries = np.concatenate(queries) if queries else None
-    counts = np.zeros(len(vocab))
     train = read_sharded(examples_dir / "train", columns=["history"]).column("history")
     flat = pc.list_flatten(train.combine_chunks() if hasattr(train, "combine_chunks") else train)
     ids = flat.field("item_id").to_numpy(zero_copy_only=False)
