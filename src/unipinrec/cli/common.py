@@ -1,7 +1,6 @@
 """Shared CLI helpers: how errors reach the user (message naming the field, exit code 1)."""
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 
 import typer
