@@ -61,6 +61,13 @@ class _Prepared:
     source: str  # "request" | "store"
 
 
+def _window(p: _Prepared, max_history: int):
+    """(rows, actions, ts, surfaces) of the last `max_history` actions: what the model encodes."""
+    n0 = max(0, len(p.rows) - max_history)
+    h = p.history
+    return p.rows[n0:], h.actions[n0:], h.ts[n0:], h.surfaces[n0:]
+
+
 class _Timer:
     def __init__(self, device: torch.device):
         self.ms: dict[str, float] = {}
@@ -273,10 +280,7 @@ class Engine:
         looked = [None] * len(preps)
         if use_cache and self.user_cache.enabled:
             for i, p in enumerate(preps):
-                n0 = max(0, len(p.rows) - L)
-                h = p.history
-                looked[i] = self.user_cache.lookup(p.req.user_id, p.rows[n0:], h.actions[n0:], h.ts[n0:],
-                                                   h.surfaces[n0:], p.request_ts, L)
+                looked[i] = self.user_cache.lookup(p.req.user_id, *_window(p, L), p.request_ts, L)
                 status[i] = looked[i].status
         parts: list[tuple[Any, list[int]]] = []
         with timer.stage(stage):
@@ -302,10 +306,7 @@ class Engine:
         if use_cache and self.user_cache.enabled:
             for i, p in enumerate(preps):
                 if status[i] != "hit":
-                    n0 = max(0, len(p.rows) - L)
-                    h = p.history
-                    self.user_cache.put(p.req.user_id, trim_row(kv, i), p.rows[n0:], h.actions[n0:], h.ts[n0:],
-                                        h.surfaces[n0:], p.request_ts)
+                    self.user_cache.put(p.req.user_id, trim_row(kv, i), *_window(p, L), p.request_ts)
         return kv, status
 
     def _search(self, preps: Sequence[_Prepared], user_vectors: torch.Tensor, timer: _Timer):
