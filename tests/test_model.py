@@ -44,6 +44,20 @@ def candidates(B, C, seed=2):
     return torch.randint(1, N_ITEMS + 1, (B, C), generator=torch.Generator().manual_seed(seed))
 
 
+def next_item_targets(h: HistoryBatch) -> torch.Tensor:
+    """(B, W) the next history item at each position, 0 at the last real one and on padding."""
+    W = h.items.shape[1]
+    return torch.where(torch.arange(W)[None] < (h.lengths - 1)[:, None], torch.roll(h.items, -1, 1), 0)
+
+
+def train_batch(h: HistoryBatch, targets: torch.Tensor) -> TrainBatch:
+    """A training batch over `h` with random task labels and a 3 x 4 slate at positions 0..3."""
+    B, W = h.items.shape
+    return TrainBatch(h, torch.rand(B, W, N_TASKS).round(), targets, candidates(3, 4),
+                      torch.rand(3, 4, N_TASKS).round(), torch.ones(3, 4, dtype=torch.bool),
+                      torch.zeros(3, 4, dtype=torch.long), torch.arange(4).repeat(3, 1))
+
+
 @pytest.mark.parametrize("kind", ["unified", "ranking_only", "interleaved"])
 @pytest.mark.parametrize("time_gap", ["previous", "request"])
 def test_rank_over_cache_equals_training_forward_and_full_recompute(kind, time_gap):
@@ -245,12 +259,7 @@ def test_training_forward_losses_and_backward():
     for kind in KINDS:
         m = make_model(kind).float().train()
         h = make_history([8, 5, 12])
-        B, W = h.items.shape
-        targets = torch.where(torch.arange(W)[None] < (h.lengths - 1)[:, None], torch.roll(h.items, -1, 1), 0)
-        slate = candidates(3, 4)
-        batch = TrainBatch(h, torch.rand(B, W, N_TASKS).round(), targets, slate, torch.rand(3, 4, N_TASKS).round(),
-                           torch.ones(3, 4, dtype=torch.bool), torch.zeros(3, 4, dtype=torch.long),
-                           torch.arange(4).repeat(3, 1))
+        batch = train_batch(h, next_item_targets(h))
         loss, stats = m(batch, alpha=0.5, num_uniform_negatives=16, num_inbatch_negatives=8)
         assert torch.isfinite(loss)
         loss.backward()
@@ -290,7 +299,7 @@ def test_full_softmax_loss_is_exact_cross_entropy_over_every_item():
     m = make_model().float().train()
     h = make_history([8, 5, 12])
     B, W = h.items.shape
-    targets = torch.where(torch.arange(W)[None] < (h.lengths - 1)[:, None], torch.roll(h.items, -1, 1), 0)
+    targets = next_item_targets(h)
     hidden = torch.randn(B, W, m.config.d_model)
     loss = m.full_softmax_loss(hidden, targets)
     # by hand: every one of the N items is a class (padding row 0 never is), no logQ term
@@ -314,12 +323,7 @@ def test_training_forward_with_full_softmax():
     for kind in ("unified", "retrieval_only", "interleaved"):
         m = make_model(kind).float().train()
         h = make_history([8, 5, 12])
-        B, W = h.items.shape
-        targets = torch.where(torch.arange(W)[None] < (h.lengths - 1)[:, None], torch.roll(h.items, -1, 1), 0)
-        slate = candidates(3, 4)
-        batch = TrainBatch(h, torch.rand(B, W, N_TASKS).round(), targets, slate, torch.rand(3, 4, N_TASKS).round(),
-                           torch.ones(3, 4, dtype=torch.bool), torch.zeros(3, 4, dtype=torch.long),
-                           torch.arange(4).repeat(3, 1))
+        batch = train_batch(h, next_item_targets(h))
         loss, stats = m(batch, full_softmax=True, num_uniform_negatives=0, num_inbatch_negatives=0)
         assert torch.isfinite(loss) and stats["retrieval_loss"] > 0
         loss.backward()
@@ -409,7 +413,7 @@ def test_category_training_losses_use_the_category_and_train_it():
     m = make_category_model().float().train()
     h = make_history([8, 5, 12])
     B, W = h.items.shape
-    targets = torch.where(torch.arange(W)[None] < (h.lengths - 1)[:, None], torch.roll(h.items, -1, 1), 0)
+    targets = next_item_targets(h)
     # the full-softmax loss scores every item by item + category, as item_vectors() does
     hidden = torch.randn(B, W, m.config.d_model)
     sel = targets > 0
@@ -419,9 +423,7 @@ def test_category_training_losses_use_the_category_and_train_it():
     assert torch.allclose(m.full_softmax_loss(hidden, targets), expected, atol=1e-5)
     for full in (False, True):
         m.zero_grad()
-        batch = TrainBatch(h, torch.rand(B, W, N_TASKS).round(), targets, candidates(3, 4),
-                           torch.rand(3, 4, N_TASKS).round(), torch.ones(3, 4, dtype=torch.bool),
-                           torch.zeros(3, 4, dtype=torch.long), torch.arange(4).repeat(3, 1))
+        batch = train_batch(h, targets)
         loss, _ = m(batch, full_softmax=full, num_uniform_negatives=16, num_inbatch_negatives=8)
         loss.backward()
         assert m.category_emb.weight.grad[1:].abs().sum() > 0
