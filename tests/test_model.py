@@ -58,6 +58,19 @@ def train_batch(h: HistoryBatch, targets: torch.Tensor) -> TrainBatch:
                       torch.zeros(3, 4, dtype=torch.long), torch.arange(4).repeat(3, 1))
 
 
+def assert_scores_equal_training_forward_and_recompute(m, h, cand, scores):
+    """Cached-KV scores (B, C, T) equal the training forward with `cand` as the slate, and a full
+    recompute with each candidate alone appended to its user's history (at position len)."""
+    blended = m.rank_head(m.blended_forward(h, slate_items=cand).slate_hidden)
+    assert (scores - blended).abs().max() < TOL
+    B, C = cand.shape
+    for b in range(B):
+        hb = row(h, b)
+        for c in range(C):
+            single = m.blended_forward(hb, slate_items=cand[b:b + 1, c:c + 1])
+            assert (m.rank_head(single.slate_hidden)[0, 0] - scores[b, c]).abs().max() < TOL
+
+
 @pytest.mark.parametrize("kind", ["unified", "ranking_only", "interleaved"])
 @pytest.mark.parametrize("time_gap", ["previous", "request"])
 def test_rank_over_cache_equals_training_forward_and_full_recompute(kind, time_gap):
@@ -68,16 +81,7 @@ def test_rank_over_cache_equals_training_forward_and_full_recompute(kind, time_g
         _, cache = m.encode_history(h)
         scores = m.rank(cand, cache)  # (B, C, T)
         assert scores.shape == (4, 6, N_TASKS)
-        # the training forward with the candidates as the slate
-        out = m.blended_forward(h, slate_items=cand)
-        blended = m.rank_head(out.slate_hidden)
-        assert (scores - blended).abs().max() < TOL
-        # full recompute: each candidate alone appended to its user's history, position len
-        for b in range(4):
-            hb = row(h, b)
-            for c in range(6):
-                single = m.blended_forward(hb, slate_items=cand[b:b + 1, c:c + 1])
-                assert (m.rank_head(single.slate_hidden)[0, 0] - scores[b, c]).abs().max() < TOL
+        assert_scores_equal_training_forward_and_recompute(m, h, cand, scores)
 
 
 def test_fp32_cached_rank_matches_within_1e5():
@@ -390,12 +394,7 @@ def test_rank_over_cache_equals_full_recompute_with_categories(kind, time_gap):
     with torch.no_grad():
         _, cache = m.encode_history(h)
         scores = m.rank(cand, cache)
-        blended = m.rank_head(m.blended_forward(h, slate_items=cand).slate_hidden)
-        assert (scores - blended).abs().max() < TOL
-        for b in range(4):
-            for c in range(6):
-                single = m.blended_forward(row(h, b), slate_items=cand[b:b + 1, c:c + 1])
-                assert (m.rank_head(single.slate_hidden)[0, 0] - scores[b, c]).abs().max() < TOL
+        assert_scores_equal_training_forward_and_recompute(m, h, cand, scores)
         # and an extended cache equals a full encode
         old = HistoryBatch(h.items[:, :3] * (torch.arange(3)[None] < h.lengths.clamp(max=3)[:, None]),
                            h.actions[:, :3], h.ts[:, :3], h.surfaces[:, :3], h.lengths.clamp(max=3), h.request_ts)
