@@ -5,7 +5,8 @@
 # runs again), jobs on the same GPU run in parallel; then every finished model is evaluated.
 # Jobs (name:gpu[:extra train args, comma-separated]), default: the first GPU call's set.
 # BENCH=1 first measures throughput / time / memory per kind alone on the GPU (bench/train_bench.py).
-# CFG_DIR=DIR: a job's config is DIR/<name>.yaml when that exists (e.g. configs/ml1m_variants).
+# CFG_DIR=DIR[:DIR...]: a job's config is DIR/<name>.yaml when that exists (e.g. configs/ml1m_variants).
+# SYN_IMP=DIR: examples of the synthetic-imp* jobs (built with --history-impressions).
 # COLLECT=DIR: at the end, every job's metrics in DIR/results.json and its logs in DIR/logs.tgz.
 set -u
 R=${1:-runs/gpu}; ML=${2:-runs/ml1m_ex}; SYN=${3:-runs/syn_ex}; GUARD=${4:-480}; shift $(( $# < 4 ? $# : 4 ))
@@ -24,8 +25,8 @@ if [ "${BENCH:-0}" = 1 ]; then
 fi
 LEFT=$(( GUARD - ($(date +%s) - START) ))
 
-config_of() { [ -n "${CFG_DIR:-}" ] && [ -f "$CFG_DIR/$1.yaml" ] && { echo "$CFG_DIR/$1.yaml"; return; }; [ -f "configs/$1.yaml" ] && { echo "configs/$1.yaml"; return; }; case $1 in synthetic*) echo configs/synthetic.yaml;; ml1m-large*) echo configs/ml1m-large.yaml;; *) echo configs/ml1m.yaml;; esac; }
-examples_of() { case $1 in synthetic*) echo "$SYN";; *) echo "$ML";; esac; }
+config_of() { local d; for d in ${CFG_DIR//:/ }; do [ -f "$d/$1.yaml" ] && { echo "$d/$1.yaml"; return; }; done; [ -f "configs/$1.yaml" ] && { echo "configs/$1.yaml"; return; }; case $1 in synthetic*) echo configs/synthetic.yaml;; ml1m-large*) echo configs/ml1m-large.yaml;; *) echo configs/ml1m.yaml;; esac; }
+examples_of() { case $1 in synthetic-imp*) echo "${SYN_IMP:-runs/syn_ex_imp}";; synthetic*) echo "$SYN";; *) echo "$ML";; esac; }
 
 for job in "${JOBS[@]}"; do
   IFS=: read -r name gpu extra <<< "$job"

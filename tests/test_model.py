@@ -12,10 +12,10 @@ TOL = 1e-5
 N_ITEMS, N_ACTIONS, N_TASKS, L = 40, 5, 3, 12
 
 
-def make_model(kind="unified", time_gap="previous", seed=0, **kw) -> UniPinRec:
+def make_model(kind="unified", time_gap="previous", seed=0, dropout=0.1, **kw) -> UniPinRec:
     torch.manual_seed(seed)
     cfg = ModelConfig(num_items=N_ITEMS, num_actions=N_ACTIONS, num_tasks=N_TASKS, d_model=32, n_layers=2,
-                      n_heads=4, max_history=L, dropout=0.1, kind=kind, time_gap=time_gap, use_surface=True, **kw)
+                      n_heads=4, max_history=L, dropout=dropout, kind=kind, time_gap=time_gap, use_surface=True, **kw)
     m = UniPinRec(cfg).double().eval()  # float64 makes "equal" a sharp test; fp32 is checked separately
     return m
 
@@ -428,3 +428,84 @@ def test_category_training_losses_use_the_category_and_train_it():
         assert m.category_emb.weight.grad[1:].abs().sum() > 0
         assert m.category_emb.weight.grad[0].abs().max() == 0  # padding row stays zero
     assert "item_category" in m.state_dict() and m.state_dict()["item_category"].dtype == torch.long
+
+
+# --- the retrieval match in the ranking head (rank_similarity) ------------------------------------
+
+def make_similarity_model(kind="unified", dropout=0.1) -> UniPinRec:
+    m = make_model(kind, rank_similarity=True, dropout=dropout)
+    with torch.no_grad():
+        m.rank_sim_weight.copy_(torch.tensor([0.3, -0.2, 0.1], dtype=m.rank_sim_weight.dtype))
+    return m
+
+
+def expected_similarity_scores(m, h, cand):
+    """Reference: for each user alone, rank_head over the candidate appended to its history
+    plus w * cos(user vector of that history, item vector) / temperature."""
+    B, C = cand.shape
+    out = torch.zeros(B, C, N_TASKS, dtype=torch.float64)
+    for b in range(B):
+        hb = row(h, b)
+        u, _ = m.encode_history(hb)  # (1, D)
+        for c in range(C):
+            single = m.blended_forward(hb, slate_items=cand[b:b + 1, c:c + 1])
+            cos = (u[0] * m.item_vectors()[cand[b, c]]).sum()
+            out[b, c] = m.rank_head(single.slate_hidden)[0, 0] + m.rank_sim_weight * cos / m.config.temperature
+    return out
+
+
+@pytest.mark.parametrize("kind", ["unified", "ranking_only", "interleaved"])
+def test_rank_similarity_cached_rank_equals_full_recompute(kind):
+    m = make_similarity_model(kind)
+    h = make_history([7, 12, 1, 4])
+    cand = candidates(4, 6)
+    with torch.no_grad():
+        _, cache = m.encode_history(h)
+        scores = m.rank(cand, cache)
+        assert (scores - expected_similarity_scores(m, h, cand)).abs().max() < TOL
+        plain = m.rank_head(m.blended_forward(h, slate_items=cand).slate_hidden)
+    assert (scores - plain).abs().max() > 1e-3  # the match term is there
+    assert "rank_sim_weight" in m.state_dict()
+    assert "rank_sim_weight" not in make_model(kind).state_dict()  # off by default: old weights load
+
+
+def test_rank_similarity_training_loss_scores_slate_and_masked_history_like_rank():
+    """The training ranking loss (MAM tokens + slate) equals BCE over scores from the serving
+    path: a masked history token i is a candidate ranked over the (masked) history before it."""
+    m = make_similarity_model("ranking_only", dropout=0.0)
+    h = make_history([8, 5, 12])
+    h.surfaces.zero_()  # candidate tokens carry surface 0
+    batch = train_batch(h, next_item_targets(h))
+    m.train()
+    torch.manual_seed(123)
+    _, stats = m(batch)
+    torch.manual_seed(123)  # the same MAM draw: forward's first random call
+    valid = torch.arange(h.items.shape[1])[None] < h.lengths[:, None]
+    mam = (torch.rand(valid.shape) < m.config.mam_rate) & valid
+    assert mam.any()
+    m.eval()
+    masked_actions = torch.where(mam, torch.full_like(h.actions, m.config.mask_action), h.actions)
+    hm = HistoryBatch(h.items, masked_actions, h.ts, h.surfaces, h.lengths, h.request_ts)
+    logits, labels = [], []
+    with torch.no_grad():
+        for b, i in mam.nonzero().tolist():
+            _, cache = m.encode_history(row(hm, b, i))
+            gap = h.ts[b, i] - h.ts[b, i - 1] if i > 0 else torch.zeros((), dtype=torch.long)
+            logits.append(m.rank(h.items[b:b + 1, i:i + 1], cache, candidate_gaps=gap.reshape(1))[0, 0])
+            labels.append(batch.history_labels[b, i])
+        _, cache = m.encode_history(hm)  # in training the slate, too, sees the masked history
+        slate = m.rank(batch.slate_items, cache)
+        logits.append(slate[batch.slate_valid])
+        labels.append(batch.slate_labels[batch.slate_valid])
+    x = torch.cat([t.reshape(-1, N_TASKS) for t in logits])
+    y = torch.cat([t.reshape(-1, N_TASKS) for t in labels]).to(x.dtype)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(x, y)
+    assert abs(float(stats["ranking_loss"]) - float(expected)) < 1e-6
+
+
+def test_rank_similarity_weight_learns_from_the_ranking_loss():
+    m = make_similarity_model().float().train()
+    h = make_history([8, 5, 12])
+    loss, _ = m(train_batch(h, next_item_targets(h)), num_uniform_negatives=16, num_inbatch_negatives=8)
+    loss.backward()
+    assert m.rank_sim_weight.grad is not None and m.rank_sim_weight.grad.abs().sum() > 0

@@ -63,6 +63,10 @@ class ModelConfig:
     # added to the retrieval item vectors: items of a sparse id share what their category has learnt
     use_category: bool = False
     num_categories: int = 0  # category ids 0..num_categories-1; 0 in a config file = from the data
+    # add w_t * cos(user vector, candidate item vector) / temperature to each task's logit: the
+    # retrieval tower's user-item match, which an MLP over the candidate token only approximates
+    # (it cannot multiply interest by topic), handed to the ranker; w_t starts at 0
+    rank_similarity: bool = False
     kind: Literal["unified", "retrieval_only", "ranking_only", "interleaved"] = "unified"
 
     def validate(self) -> None:
@@ -333,6 +337,7 @@ class UniPinRec(nn.Module):
         self.retrieval_proj = nn.Linear(D, D)
         self.rank_head = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, cfg.num_tasks))
         self.apply(self._init)
+        self.rank_sim_weight = nn.Parameter(torch.zeros(cfg.num_tasks)) if cfg.rank_similarity else None
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -372,6 +377,17 @@ class UniPinRec(nn.Module):
         if self.category_emb is not None:
             w = w + self.category_emb(self.item_category)
         return w
+
+    def _rank_logits(self, h, user_vectors=None, items=None):
+        """Ranking head: h (..., D) -> (..., T); with rank_similarity, plus the scaled cosine of
+        user_vectors (..., D, L2-normalised or zero) and the items' retrieval vectors (...)."""
+        logits = self.rank_head(h)
+        if self.rank_sim_weight is None:
+            return logits
+        with torch.autocast(h.device.type, enabled=False):
+            v = F.normalize(self._item_embed(items).float(), dim=-1)
+            sim = (user_vectors.float() * v).sum(-1, keepdim=True) / self.config.temperature  # (..., 1)
+            return logits.float() + sim * self.rank_sim_weight
 
     # --- tokens -------------------------------------------------------------------------------
 
@@ -485,15 +501,26 @@ class UniPinRec(nn.Module):
             stats["retrieval_loss"] = r.detach()
         if cfg.kind != "retrieval_only":
             rank_mask = out.token_valid if cfg.kind == "interleaved" else mam
-            hs, ls = [], []
+            hs, ls, us, its = [], [], [], []
+            u_all = self._position_user_vectors(out.retrieval_hidden) if cfg.rank_similarity else None  # (B, W, D)
             if rank_mask is not None:
                 hs.append(out.ranking_hidden[rank_mask])
                 ls.append(batch.history_labels[rank_mask])
+                if u_all is not None:  # a history token's user vector: the output just before it
+                    us.append(torch.cat([torch.zeros_like(u_all[:, :1]), u_all[:, :-1]], dim=1)[rank_mask])
+                    its.append(hist.items[rank_mask])
             if out.slate_hidden is not None:
                 hs.append(out.slate_hidden[batch.slate_valid])
                 ls.append(batch.slate_labels[batch.slate_valid])
+                if u_all is not None:  # a slate token's: the output at the last history token
+                    u_last = _last_row(u_all, hist.lengths)  # (B, D)
+                    us.append(u_last[:, None].expand(-1, batch.slate_items.shape[1], -1)[batch.slate_valid])
+                    its.append(batch.slate_items[batch.slate_valid])
             h = torch.cat(hs) if hs else out.ranking_hidden.new_zeros(0, cfg.d_model)
-            logits = self.rank_head(h)  # (P, T)
+            if u_all is not None:
+                logits = self._rank_logits(h, torch.cat(us), torch.cat(its)) if hs else self.rank_head(h)
+            else:
+                logits = self.rank_head(h)  # (P, T)
             rk = F.binary_cross_entropy_with_logits(logits.float(), torch.cat(ls).float()) if len(h) else logits.sum() * 0
             loss = loss + alpha * rk
             stats["ranking_loss"] = rk.detach()
@@ -547,6 +574,10 @@ class UniPinRec(nn.Module):
         return F.cross_entropy(logits, y - 1)
 
     # --- serving API ----------------------------------------------------------------------------
+
+    def _position_user_vectors(self, retrieval_hidden):
+        """(B, W, D) retrieval outputs -> L2-normalised user vectors at every history position."""
+        return F.normalize(self.retrieval_proj(retrieval_hidden).float(), dim=-1)
 
     def _user_vectors(self, h_tokens, lengths):
         """Output at the last real token -> L2-normalised user vectors (B, D); zero if empty."""
@@ -626,7 +657,10 @@ class UniPinRec(nn.Module):
         past_valid = c.padding_mask
         for block, pk, pv in zip(self.blocks, c.keys, c.values):
             x = block.forward_candidates(x, pk, pv, past_valid)
-        return self.rank_head(self.ln_f(x))  # (B, C, T)
+        h = self.ln_f(x)
+        if self.rank_sim_weight is None:
+            return self.rank_head(h)  # (B, C, T)
+        return self._rank_logits(h, c.user_vectors[:, None, :], candidates)  # (B, C, T)
 
     def item_vectors(self) -> torch.Tensor:
         """(N+1, D) L2-normalised retrieval item vectors; row 0 (padding) is zero."""
@@ -635,6 +669,13 @@ class UniPinRec(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _last_row(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """x (B, W, D) -> (B, D) the row at lengths - 1; zero where the history is empty."""
+    idx = (lengths - 1).clamp(min=0)
+    last = x[torch.arange(x.shape[0], device=x.device), idx]
+    return torch.where((lengths > 0)[:, None], last, torch.zeros_like(last))
 
 
 def _last(ts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -27,14 +27,14 @@ def _act(r):
     return {"item_id": r["item_id"], "action": r["action"], "ts": r["ts"], "surface": r["surface"]}
 
 
-def reference_impressions(raw, L, S) -> dict[str, list[dict]]:
+def reference_impressions(raw, L, S, history_impressions=False) -> dict[str, list[dict]]:
     out = {s: [] for s in fmt.SPLITS}
     for user, rows in _rows(raw).items():
         requests = list(dict.fromkeys(r["request_id"] for r in rows if r["request_id"] is not None))
         for k, rid in enumerate(requests):
             slate = [r for r in rows if r["request_id"] == rid and r["position"] < S]
             ts = slate[0]["ts"]
-            history = [_act(r) for r in rows if r["action"] != 0 and r["ts"] < ts][-L:]
+            history = [_act(r) for r in rows if (history_impressions or r["action"] != 0) and r["ts"] < ts][-L:]
             split = "test" if k == len(requests) - 1 else "valid" if k == len(requests) - 2 else "train"
             out[split].append({"user_id": user, "request_ts": ts, "history": history, "slate": [
                 {"item_id": r["item_id"], "position": r["position"], "action": r["action"]} for r in slate]})
@@ -108,6 +108,23 @@ def test_impression_examples_equal_the_reference(synthetic_raw, tmp_path, L, S):
         assert built[split] == ref[split], split
     assert meta["splits"] == {s: len(ref[s]) for s in fmt.SPLITS}
     assert meta["splits"]["test"] == meta["splits"]["valid"] == 60
+
+
+@pytest.mark.parametrize("L", [5, 200])
+def test_history_impressions_keep_earlier_impressions_only(synthetic_raw, tmp_path, L):
+    meta = build_examples(synthetic_raw, tmp_path / "ex", max_history=L, slate_size=6, progress=False,
+                          history_impressions=True)
+    built, ref = _built(tmp_path / "ex"), reference_impressions(synthetic_raw, L, 6, history_impressions=True)
+    for split in fmt.SPLITS:
+        assert built[split] == ref[split], split
+    assert meta["history_impressions"] is True
+    tests = built["test"]
+    # the skips are there (action 0), and never the request's own slate (same ts as the request)
+    assert any(h["action"] == 0 for r in tests for h in r["history"])
+    assert all(h["ts"] < r["request_ts"] for r in tests for h in r["history"])
+    without = build_examples(synthetic_raw, tmp_path / "ex0", max_history=L, slate_size=6,
+                                            progress=False)
+    assert without["history_impressions"] is False
 
 
 def test_histories_sorted_strictly_before_request_and_last_L(synthetic_raw, tmp_path):

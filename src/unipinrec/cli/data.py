@@ -110,6 +110,8 @@ def build(
     slate_size: Optional[int] = typer.Option(None, "--slate-size", help="S: next-action slate length without "
                                              "impressions; with impressions, positions < S (default: the whole slate, or 10)."),
     chunk_events: int = typer.Option(500_000, "--chunk-events", help="Events per streamed chunk (bounds memory)."),
+    history_impressions: bool = typer.Option(False, "--history-impressions/--no-history-impressions",
+                                             help="Keep earlier impressions (shown, not engaged) in the history."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Build UnifiedExamples (history + slate per request) with train/valid/test splits."""
@@ -124,7 +126,7 @@ def build(
     _positive("--chunk-events", chunk_events)
     with user_errors(ValueError):
         meta = build_examples(raw, _out_dir("--out", out), max_history=max_history, slate_size=slate_size,
-                              chunk_events=chunk_events, progress=progress)
+                              chunk_events=chunk_events, progress=progress, history_impressions=history_impressions)
     s = meta["splits"]
     typer.echo(f"wrote {out}: train {s['train']:,}, valid {s['valid']:,}, test {s['test']:,} examples "
                f"(L={meta['max_history']}, S={meta['slate_size']})")

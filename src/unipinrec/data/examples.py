@@ -4,7 +4,9 @@ Streams the events in chunks of whole users (events are sorted by user_id, ts), 
 bounded by the chunk, not the dataset.
 
 With impressions (synthetic): each feed request is one example. history = the user's
-non-impression actions (any surface) strictly before request_ts, the last L kept; slate = the
+non-impression actions (any surface) strictly before request_ts, the last L kept (with
+`history_impressions`, earlier impressions too: shown-not-engaged items are the user's skips,
+the negatives MAM then trains on inside the history); slate = the
 request's impressions (position < slate_size) with their action. Per user, the last request is
 `test`, the one before `valid`, earlier ones `train`.
 
@@ -155,17 +157,18 @@ def _split_of_last(group_rank: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.where(from_end == 0, 2, np.where(from_end == 1, 1, 0))
 
 
-def _build_impressions(c: _Chunk, L: int, S: int) -> dict[str, pa.Table]:
+def _build_impressions(c: _Chunk, L: int, S: int, history_impressions: bool = False) -> dict[str, pa.Table]:
     user_rank, _, _ = _user_starts(c.user)
     shown = np.flatnonzero((c.request >= 0) & (c.position < S))
-    hist = np.flatnonzero(c.action != fmt.IMPRESSION_ACTION)
+    hist = np.arange(len(c)) if history_impressions else np.flatnonzero(c.action != fmt.IMPRESSION_ACTION)
     # requests: runs of equal request_id among the impression rows (rows are grouped by request)
     imp_req = c.request[shown]
     new_req = np.ones(len(shown), dtype=bool)
     new_req[1:] = imp_req[1:] != imp_req[:-1]
     req_first = shown[new_req]  # first slate row of each request
     s_len = np.diff(np.append(np.flatnonzero(new_req), len(shown)))
-    # history end = number of the user's non-impression rows with ts < request_ts
+    # history end = number of the user's history rows with ts < request_ts (the request's own
+    # impressions share its ts, so they never leak into its history)
     t0 = int(c.ts.min()) if len(c) else 0
     hkey = user_rank[hist].astype(np.int64) * (1 << 40) + (c.ts[hist] - t0)
     rkey = user_rank[req_first].astype(np.int64) * (1 << 40) + (c.ts[req_first] - t0)
@@ -186,7 +189,7 @@ def _build_impressions(c: _Chunk, L: int, S: int) -> dict[str, pa.Table]:
     return out
 
 
-def _build_sequences(c: _Chunk, L: int, S: int) -> dict[str, pa.Table]:
+def _build_sequences(c: _Chunk, L: int, S: int, history_impressions: bool = False) -> dict[str, pa.Table]:
     _, starts, n = _user_starts(c.user)
     out = {}
     for name, back in (("test", 1), ("valid", 2)):
@@ -221,11 +224,14 @@ def _copy_shards(src: Path, dst: Path) -> None:
 
 
 def build_examples(raw_dir: str | Path, out_dir: str | Path, *, max_history: int = 50, slate_size: int | None = None,
-                   chunk_events: int = 500_000, rows_per_shard: int = 250_000, progress: bool = True) -> dict:
+                   chunk_events: int = 500_000, rows_per_shard: int = 250_000, progress: bool = True,
+                   history_impressions: bool = False) -> dict:
     """Build EX/ from RAW/ (docs/architecture.md); returns the EX meta dict.
 
     slate_size: MovieLens next-action slate length S; with impressions, slates keep positions
     < S (default: the generator's slate size, i.e. the whole slate).
+    history_impressions: keep earlier impressions (action 0) in the history (data with
+    impressions only; MovieLens has none).
     """
     from tqdm.auto import tqdm
 
@@ -251,7 +257,7 @@ def build_examples(raw_dir: str | Path, out_dir: str | Path, *, max_history: int
         with tqdm(total=total, unit="event", unit_scale=True, desc="examples", disable=not progress) as bar:
             for chunk in iter_user_chunks(raw / "events", chunk_events):
                 build = _build_impressions if has_imp else _build_sequences
-                for split, table in build(chunk, max_history, slate_size).items():
+                for split, table in build(chunk, max_history, slate_size, history_impressions).items():
                     writers[split].write(table)
                     counts[split] += table.num_rows
                 num_users += len(np.unique(chunk.user))
@@ -271,6 +277,7 @@ def build_examples(raw_dir: str | Path, out_dir: str | Path, *, max_history: int
         "max_history": max_history,
         "slate_size": slate_size,
         "has_impressions": has_imp,
+        "history_impressions": bool(history_impressions and has_imp),
         "splits": counts,
         "num_examples": sum(counts.values()),
         "num_users": num_users,
