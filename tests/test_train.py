@@ -158,3 +158,26 @@ def test_use_category_fills_the_buffer_from_the_items_table(tiny_examples, tmp_p
     buf = loaded.model.item_category
     assert buf[0] == 0 and buf[1:].tolist() == [cats[int(i)] + 1 for i in loaded.vocab.item_ids]
     assert loaded.model.category_emb.weight[1:].abs().sum() > 0
+
+
+def test_history_impressions_must_match_the_examples_and_train_with_rank_similarity(tiny_examples, tmp_path):
+    import dataclasses
+
+    from unipinrec.data import build_examples
+
+    cfg = load_config(TINY)
+    with_imp = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, history_impressions=True),
+                                   model=dataclasses.replace(cfg.model, rank_similarity=True),
+                                   train=dataclasses.replace(cfg.train, max_steps=3, progress=False))
+    with pytest.raises(ValueError, match="data.history_impressions is True"):
+        train(with_imp, tiny_examples, tmp_path / "m0", device="cpu")
+    raw = Path(json.loads((tiny_examples / "meta.json").read_text())["raw"])
+    ex = build_examples(raw, tmp_path / "ex_imp", max_history=cfg.data.max_history, progress=False,
+                        history_impressions=True)
+    assert ex["history_impressions"] is True
+    summary = train(with_imp, tmp_path / "ex_imp", tmp_path / "m1", device="cpu")
+    assert summary["steps"] == 3
+    loaded = load_model(tmp_path / "m1")
+    assert loaded.config.data.history_impressions and loaded.model.rank_sim_weight is not None
+    with pytest.raises(ValueError, match="history_impressions needs data with impressions"):
+        dataclasses.replace(cfg.data, source="movielens-1m", history_impressions=True).validate()

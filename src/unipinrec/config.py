@@ -137,6 +137,9 @@ class DataConfig:
     seed: int = 42
     max_history: int = 50  # L: the last L actions are kept
     slate_size: int = 10  # S: MovieLens next-action slates; synthetic slates have this many items
+    # keep earlier impressions (shown, not engaged) in the history (`examples build --history-impressions`);
+    # only for data with impressions (synthetic)
+    history_impressions: bool = False
 
     def validate(self) -> None:
         if self.source not in ("synthetic", "movielens-1m", "movielens-100k"):
@@ -144,6 +147,8 @@ class DataConfig:
         for name in ("num_users", "num_items", "num_requests_per_user", "max_history", "slate_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.history_impressions and self.source != "synthetic":
+            raise ValueError(f"history_impressions needs data with impressions; source '{self.source}' has none")
 
 
 @dataclass

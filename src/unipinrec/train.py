@@ -224,6 +224,11 @@ def train(config: ExperimentConfig, examples_dir: str | Path, out_dir: str | Pat
                    num_categories=max(1, int(categories.max()) + 1) if categories is not None and len(categories) else 1)
     mcfg.validate()
     config = dataclasses.replace(config, model=mcfg)
+    built_with = bool(ex_meta.get("history_impressions", False))
+    if built_with != config.data.history_impressions:  # the model would learn from other histories than serving sends
+        raise ValueError(f"data.history_impressions is {config.data.history_impressions} but {examples_dir} was built "
+                         f"{'with' if built_with else 'without'} impressions in the history "
+                         f"(`unipinrec examples build --{'' if config.data.history_impressions else 'no-'}history-impressions`)")
     if int(ex_meta.get("max_history", mcfg.max_history)) < mcfg.max_history:
         raise ValueError(f"model.max_history {mcfg.max_history} exceeds the examples' max_history {ex_meta['max_history']}")
 
