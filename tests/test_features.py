@@ -210,3 +210,130 @@ def test_snapshots_table_shape():
         expected.append((u, mine[-1][3] + 1, [r[1] for r in mine[-4:]]))
     got = [(r["user_id"], int(r["event_timestamp"].timestamp()), r["hist_item_ids"]) for r in snap]
     assert sorted(got) == sorted(expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# history_impressions: impressions (action 0) are history too, in Feast as in the example builder
+
+@pytest.fixture(scope="module")
+def store_with_impressions(tmp_path_factory):
+    root = tmp_path_factory.mktemp("feast-imp")
+    raw = root / "raw"
+    fmt.write_sharded(raw / "events", _events(EVENTS), fmt.EVENTS_SCHEMA)
+    items = pa.table({"item_id": pa.array(range(10, 31), pa.int64()), "category": pa.array([0] * 21, pa.int32()),
+                      "title": pa.array([f"item {i}" for i in range(10, 31)])})
+    fmt.write_sharded(raw / "items", items, fmt.ITEMS_SCHEMA)
+    repo = root / "repo"
+    return repo, F.build_feature_store(raw, repo, max_history=L, history_impressions=True)
+
+
+def test_store_meta_records_the_history_rule(store, store_with_impressions):
+    assert store[1]["sources"]["history_impressions"] is False
+    assert store_with_impressions[1]["sources"]["history_impressions"] is True
+    assert F.read_feature_meta(store_with_impressions[0])["sources"]["history_impressions"] is True
+
+
+def test_history_impressions_are_point_in_time_history_and_online(store_with_impressions):
+    repo, _ = store_with_impressions
+    queries = [(1, 250), (1, 251), (1, 10_000), (3, 500), (3, 501)]
+    hist = F.historical_histories(repo, [u for u, _ in queries], [t for _, t in queries])
+    assert _items(hist) == [
+        [10, 11, 12],  # the impression at 250 is hidden at 250 ...
+        [11, 12, 13],  # ... and history one second later (the last L = 3)
+        [13, 14, 15],
+        [],
+        [30],          # a user with only an impression now has a history
+    ]
+    assert hist.to_pylist()[1][-1] == {"item_id": 13, "action": 0, "ts": 250, "surface": 0}
+    lookup = F.OnlineHistoryLookup(repo)
+    assert [(a["item_id"], a["action"]) for a in lookup(1)] == [(13, 0), (14, 3), (15, 1)]
+    assert lookup(3) == [{"item_id": 30, "action": 0, "ts": 500, "surface": 0}]
+
+
+@pytest.fixture(scope="module")
+def synthetic_with_impressions(tmp_path_factory):
+    """Generated data; examples and a Feast store both built with history_impressions=True."""
+    from unipinrec.data import build_examples, generate_synthetic
+
+    root = tmp_path_factory.mktemp("feast-imp-syn")
+    raw, ex, repo = root / "raw", root / "ex", root / "repo"
+    generate_synthetic(raw, num_users=40, num_items=60, num_requests_per_user=5, seed=4, progress=False)
+    build_examples(raw, ex, max_history=12, progress=False, history_impressions=True)
+    F.build_feature_store(raw, repo, max_history=12, history_impressions=True,
+                          at=F.request_times(raw, 12, history_impressions=True))
+    return root, raw, ex, repo
+
+
+def test_feast_histories_with_impressions_equal_the_builders(synthetic_with_impressions):
+    root, raw, ex, repo = synthetic_with_impressions
+    builder = {s: fmt.read_sharded(ex / s) for s in fmt.SPLITS}
+    stats = F.attach_histories(ex, repo, root / "ex_feast")
+    assert {s: v["examples"] for s, v in stats.items()} == {s: t.num_rows for s, t in builder.items()}
+    assert all(v["history_differs_from_builder"] == 0 for v in stats.values()), stats
+    for s in fmt.SPLITS:
+        assert fmt.read_sharded(root / "ex_feast" / s).column("history").equals(builder[s].column("history"))
+    meta = fmt.read_meta(root / "ex_feast")
+    assert meta["history_impressions"] is True
+    test = fmt.read_sharded(root / "ex_feast" / "test").to_pylist()
+    actions = [a["action"] for row in test for a in row["history"]]
+    assert 0 in actions and any(a != 0 for a in actions)  # impressions and engagements, both
+    for row in test:
+        assert all(a["ts"] < row["request_ts"] for a in row["history"])
+    # online: each user's latest history, impressions included (all events, the last 12)
+    events = fmt.read_sharded(raw / "events").to_pylist()
+    lookup = F.OnlineHistoryLookup(repo)
+    for u in (0, 1, 2):
+        mine = sorted((e for e in events if e["user_id"] == u),
+                      key=lambda e: (e["ts"], e["request_id"] if e["request_id"] is not None else -1,
+                                     e["position"] if e["position"] is not None else -1))
+        assert [(a["item_id"], a["action"]) for a in lookup(u)] == [(e["item_id"], e["action"]) for e in mine[-12:]]
+
+
+def test_attach_histories_refuses_a_store_with_the_other_history_rule(synthetic_with_impressions):
+    from unipinrec.data import build_examples
+
+    root, raw, ex, repo = synthetic_with_impressions
+    plain = root / "ex_plain"
+    build_examples(raw, plain, max_history=12, progress=False)  # default rule: no impressions
+    with pytest.raises(F.FeatureStoreError, match="history_impressions=True.*history_impressions=False"):
+        F.attach_histories(plain, repo, root / "ex_refused")
+    assert not (root / "ex_refused").exists()  # refused before writing anything
+    # examples from before the option (no key in meta) hold the default rule: refused too
+    old = root / "ex_old"
+    import shutil
+
+    shutil.copytree(ex, old)
+    meta = fmt.read_meta(old)
+    del meta["history_impressions"]
+    fmt.write_meta(old, meta)
+    with pytest.raises(F.FeatureStoreError, match="history_impressions"):
+        F.attach_histories(old, repo, root / "ex_refused")
+
+
+def test_engine_serves_a_user_from_a_store_with_impressions(tmp_path):
+    """A user_id-only request reads impressions from the online store and is scored; so is a
+    request whose own history holds action 0."""
+    from unipinrec.index import build_index_for_model
+    from unipinrec.serving.engine import Engine
+    from unipinrec.serving.synthetic import ITEM_ID_OFFSET, make_model_dir
+
+    # the model's items start at ITEM_ID_OFFSET: a store over those ids, with impressions
+    raw = tmp_path / "raw"
+    shifted = [(u, ITEM_ID_OFFSET + i, a, t, s, r, p) for u, i, a, t, s, r, p in EVENTS]
+    fmt.write_sharded(raw / "events", _events(shifted), fmt.EVENTS_SCHEMA)
+    ids = range(ITEM_ID_OFFSET, ITEM_ID_OFFSET + 40)
+    fmt.write_sharded(raw / "items", pa.table({"item_id": pa.array(ids, pa.int64()), "category": pa.array([0] * 40, pa.int32()),
+                                               "title": pa.array([str(i) for i in ids])}), fmt.ITEMS_SCHEMA)
+    repo = tmp_path / "repo"
+    F.build_feature_store(raw, repo, max_history=L, history_impressions=True)
+    make_model_dir(tmp_path / "model", num_items=40, d_model=16, n_layers=1, max_history=8, seed=0)
+    build_index_for_model(tmp_path / "model", tmp_path / "index", num_queries=10)
+    engine = Engine.from_dirs(tmp_path / "model", tmp_path / "index", store=F.online_store(repo))
+    out = engine.handle({"user_id": 3, "k": 5, "num_candidates": 10})
+    assert out["history_source"] == "store" and out["history_length"] == 1 and not out["cold_start"]
+    assert len(out["items"]) == 5
+    out = engine.handle({"user_id": 1, "k": 5, "num_candidates": 10})
+    assert out["history_length"] == L
+    history = [{"item_id": ITEM_ID_OFFSET + 13, "action": 0, "ts": 250}, {"item_id": ITEM_ID_OFFSET + 14, "action": 0, "ts": 300}]
+    out = engine.handle({"user_id": 99, "history": history, "k": 5, "num_candidates": 10})
+    assert out["history_source"] == "request" and out["history_length"] == 2 and len(out["items"]) == 5

@@ -12,8 +12,11 @@
   (serving, when a request carries only `user_id`; it implements the serving engine's
   `OnlineStore` protocol, and `online_store` is the factory a model archive names).
 
-History = the user's non-impression actions (action != 0), the rule of
+History = the user's non-impression actions (action != 0), or with `history_impressions`
+(`data.history_impressions`) all actions including earlier impressions: the rule of
 `unipinrec.data.examples`, ordered by (ts, request_id, position) with organic actions first.
+The store records its rule in feature_meta.json and `attach_histories` refuses examples built
+with the other one.
 Feast is imported inside functions only: importing it sets PROMETHEUS_MULTIPROC_DIR and
 imports torch, which the rest of the library must not pay for.
 """
@@ -102,11 +105,13 @@ def prepare_repo(repo_dir: str | Path, template: str | Path | None = None) -> Pa
     return repo
 
 
-def _history_rows(events_dir: Path) -> dict[str, np.ndarray]:
-    """History actions of all users, sorted like the example builder: (user, ts, request, position)."""
+def _history_rows(events_dir: Path, history_impressions: bool = False) -> dict[str, np.ndarray]:
+    """History actions of all users, sorted like the example builder: (user, ts, request, position).
+    Impressions (action 0) are history only with `history_impressions`."""
     cols = ["user_id", "item_id", "action", "ts", "surface", "request_id", "position"]
     t = fmt.read_sharded(events_dir, columns=cols)
-    t = t.filter(pc.not_equal(t.column("action"), fmt.IMPRESSION_ACTION))
+    if not history_impressions:
+        t = t.filter(pc.not_equal(t.column("action"), fmt.IMPRESSION_ACTION))
     user, ts = t.column("user_id").to_numpy(), t.column("ts").to_numpy()
     req = pc.fill_null(t.column("request_id"), -1).to_numpy()
     pos = pc.fill_null(t.column("position"), -1).to_numpy()
@@ -150,7 +155,8 @@ def _snapshot_table(r: dict[str, np.ndarray], begins: np.ndarray, ends: np.ndarr
 
 
 def history_snapshots(events_dir: str | Path, max_history: int,
-                      at: tuple[np.ndarray, np.ndarray] | None = None) -> pa.Table:
+                      at: tuple[np.ndarray, np.ndarray] | None = None, *,
+                      history_impressions: bool = False) -> pa.Table:
     """The user-history source table (USER_HISTORY_SCHEMA).
 
     at=None: one row after every distinct action time t of a user (actions with ts <= t,
@@ -159,10 +165,11 @@ def history_snapshots(events_dir: str | Path, max_history: int,
     stamped at that time (a lookup at exactly those times is exact, between them it sees the
     latest earlier snapshot, never a later action), plus each user's full history stamped
     last ts + 1 s for the online store. Rows = requests + users: what scales to long histories.
+    history_impressions: impressions (action 0) are history too (the example builder's option).
     """
     if max_history <= 0:
         raise ValueError(f"max_history must be positive, got {max_history}")
-    r = _history_rows(Path(events_dir))
+    r = _history_rows(Path(events_dir), history_impressions)
     user, ts = r["user"], r["ts"]
     n = len(user)
     if n == 0:
@@ -205,15 +212,17 @@ def history_snapshots(events_dir: str | Path, max_history: int,
     return table.take(pa.array(np.sort(order[~dup])))
 
 
-def request_times(raw_dir: str | Path, max_history: int, slate_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(user_ids, request_ts) of every example the example builder makes from RAW: the times
-    the training examples look histories up at."""
+def request_times(raw_dir: str | Path, max_history: int, slate_size: int | None = None, *,
+                  history_impressions: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(user_ids, request_ts) of every example the example builder makes from RAW (with the
+    same options as the examples): the times the training examples look histories up at."""
     import tempfile
 
     from .data import build_examples
 
     with tempfile.TemporaryDirectory(prefix="unipinrec-req-") as tmp:
-        build_examples(raw_dir, tmp, max_history=max_history, slate_size=slate_size, progress=False)
+        build_examples(raw_dir, tmp, max_history=max_history, slate_size=slate_size, progress=False,
+                       history_impressions=history_impressions)
         parts = [fmt.read_sharded(Path(tmp) / s, columns=["user_id", "request_ts"]) for s in fmt.SPLITS]
     t = pa.concat_tables(parts)
     return t.column("user_id").to_numpy(), t.column("request_ts").to_numpy()
@@ -232,12 +241,12 @@ def item_rows(raw_dir: str | Path) -> pa.Table:
 
 
 def write_sources(raw_dir: str | Path, repo_dir: str | Path, max_history: int,
-                  at: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+                  at: tuple[np.ndarray, np.ndarray] | None = None, *, history_impressions: bool = False) -> dict:
     """Write data/user_history.parquet and data/item_features.parquet into the repo
-    (`at`: snapshot times, see `history_snapshots`)."""
+    (`at`: snapshot times, `history_impressions`: the history rule; see `history_snapshots`)."""
     raw, data = Path(raw_dir), Path(repo_dir) / "data"
     data.mkdir(parents=True, exist_ok=True)
-    hist = history_snapshots(raw / "events", max_history, at)
+    hist = history_snapshots(raw / "events", max_history, at, history_impressions=history_impressions)
     pq.write_table(hist, data / "user_history.parquet", compression="zstd")
     items = item_rows(raw)
     pq.write_table(items, data / "item_features.parquet", compression="zstd")
@@ -247,6 +256,7 @@ def write_sources(raw_dir: str | Path, repo_dir: str | Path, max_history: int,
         "history_users": len(pc.unique(hist.column("user_id"))),
         "item_rows": items.num_rows,
         "max_history": max_history,
+        "history_impressions": bool(history_impressions),
         "snapshots": "every action" if at is None else "requests + latest",
         "first_ts": int(pc.min(ts).cast(pa.int64()).as_py() or 0),
         "last_ts": int(pc.max(ts).cast(pa.int64()).as_py() or 0),
@@ -341,17 +351,18 @@ def read_feature_meta(repo_dir: str | Path) -> dict:
 
 def build_feature_store(raw_dir: str | Path, repo_dir: str | Path, *, max_history: int, env: str = "local",
                         template: str | Path | None = None, online: bool = True,
-                        at: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+                        at: tuple[np.ndarray, np.ndarray] | None = None, history_impressions: bool = False) -> dict:
     """RAW -> a ready feature repo: definitions, sources, registry (apply), online store (materialize).
 
     `at`: (user_ids, times) to snapshot histories at (e.g. `request_times(raw, L)`); None
-    snapshots after every action. Returns (and writes to REPO/feature_meta.json) row counts and
+    snapshots after every action. `history_impressions`: impressions (action 0) are history too
+    (build `at` with the same option). Returns (and writes to REPO/feature_meta.json) row counts and
     the seconds each stage took.
     """
     repo = prepare_repo(repo_dir, template)
     seconds = {}
     t0 = time.perf_counter()
-    sources = write_sources(raw_dir, repo, max_history, at)
+    sources = write_sources(raw_dir, repo, max_history, at, history_impressions=history_impressions)
     seconds["write_sources"] = time.perf_counter() - t0
     meta = {"project": PROJECT, "feature_service": FEATURE_SERVICE, "env": env, "raw": str(raw_dir),
             "sources": sources, "seconds": seconds}
@@ -438,6 +449,13 @@ def attach_histories(examples_dir: str | Path, repo_dir: str | Path, out_dir: st
     if store_meta["sources"]["max_history"] < L:
         raise FeatureStoreError(f"feature store keeps {store_meta['sources']['max_history']} actions per history, "
                                 f"the examples need max_history={L}")
+    # stores and examples from before the option have no key: they hold the default rule
+    want = bool(meta.get("history_impressions", False))
+    have = bool(store_meta["sources"].get("history_impressions", False))
+    if have != want:
+        raise FeatureStoreError(f"feature store was built with history_impressions={have}, the examples in "
+                                f"{ex} with history_impressions={want}: rebuild the store with "
+                                f"data.history_impressions: {str(want).lower()}")
     store = open_store(repo_dir, env)
     stats = {}
     for split in splits:
