@@ -139,8 +139,11 @@ def build_features(raw_dir: str | Path, repo_dir: str | Path, *, config_yaml: st
     if snapshots not in ("requests", "actions"):
         raise StepError(f"snapshots: {snapshots!r} is not requests or actions")
     cfg = parse_config(config_yaml)
-    at = request_times(raw_dir, cfg.data.max_history, cfg.data.slate_size) if snapshots == "requests" else None
-    return build_feature_store(raw_dir, repo_dir, max_history=cfg.data.max_history, env=env, at=at)
+    rule = cfg.data.history_impressions  # the history rule of the examples this store will serve
+    at = request_times(raw_dir, cfg.data.max_history, cfg.data.slate_size, history_impressions=rule) \
+        if snapshots == "requests" else None
+    return build_feature_store(raw_dir, repo_dir, max_history=cfg.data.max_history, env=env, at=at,
+                               history_impressions=rule)
 
 
 def build_examples(raw_dir: str | Path, repo_dir: str | Path, out_dir: str | Path, *, config_yaml: str = "",
@@ -152,7 +155,8 @@ def build_examples(raw_dir: str | Path, repo_dir: str | Path, out_dir: str | Pat
 
     cfg = parse_config(config_yaml)
     with tempfile.TemporaryDirectory(prefix="unipinrec-ex-") as tmp:
-        meta = build(raw_dir, tmp, max_history=cfg.data.max_history, slate_size=cfg.data.slate_size, progress=False)
+        meta = build(raw_dir, tmp, max_history=cfg.data.max_history, slate_size=cfg.data.slate_size, progress=False,
+                     history_impressions=cfg.data.history_impressions)
         stats = attach_histories(tmp, repo_dir, out_dir, env=env)
     result = {"splits": meta["splits"], "feast": stats,
               "history_differs_from_builder": sum(v["history_differs_from_builder"] for v in stats.values())}
