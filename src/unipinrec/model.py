@@ -4,7 +4,9 @@ One token per history action: item + action (with a MASK action) + log time-gap 
 absolute position (+ surface) (+ item category, `use_category`) embeddings, through a pre-norm causal transformer. Its outputs
 feed a retrieval head (L2-normalised user vector vs item vectors) and, through the same
 layers' keys/values, a ranking head in which each candidate token (MASK action, next position)
-attends to the cached history and to itself only.
+attends to the cached history and to itself only. With `rank_similarity` the ranking logits also
+get the retrieval tower's user-item cosine (learnt weight per task): the match of interest and
+item that an MLP over the candidate token cannot form as a product.
 
 Histories are RIGHT-padded: real tokens at positions 0..len-1; the user vector is the output
 at position len-1; candidates (and training slate tokens) sit at position len.
