@@ -248,3 +248,31 @@ def test_engine_imports_no_platform_libraries():
             "print(sorted(m for m in ('kfp', 'feast', 'great_expectations', 'faiss', 'ts') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_rank_similarity_model_serves_like_the_reference_through_batches_and_the_cache(tmp_path):
+    """The user-item match term reaches serving: one request equals the from-scratch reference,
+    batched equals one at a time, and an extended cross-request KV cache leaves scores unchanged."""
+    from unipinrec.index import build_index_for_model
+    from unipinrec.serving.synthetic import make_model_dir
+
+    make_model_dir(tmp_path / "m", num_items=NUM_ITEMS, max_history=L, seed=5, rank_similarity=True)
+    build_index_for_model(tmp_path / "m", tmp_path / "i", num_queries=50)
+    assert float(load_model(tmp_path / "m").model.rank_sim_weight.abs().sum()) > 0
+    eng = Engine.from_dirs(tmp_path / "m", tmp_path / "i")
+    body = req(user_id=500, n=12, seed=3)
+    want_ids, want_scores, _ = reference(tmp_path / "m", body)
+    resp = eng.handle(body)
+    assert ids(resp) == want_ids
+    np.testing.assert_allclose(scores(resp), want_scores, rtol=1e-5, atol=1e-6)
+    bodies = [req(user_id=510 + i, n=5 + i, seed=10 + i) for i in range(3)]
+    batched = eng.handle_batch([parse_request(b) for b in bodies])
+    for b, got in zip(bodies, batched):
+        one = Engine.from_dirs(tmp_path / "m", tmp_path / "i", config=EngineConfig(kv_cache_bytes=0)).handle(b)
+        assert ids(got) == ids(one)
+        np.testing.assert_allclose(scores(got), scores(one), rtol=1e-5, atol=1e-6)
+    first = {**body, "user_id": 520, "history": body["history"][:7]}
+    eng.handle(first)
+    ext = eng.handle({**body, "user_id": 520})
+    assert ext["kv_cache"] == "extend"
+    np.testing.assert_allclose(scores(ext), want_scores, rtol=1e-5, atol=1e-6)
