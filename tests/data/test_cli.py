@@ -37,6 +37,13 @@ def test_generate_build_stats(tmp_path):
     assert stats["splits"]["train"]["history_length"]["max"] <= 8
     slate = stats["splits"]["train"]["slate_actions"]
     assert stats["splits"]["train"]["positive_rate"] == pytest.approx(slate["save"] / sum(slate.values()))
+    assert ex["history_impressions"] is False
+    r = run("examples", "build", "--raw", tmp_path / "raw", "--out", tmp_path / "ex_imp", "--max-history", 8,
+            "--history-impressions", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert fmt.read_meta(tmp_path / "ex_imp")["history_impressions"] is True
+    hist = fmt.read_sharded(tmp_path / "ex_imp" / "test").column("history").to_pylist()
+    assert any(a["action"] == 0 for h in hist for a in h)  # shown-not-engaged items are history now
 
 
 def test_generate_by_events(tmp_path):
