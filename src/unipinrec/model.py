@@ -519,10 +519,7 @@ class UniPinRec(nn.Module):
                     us.append(u_last[:, None].expand(-1, batch.slate_items.shape[1], -1)[batch.slate_valid])
                     its.append(batch.slate_items[batch.slate_valid])
             h = torch.cat(hs) if hs else out.ranking_hidden.new_zeros(0, cfg.d_model)
-            if u_all is not None:
-                logits = self._rank_logits(h, torch.cat(us), torch.cat(its)) if hs else self.rank_head(h)
-            else:
-                logits = self.rank_head(h)  # (P, T)
+            logits = self._rank_logits(h, torch.cat(us), torch.cat(its)) if us else self.rank_head(h)  # (P, T)
             rk = F.binary_cross_entropy_with_logits(logits.float(), torch.cat(ls).float()) if len(h) else logits.sum() * 0
             loss = loss + alpha * rk
             stats["ranking_loss"] = rk.detach()
@@ -659,10 +656,7 @@ class UniPinRec(nn.Module):
         past_valid = c.padding_mask
         for block, pk, pv in zip(self.blocks, c.keys, c.values):
             x = block.forward_candidates(x, pk, pv, past_valid)
-        h = self.ln_f(x)
-        if self.rank_sim_weight is None:
-            return self.rank_head(h)  # (B, C, T)
-        return self._rank_logits(h, c.user_vectors[:, None, :], candidates)  # (B, C, T)
+        return self._rank_logits(self.ln_f(x), c.user_vectors[:, None, :], candidates)  # (B, C, T)
 
     def item_vectors(self) -> torch.Tensor:
         """(N+1, D) L2-normalised retrieval item vectors; row 0 (padding) is zero."""
