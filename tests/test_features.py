@@ -260,7 +260,7 @@ def synthetic_with_impressions(tmp_path_factory):
     generate_synthetic(raw, num_users=40, num_items=60, num_requests_per_user=5, seed=4, progress=False)
     build_examples(raw, ex, max_history=12, progress=False, history_impressions=True)
     F.build_feature_store(raw, repo, max_history=12, history_impressions=True,
-                          at=F.request_times(raw, 12, history_impressions=True))
+                          at=F.request_times(raw, 12))
     return root, raw, ex, repo
 
 

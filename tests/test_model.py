@@ -58,17 +58,28 @@ def train_batch(h: HistoryBatch, targets: torch.Tensor) -> TrainBatch:
                       torch.zeros(3, 4, dtype=torch.long), torch.arange(4).repeat(3, 1))
 
 
+def head_logits(m, slate_hidden, h, cand):
+    """The ranking head over slate outputs (B, C, D), written out: rank_head, plus with
+    rank_similarity w * cos(user vector of h, item vector) / temperature."""
+    logits = m.rank_head(slate_hidden)
+    if m.rank_sim_weight is None:
+        return logits
+    cos = (m.encode_history(h)[0][:, None, :] * m.item_vectors()[cand]).sum(-1, keepdim=True)
+    return logits + m.rank_sim_weight * cos / m.config.temperature
+
+
 def assert_scores_equal_training_forward_and_recompute(m, h, cand, scores):
     """Cached-KV scores (B, C, T) equal the training forward with `cand` as the slate, and a full
     recompute with each candidate alone appended to its user's history (at position len)."""
-    blended = m.rank_head(m.blended_forward(h, slate_items=cand).slate_hidden)
+    blended = head_logits(m, m.blended_forward(h, slate_items=cand).slate_hidden, h, cand)
     assert (scores - blended).abs().max() < TOL
     B, C = cand.shape
     for b in range(B):
         hb = row(h, b)
         for c in range(C):
-            single = m.blended_forward(hb, slate_items=cand[b:b + 1, c:c + 1])
-            assert (m.rank_head(single.slate_hidden)[0, 0] - scores[b, c]).abs().max() < TOL
+            one = cand[b:b + 1, c:c + 1]
+            single = m.blended_forward(hb, slate_items=one)
+            assert (head_logits(m, single.slate_hidden, hb, one)[0, 0] - scores[b, c]).abs().max() < TOL
 
 
 @pytest.mark.parametrize("kind", ["unified", "ranking_only", "interleaved"])
@@ -439,21 +450,6 @@ def make_similarity_model(kind="unified", dropout=0.1) -> UniPinRec:
     return m
 
 
-def expected_similarity_scores(m, h, cand):
-    """Reference: for each user alone, rank_head over the candidate appended to its history
-    plus w * cos(user vector of that history, item vector) / temperature."""
-    B, C = cand.shape
-    out = torch.zeros(B, C, N_TASKS, dtype=torch.float64)
-    for b in range(B):
-        hb = row(h, b)
-        u, _ = m.encode_history(hb)  # (1, D)
-        for c in range(C):
-            single = m.blended_forward(hb, slate_items=cand[b:b + 1, c:c + 1])
-            cos = (u[0] * m.item_vectors()[cand[b, c]]).sum()
-            out[b, c] = m.rank_head(single.slate_hidden)[0, 0] + m.rank_sim_weight * cos / m.config.temperature
-    return out
-
-
 @pytest.mark.parametrize("kind", ["unified", "ranking_only", "interleaved"])
 def test_rank_similarity_cached_rank_equals_full_recompute(kind):
     m = make_similarity_model(kind)
@@ -462,7 +458,7 @@ def test_rank_similarity_cached_rank_equals_full_recompute(kind):
     with torch.no_grad():
         _, cache = m.encode_history(h)
         scores = m.rank(cand, cache)
-        assert (scores - expected_similarity_scores(m, h, cand)).abs().max() < TOL
+        assert_scores_equal_training_forward_and_recompute(m, h, cand, scores)
         plain = m.rank_head(m.blended_forward(h, slate_items=cand).slate_hidden)
     assert (scores - plain).abs().max() > 1e-3  # the match term is there
     assert "rank_sim_weight" in m.state_dict()

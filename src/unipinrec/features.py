@@ -212,17 +212,15 @@ def history_snapshots(events_dir: str | Path, max_history: int,
     return table.take(pa.array(np.sort(order[~dup])))
 
 
-def request_times(raw_dir: str | Path, max_history: int, slate_size: int | None = None, *,
-                  history_impressions: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(user_ids, request_ts) of every example the example builder makes from RAW (with the
-    same options as the examples): the times the training examples look histories up at."""
+def request_times(raw_dir: str | Path, max_history: int, slate_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(user_ids, request_ts) of every example the example builder makes from RAW: the times
+    the training examples look histories up at (the same whatever the history rule)."""
     import tempfile
 
     from .data import build_examples
 
     with tempfile.TemporaryDirectory(prefix="unipinrec-req-") as tmp:
-        build_examples(raw_dir, tmp, max_history=max_history, slate_size=slate_size, progress=False,
-                       history_impressions=history_impressions)
+        build_examples(raw_dir, tmp, max_history=max_history, slate_size=slate_size, progress=False)
         parts = [fmt.read_sharded(Path(tmp) / s, columns=["user_id", "request_ts"]) for s in fmt.SPLITS]
     t = pa.concat_tables(parts)
     return t.column("user_id").to_numpy(), t.column("request_ts").to_numpy()
@@ -355,8 +353,8 @@ def build_feature_store(raw_dir: str | Path, repo_dir: str | Path, *, max_histor
     """RAW -> a ready feature repo: definitions, sources, registry (apply), online store (materialize).
 
     `at`: (user_ids, times) to snapshot histories at (e.g. `request_times(raw, L)`); None
-    snapshots after every action. `history_impressions`: impressions (action 0) are history too
-    (build `at` with the same option). Returns (and writes to REPO/feature_meta.json) row counts and
+    snapshots after every action. `history_impressions`: impressions (action 0) are history too.
+    Returns (and writes to REPO/feature_meta.json) row counts and
     the seconds each stage took.
     """
     repo = prepare_repo(repo_dir, template)

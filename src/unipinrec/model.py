@@ -675,8 +675,8 @@ def _last_row(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 def _last(ts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    idx = (lengths - 1).clamp(min=0)[:, None]
-    return torch.where(lengths > 0, ts.gather(1, idx)[:, 0], torch.zeros_like(lengths))
+    """ts (B, W) -> (B,) the last real ts; 0 where the history is empty."""
+    return _last_row(ts[:, :, None], lengths)[:, 0]
 
 
 @dataclass

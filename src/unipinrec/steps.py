@@ -140,8 +140,7 @@ def build_features(raw_dir: str | Path, repo_dir: str | Path, *, config_yaml: st
         raise StepError(f"snapshots: {snapshots!r} is not requests or actions")
     cfg = parse_config(config_yaml)
     rule = cfg.data.history_impressions  # the history rule of the examples this store will serve
-    at = request_times(raw_dir, cfg.data.max_history, cfg.data.slate_size, history_impressions=rule) \
-        if snapshots == "requests" else None
+    at = request_times(raw_dir, cfg.data.max_history, cfg.data.slate_size) if snapshots == "requests" else None
     return build_feature_store(raw_dir, repo_dir, max_history=cfg.data.max_history, env=env, at=at,
                                history_impressions=rule)
 

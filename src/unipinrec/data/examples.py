@@ -189,7 +189,7 @@ def _build_impressions(c: _Chunk, L: int, S: int, history_impressions: bool = Fa
     return out
 
 
-def _build_sequences(c: _Chunk, L: int, S: int, history_impressions: bool = False) -> dict[str, pa.Table]:
+def _build_sequences(c: _Chunk, L: int, S: int) -> dict[str, pa.Table]:
     _, starts, n = _user_starts(c.user)
     out = {}
     for name, back in (("test", 1), ("valid", 2)):
@@ -256,8 +256,9 @@ def build_examples(raw_dir: str | Path, out_dir: str | Path, *, max_history: int
     try:
         with tqdm(total=total, unit="event", unit_scale=True, desc="examples", disable=not progress) as bar:
             for chunk in iter_user_chunks(raw / "events", chunk_events):
-                build = _build_impressions if has_imp else _build_sequences
-                for split, table in build(chunk, max_history, slate_size, history_impressions).items():
+                tables = (_build_impressions(chunk, max_history, slate_size, history_impressions) if has_imp
+                          else _build_sequences(chunk, max_history, slate_size))
+                for split, table in tables.items():
                     writers[split].write(table)
                     counts[split] += table.num_rows
                 num_users += len(np.unique(chunk.user))
