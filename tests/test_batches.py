@@ -7,7 +7,7 @@ import torch
 
 from unipinrec import format as fmt
 from unipinrec.actions import SYNTHETIC
-from unipinrec.batches import HistoryBatch, ItemVocab, TaskSpec, collate_examples
+from unipinrec.batches import ItemVocab, TaskSpec, batch_histories, collate_examples
 from unipinrec.config import TaskConfig
 
 
@@ -27,17 +27,17 @@ def test_item_vocab_roundtrip(tmp_path):
 
 def test_history_batch_from_histories_truncates_and_names_bad_input():
     v = ItemVocab([7, 8, 9])
-    h = HistoryBatch.from_histories([[(7, 1, 10), (8, 2, 20, 1), (9, 1, 30)], []], [40, 50], v, max_history=2)
+    h = batch_histories([[(7, 1, 10), (8, 2, 20, 1), (9, 1, 30)], []], [40, 50], v, max_history=2)
     assert h.items.tolist() == [[2, 3], [0, 0]]
     assert h.actions.tolist() == [[2, 1], [0, 0]]
     assert h.surfaces.tolist() == [[1, 0], [0, 0]]
     assert h.lengths.tolist() == [2, 0] and h.request_ts.tolist() == [40, 50]
-    with pytest.raises(KeyError, match=r"history\[1\]\[1\]\.item_id.*42"):
-        HistoryBatch.from_histories([[(7, 1, 1)], [(7, 1, 1), (42, 1, 2)]], [5, 5], v, 10)
+    with pytest.raises(ValueError, match=r"history\[1\]\[1\]\.item_id.*42"):
+        batch_histories([[(7, 1, 1)], [(7, 1, 1), (42, 1, 2)]], [5, 5], v, 10)
     with pytest.raises(ValueError, match=r"history\[0\]\[1\]\.action"):
-        HistoryBatch.from_histories([[(7, 1, 1), (8, 9, 2)]], [5], v, 10, num_actions=5)
+        batch_histories([[(7, 1, 1), (8, 9, 2)]], [5], v, 10, num_actions=5)
     with pytest.raises(ValueError, match=r"history\[0\]\[1\]\.ts"):
-        HistoryBatch.from_histories([[(7, 1, 5), (8, 1, 2)]], [9], v, 10)
+        batch_histories([[(7, 1, 5), (8, 1, 2)]], [9], v, 10)
 
 
 def _examples() -> pa.Table:

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from unipinrec.batches import HistoryBatch, ItemVocab
+from unipinrec.batches import ItemVocab, batch_histories
 from unipinrec.checkpoint import load_model, save_model
 from unipinrec.config import ExperimentConfig, TaskConfig
 from unipinrec.model import ModelConfig, UniPinRec
@@ -35,7 +35,7 @@ def test_save_load_roundtrip_is_exact_and_versioned(tmp_path):
     assert loaded.vocab.item_ids.tolist() == [101, 102, 103, 104, 105]
     assert loaded.task_names == ["engaged", "saved", "hidden"]
     assert loaded.config.model.num_items == 5
-    h = HistoryBatch.from_histories([[(101, 1, 5), (103, 2, 9)]], [20], vocab, 50)
+    h = batch_histories([[(101, 1, 5), (103, 2, 9)]], [20], vocab, 50)
     with torch.no_grad():
         u1, c1 = m.encode_history(h)
         u2, c2 = loaded.model.encode_history(h)
@@ -90,7 +90,7 @@ def test_category_buffer_round_trips_and_is_in_the_version(tmp_path):
     assert loaded.config.model.use_category and loaded.config.model.num_categories == 3
     assert loaded.model.item_category.tolist() == [0, 3, 1, 2, 0, 3]  # row 0 and unknown -> padding
     assert torch.equal(loaded.model.item_vectors(), m.item_vectors())
-    h = HistoryBatch.from_histories([[(101, 1, 5), (104, 2, 9)]], [20], vocab, 50)
+    h = batch_histories([[(101, 1, 5), (104, 2, 9)]], [20], vocab, 50)
     with torch.no_grad():
         c1, c2 = m.encode_history(h)[1], loaded.model.encode_history(h)[1]
         assert torch.equal(m.rank(torch.tensor([[1, 5]]), c1), loaded.model.rank(torch.tensor([[1, 5]]), c2))

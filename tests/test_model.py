@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unipinrec.model import KINDS, KVCache, ModelConfig, UniPinRec, append_rows, keep_last, time_bucket
-from unipinrec.batches import HistoryBatch, TrainBatch
+from unipinrec.model import KINDS, KVCache, ModelConfig, UniPinRec, time_bucket
+from unipinrec.batches import TrainBatch
+from unipinrec.sequences import Actions
+
+
+def hist(items, actions, ts, surfaces, lengths, request_ts) -> Actions:
+    return Actions(items=items, actions=actions, ts=ts, surfaces=surfaces, lengths=lengths, request_ts=request_ts)
 
 TOL = 1e-5
 N_ITEMS, N_ACTIONS, N_TASKS, L = 40, 5, 3, 12
@@ -20,7 +25,7 @@ def make_model(kind="unified", time_gap="previous", seed=0, dropout=0.1, **kw) -
     return m
 
 
-def make_history(lengths, seed=1, width=None) -> HistoryBatch:
+def make_history(lengths, seed=1, width=None) -> Actions:
     g = torch.Generator().manual_seed(seed)
     B = len(lengths)
     W = width or max(max(lengths), 1)
@@ -31,12 +36,12 @@ def make_history(lengths, seed=1, width=None) -> HistoryBatch:
     ts = torch.cumsum(torch.randint(0, 100_000, (B, W), generator=g), dim=1) + 1_700_000_000
     surfaces = torch.randint(0, 3, (B, W), generator=g) * valid
     request_ts = ts.max(dim=1).values + torch.randint(1, 5000, (B,), generator=g)
-    return HistoryBatch(items, actions, ts, surfaces, lengths_t, request_ts)
+    return hist(items, actions, ts, surfaces, lengths_t, request_ts)
 
 
-def row(h: HistoryBatch, b: int, n: int | None = None) -> HistoryBatch:
+def row(h: Actions, b: int, n: int | None = None) -> Actions:
     n = int(h.lengths[b]) if n is None else n
-    return HistoryBatch(h.items[b:b + 1, :max(n, 1)], h.actions[b:b + 1, :max(n, 1)], h.ts[b:b + 1, :max(n, 1)],
+    return hist(h.items[b:b + 1, :max(n, 1)], h.actions[b:b + 1, :max(n, 1)], h.ts[b:b + 1, :max(n, 1)],
                         h.surfaces[b:b + 1, :max(n, 1)], torch.tensor([n]), h.request_ts[b:b + 1])
 
 
@@ -44,18 +49,19 @@ def candidates(B, C, seed=2):
     return torch.randint(1, N_ITEMS + 1, (B, C), generator=torch.Generator().manual_seed(seed))
 
 
-def next_item_targets(h: HistoryBatch) -> torch.Tensor:
+def next_item_targets(h: Actions) -> torch.Tensor:
     """(B, W) the next history item at each position, 0 at the last real one and on padding."""
     W = h.items.shape[1]
     return torch.where(torch.arange(W)[None] < (h.lengths - 1)[:, None], torch.roll(h.items, -1, 1), 0)
 
 
-def train_batch(h: HistoryBatch, targets: torch.Tensor) -> TrainBatch:
+def train_batch(h: Actions, targets: torch.Tensor) -> TrainBatch:
     """A training batch over `h` with random task labels and a 3 x 4 slate at positions 0..3."""
     B, W = h.items.shape
-    return TrainBatch(h, torch.rand(B, W, N_TASKS).round(), targets, candidates(3, 4),
-                      torch.rand(3, 4, N_TASKS).round(), torch.ones(3, 4, dtype=torch.bool),
-                      torch.zeros(3, 4, dtype=torch.long), torch.arange(4).repeat(3, 1))
+    return TrainBatch(history=h, history_labels=torch.rand(B, W, N_TASKS).round(), targets=targets,
+                      slate_items=candidates(3, 4), slate_labels=torch.rand(3, 4, N_TASKS).round(),
+                      slate_valid=torch.ones(3, 4, dtype=torch.bool), slate_actions=torch.zeros(3, 4, dtype=torch.long),
+                      slate_positions=torch.arange(4).repeat(3, 1))
 
 
 def head_logits(m, slate_hidden, h, cand):
@@ -117,7 +123,7 @@ def test_rank_is_independent_of_the_other_candidates_and_of_padding():
         part = m.rank(cand[:, 3:5], cache)
         # extra right padding in the history changes nothing
         pad = lambda t: torch.nn.functional.pad(t, (0, 3))  # noqa: E731
-        wide_h = HistoryBatch(pad(h.items), pad(h.actions), pad(h.ts), pad(h.surfaces), h.lengths, h.request_ts)
+        wide_h = hist(pad(h.items), pad(h.actions), pad(h.ts), pad(h.surfaces), h.lengths, h.request_ts)
         _, cache_wide = m.encode_history(wide_h)
         wide = m.rank(cand, cache_wide)
     assert (full[:, 3:5] - part).abs().max() < TOL
@@ -137,7 +143,7 @@ def test_extend_history_equals_full_encode(kind, time_gap):
     def part(start, n):
         idx = (start[:, None] + torch.arange(W)[None]).clamp(max=W - 1)
         pick = lambda t: torch.gather(t, 1, idx) * (torch.arange(W)[None] < n[:, None])  # noqa: E731
-        return HistoryBatch(pick(full.items), pick(full.actions), pick(full.ts), pick(full.surfaces), n, full.request_ts)
+        return hist(pick(full.items), pick(full.actions), pick(full.ts), pick(full.surfaces), n, full.request_ts)
 
     old = part(torch.zeros_like(old_len), old_len)
     old.request_ts = old.request_ts - 10
@@ -159,11 +165,11 @@ def test_extend_history_equals_full_encode(kind, time_gap):
 def test_extend_past_max_history_reencodes_the_last_L():
     m = make_model()
     long = make_history([L + 5], seed=4, width=L + 5)
-    first = HistoryBatch(long.items[:, :L], long.actions[:, :L], long.ts[:, :L], long.surfaces[:, :L],
+    first = hist(long.items[:, :L], long.actions[:, :L], long.ts[:, :L], long.surfaces[:, :L],
                          torch.tensor([L]), long.request_ts)
-    new = HistoryBatch(long.items[:, L:], long.actions[:, L:], long.ts[:, L:], long.surfaces[:, L:],
+    new = hist(long.items[:, L:], long.actions[:, L:], long.ts[:, L:], long.surfaces[:, L:],
                        torch.tensor([5]), long.request_ts)
-    last = HistoryBatch(long.items[:, 5:], long.actions[:, 5:], long.ts[:, 5:], long.surfaces[:, 5:],
+    last = hist(long.items[:, 5:], long.actions[:, 5:], long.ts[:, 5:], long.surfaces[:, 5:],
                         torch.tensor([L]), long.request_ts)
     with torch.no_grad():
         _, cache = m.encode_history(first)
@@ -188,7 +194,7 @@ def test_masked_token_cannot_see_its_own_action():
     h = make_history([8, 8])
     mam = torch.zeros_like(h.items, dtype=torch.bool)
     mam[:, 4] = True
-    h2 = HistoryBatch(h.items, h.actions.clone(), h.ts, h.surfaces, h.lengths, h.request_ts)
+    h2 = hist(h.items, h.actions.clone(), h.ts, h.surfaces, h.lengths, h.request_ts)
     h2.actions[:, 4] = (h.actions[:, 4] + 1) % N_ACTIONS
     with torch.no_grad():
         a = m.blended_forward(h, mam_mask=mam).ranking_hidden
@@ -217,13 +223,13 @@ def test_history_cannot_see_the_slate_and_slate_tokens_cannot_see_each_other():
 def test_history_is_causal_and_padding_invisible():
     m = make_model()
     h = make_history([8])
-    h2 = HistoryBatch(h.items.clone(), h.actions, h.ts, h.surfaces, h.lengths, h.request_ts)
+    h2 = hist(h.items.clone(), h.actions, h.ts, h.surfaces, h.lengths, h.request_ts)
     h2.items[0, 6] = h.items[0, 6] % N_ITEMS + 1
     with torch.no_grad():
         a = m.blended_forward(h).retrieval_hidden
         b = m.blended_forward(h2).retrieval_hidden
         u_short, _ = m.encode_history(row(h, 0, 6))
-        u_long, _ = m.encode_history(HistoryBatch(h.items, h.actions, h.ts, h.surfaces, torch.tensor([6]), h.request_ts))
+        u_long, _ = m.encode_history(hist(h.items, h.actions, h.ts, h.surfaces, torch.tensor([6]), h.request_ts))
     assert (a[:, :6] - b[:, :6]).abs().max() < TOL
     assert (a[:, 6] - b[:, 6]).abs().max() > 1e-4
     assert (u_short - u_long).abs().max() < TOL
@@ -287,9 +293,19 @@ def test_time_buckets_and_row_helpers():
     b = time_bucket(torch.tensor([-5, 0, 1, 3, 10**12]), 64)
     assert b.tolist()[:3] == [0, 0, 2] and b[-1] == 63
     x = torch.tensor([[1, 2, 3, 0], [4, 0, 0, 0]])
-    assert keep_last(x, torch.tensor([3, 1]), 2).tolist() == [[2, 3], [4, 0]]
+    a = hist(x, x + 10, x * 100, x * 0, torch.tensor([3, 1]), torch.tensor([5, 6]))
+    last = a.keep_last(2)
+    assert last.items.tolist() == [[2, 3], [4, 0]] and last.ts.tolist() == [[200, 300], [400, 0]]
+    assert last.lengths.tolist() == [2, 1]
     y = torch.tensor([[7, 8], [9, 0]])
-    assert append_rows(x, torch.tensor([3, 1]), y, torch.tensor([2, 1])).tolist() == [[1, 2, 3, 7, 8, 0], [4, 9, 0, 0, 0, 0]]
+    b = hist(y, y + 10, y * 100, y * 0, torch.tensor([2, 1]), torch.tensor([7, 8]))
+    joined = a.append(b)
+    assert joined.items.tolist() == [[1, 2, 3, 7, 8], [4, 9, 0, 0, 0]]
+    assert joined.actions.tolist() == [[11, 12, 13, 17, 18], [14, 19, 0, 0, 0]]
+    assert joined.lengths.tolist() == [5, 2] and joined.request_ts.tolist() == [7, 8]
+    both = Actions.cat([a.trim(), b])  # widths 3 and 2 -> padded to 3
+    assert both.items.tolist() == [[1, 2, 3], [4, 0, 0], [7, 8, 0], [9, 0, 0]]
+    assert both.index_select([3, 0]).lengths.tolist() == [1, 3] and both.row(1).items.tolist() == [[4]]
 
 
 def test_slate_positions_reach_rank_and_training_forward_alike():
@@ -407,13 +423,13 @@ def test_rank_over_cache_equals_full_recompute_with_categories(kind, time_gap):
         scores = m.rank(cand, cache)
         assert_scores_equal_training_forward_and_recompute(m, h, cand, scores)
         # and an extended cache equals a full encode
-        old = HistoryBatch(h.items[:, :3] * (torch.arange(3)[None] < h.lengths.clamp(max=3)[:, None]),
+        old = hist(h.items[:, :3] * (torch.arange(3)[None] < h.lengths.clamp(max=3)[:, None]),
                            h.actions[:, :3], h.ts[:, :3], h.surfaces[:, :3], h.lengths.clamp(max=3), h.request_ts)
         n = h.lengths - old.lengths
         W = h.items.shape[1]
         idx = (old.lengths[:, None] + torch.arange(W)[None]).clamp(max=W - 1)
         pick = lambda t: torch.gather(t, 1, idx) * (torch.arange(W)[None] < n[:, None])  # noqa: E731
-        new = HistoryBatch(pick(h.items), pick(h.actions), pick(h.ts), pick(h.surfaces), n, h.request_ts)
+        new = hist(pick(h.items), pick(h.actions), pick(h.ts), pick(h.surfaces), n, h.request_ts)
         u_ext, ext = m.extend_history(m.encode_history(old)[1], new)
         assert (u_ext - m.encode_history(h)[0]).abs().max() < TOL
         assert (m.rank(cand, ext) - scores).abs().max() < TOL
@@ -481,7 +497,7 @@ def test_rank_similarity_training_loss_scores_slate_and_masked_history_like_rank
     assert mam.any()
     m.eval()
     masked_actions = torch.where(mam, torch.full_like(h.actions, m.config.mask_action), h.actions)
-    hm = HistoryBatch(h.items, masked_actions, h.ts, h.surfaces, h.lengths, h.request_ts)
+    hm = hist(h.items, masked_actions, h.ts, h.surfaces, h.lengths, h.request_ts)
     logits, labels = [], []
     with torch.no_grad():
         for b, i in mam.nonzero().tolist():

@@ -1,8 +1,9 @@
 """From the unified format to model tensors: item vocabulary, history batches, training collate.
 
-`ItemVocab` maps raw item ids to embedding rows (row 0 = padding). `HistoryBatch` is what
-`UniPinRec.encode_history` reads (right-padded histories). `collate_examples` turns a record
-batch of UnifiedExamples into a `TrainBatch` (history, retrieval targets, task labels, slate).
+`ItemVocab` maps raw item ids to embedding rows (row 0 = padding). `Actions` (sequences.py)
+is what `UniPinRec.encode_history` reads (right-padded histories); `batch_histories` builds one
+from client histories. `collate_examples` turns a record batch of UnifiedExamples into a
+`TrainBatch` (history, retrieval targets, task labels, slate).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .actions import ActionVocab
+from .sequences import Actions, History, check_history
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,72 +99,28 @@ class ItemVocab:
 # Batches
 
 
-def _to(obj, device):
-    return type(obj)(**{f.name: (getattr(obj, f.name).to(device) if isinstance(getattr(obj, f.name), torch.Tensor)
-                                else _to(getattr(obj, f.name), device)) for f in fields(obj)})
+HistoryBatch = Actions  # the padded histories the model reads (kept as the name the docs use)
 
 
-@dataclass
-class HistoryBatch:
-    """Right-padded histories: real actions at 0..len-1, chronological. All LongTensors."""
+def batch_histories(histories: Sequence, request_ts: Sequence[int], vocab: ItemVocab, max_history: int, *,
+                    num_actions: int | None = None, spec: type[Actions] = Actions) -> Actions:
+    """Histories (`History` objects, or lists of (item_id, action, ts[, surface]) tuples),
+    chronological -> one validated batch of each one's last `max_history` actions.
 
-    items: torch.Tensor  # (B, W) item rows, 0 = padding
-    actions: torch.Tensor  # (B, W) action ids
-    ts: torch.Tensor  # (B, W) seconds
-    surfaces: torch.Tensor  # (B, W)
-    lengths: torch.Tensor  # (B,)
-    request_ts: torch.Tensor  # (B,)
-
-    @property
-    def batch_size(self) -> int:
-        return self.items.shape[0]
-
-    def to(self, device) -> "HistoryBatch":
-        return _to(self, device)
-
-    @classmethod
-    def from_histories(cls, histories: Sequence[Sequence[tuple]], request_ts: Sequence[int], vocab: ItemVocab,
-                       max_history: int, *, num_actions: int | None = None) -> "HistoryBatch":
-        """Histories as lists of (item_id, action, ts[, surface]) tuples, chronological.
-
-        Keeps the last `max_history` actions. Unknown items raise KeyError and bad actions or
-        ordering raise ValueError, naming the row and position."""
-        if len(histories) != len(request_ts):
-            raise ValueError(f"{len(histories)} histories but {len(request_ts)} request_ts values")
-        B = len(histories)
-        kept = [list(h)[-max_history:] for h in histories]
-        W = max([1] + [len(h) for h in kept])
-        arr = np.zeros((4, B, W), dtype=np.int64)
-        lengths = np.zeros(B, dtype=np.int64)
-        for b, h in enumerate(kept):
-            offset = len(histories[b]) - len(h)
-            for i, a in enumerate(h):
-                if len(a) not in (3, 4):
-                    raise ValueError(f"history[{b}][{offset + i}]: expected (item_id, action, ts[, surface]), got {a!r}")
-                arr[0, b, i], arr[1, b, i], arr[2, b, i] = a[0], a[1], a[2]
-                arr[3, b, i] = a[3] if len(a) == 4 else 0
-            n = len(h)
-            lengths[b] = n
-            if n:
-                try:
-                    arr[0, b, :n] = vocab.lookup(arr[0, b, :n])
-                except KeyError as e:
-                    bad = int(np.flatnonzero(~np.isin(arr[0, b, :n], vocab.item_ids))[0])
-                    raise KeyError(f"history[{b}][{offset + bad}].item_id: {e.args[0]}") from None
-                acts = arr[1, b, :n]
-                if num_actions is not None and ((acts < 0) | (acts >= num_actions)).any():
-                    bad = int(np.flatnonzero((acts < 0) | (acts >= num_actions))[0])
-                    raise ValueError(f"history[{b}][{offset + bad}].action: {int(acts[bad])} is not in 0..{num_actions - 1}")
-                if (np.diff(arr[2, b, :n]) < 0).any():
-                    bad = int(np.flatnonzero(np.diff(arr[2, b, :n]) < 0)[0]) + 1
-                    raise ValueError(f"history[{b}][{offset + bad}].ts: history must be chronological")
-        t = torch.from_numpy
-        return cls(t(arr[0]), t(arr[1]), t(arr[2]), t(arr[3]), t(lengths), torch.as_tensor(list(request_ts), dtype=torch.long))
+    Bad input raises ActionError (a ValueError) naming the row and position, e.g.
+    `history[1][4].item_id`."""
+    kept = []
+    for b, h in enumerate(histories):
+        h = h if isinstance(h, History) else History.from_tuples(h, spec, where=f"history[{b}]")
+        last = h.last(max_history)
+        check_history(last, vocab, num_actions, where=f"history[{b}]", offset=len(h) - len(last))
+        kept.append(last)
+    return spec.from_histories(kept, request_ts, vocab=vocab)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainBatch:
-    history: HistoryBatch
+    history: Actions
     history_labels: torch.Tensor  # (B, W, T) float: task labels of each history action
     targets: torch.Tensor  # (B, W) item row of the next positive action after each position; 0 = none
     slate_items: torch.Tensor  # (B, S) item rows, 0 = padding
@@ -171,12 +129,43 @@ class TrainBatch:
     slate_actions: torch.Tensor  # (B, S) action ids of the impressions
     slate_positions: torch.Tensor  # (B, S) where each was shown
 
-    def to(self, device) -> "TrainBatch":
-        return _to(self, device)
+    def _others(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "history"}
+
+    def to(self, device, non_blocking: bool = False) -> "TrainBatch":
+        return TrainBatch(history=self.history.to(device, non_blocking),
+                          **{n: t.to(device, non_blocking=non_blocking) for n, t in self._others().items()})
+
+    def index_select(self, rows) -> "TrainBatch":
+        """Rows of a batch, trimmed to the widest history and slate among them."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.targets.device)
+        h = self.history.index_select(rows).trim()
+        W = h.width
+        sv = self.slate_valid.index_select(0, rows)
+        S = int(sv.any(0).nonzero().max()) + 1 if sv.any() else 0  # up to the last real slate token
+        width = {"history_labels": W, "targets": W}
+        return TrainBatch(history=h, **{n: _pad_dim1(t.index_select(0, rows), width.get(n, S))
+                                       for n, t in self._others().items()})
+
+    @staticmethod
+    def cat(parts: Sequence["TrainBatch"]) -> "TrainBatch":
+        """Stack batches of different widths (history and slate padded to the widest)."""
+        h = Actions.cat([p.history for p in parts])
+        S = max(p.slate_items.shape[1] for p in parts)
+        width = {"history_labels": h.width, "targets": h.width}
+        return TrainBatch(history=h, **{n: torch.cat([_pad_dim1(getattr(p, n), width.get(n, S)) for p in parts])
+                                        for n in parts[0]._others()})
 
     @property
     def num_tokens(self) -> int:
         return int(self.history.lengths.sum()) + int(self.slate_valid.sum())
+
+
+def _pad_dim1(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Pad (or cut) dim 1 of a (B, W, ...) tensor to `width` with zeros / False."""
+    if t.shape[1] >= width:
+        return t[:, :width]
+    return torch.cat([t, t.new_zeros((t.shape[0], width - t.shape[1], *t.shape[2:]))], dim=1)
 
 
 @dataclass(frozen=True)
@@ -237,8 +226,26 @@ def _pad(offsets: np.ndarray, values: np.ndarray, keep_last: int | None, fill=0)
     return out, lengths
 
 
+def _history_columns(h_off: np.ndarray, h: dict, vocab: ItemVocab, max_history: int,
+                     actions_type: type[Actions]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every per-action field of `actions_type`, right-padded (B, W), from the record's values
+    (a field the records lack takes its declared default)."""
+    cols, lengths = {}, None
+    for name, (record, default) in actions_type.record_names().items():
+        if record in h:
+            values = h[record].astype(np.int64)
+        elif default is not None:
+            values = np.full(int(h_off[-1]), default, dtype=np.int64)
+        else:
+            raise ValueError(f"examples: history actions have no field {record!r}")
+        if name == "items":
+            values = vocab.lookup(values, unknown=0)
+        cols[name], lengths = _pad(h_off, values, max_history)
+    return cols, lengths
+
+
 def collate_examples(batch: pa.RecordBatch | pa.Table, vocab: ItemVocab, spec: TaskSpec, max_history: int,
-                     max_slate: int | None = None) -> TrainBatch:
+                     max_slate: int | None = None, *, actions_type: type[Actions] = Actions) -> TrainBatch:
     """UnifiedExamples -> TrainBatch. History truncated to the last `max_history`; slate kept in
     position order, the first `max_slate`. Unknown items become padding (they are skipped).
 
@@ -247,10 +254,8 @@ def collate_examples(batch: pa.RecordBatch | pa.Table, vocab: ItemVocab, spec: T
     h_off, h = _list_column(batch.column("history"))
     s_off, s = _list_column(batch.column("slate"))
     B = batch.num_rows
-    items, lengths = _pad(h_off, vocab.lookup(h["item_id"], unknown=0), max_history)
-    actions, _ = _pad(h_off, h["action"].astype(np.int64), max_history)
-    ts, _ = _pad(h_off, h["ts"].astype(np.int64), max_history)
-    surfaces, _ = _pad(h_off, h["surface"].astype(np.int64), max_history)
+    cols, lengths = _history_columns(h_off, h, vocab, max_history, actions_type)
+    items, actions = cols["items"], cols["actions"]
     request_ts = batch.column("request_ts").to_numpy().astype(np.int64)
 
     # slate in position order
@@ -284,6 +289,7 @@ def collate_examples(batch: pa.RecordBatch | pa.Table, vocab: ItemVocab, spec: T
     h_labels = tm[actions.clip(0, len(tm) - 1)] * valid[..., None]
     s_labels = tm[slate_actions.clip(0, len(tm) - 1)] * slate_valid[..., None]
     t = torch.from_numpy
-    hist = HistoryBatch(t(items), t(actions), t(ts), t(surfaces), t(lengths.astype(np.int64)), t(request_ts))
-    return TrainBatch(hist, t(h_labels), t(targets), t(slate_items), t(s_labels), t(slate_valid), t(slate_actions),
-                      t(slate_positions))
+    hist = actions_type(**{n: t(c) for n, c in cols.items()}, lengths=t(lengths.astype(np.int64)), request_ts=t(request_ts))
+    return TrainBatch(history=hist, history_labels=t(h_labels), targets=t(targets), slate_items=t(slate_items),
+                      slate_labels=t(s_labels), slate_valid=t(slate_valid), slate_actions=t(slate_actions),
+                      slate_positions=t(slate_positions))

@@ -341,23 +341,23 @@ def _example_queries_and_popularity(loaded, examples_dir: Path, num_queries: int
     import pyarrow.compute as pc
     import torch
 
-    from .batches import HistoryBatch
+    from .batches import batch_histories
     from .format import read_sharded
+    from .sequences import History
 
     vocab = loaded.vocab
     test = read_sharded(examples_dir / "test", columns=["request_ts", "history"]).slice(0, num_queries)
     hists, rts = [], []
     for h, r in zip(test.column("history").to_pylist(), test.column("request_ts").to_pylist()):
-        known = [(a["item_id"], a["action"], a["ts"], a["surface"]) for a in h]
-        known = [a for a, ok in zip(known, np.isin([a[0] for a in known], vocab.item_ids)) if ok]
-        if known:
+        hist = History.from_actions(h)
+        known = hist.take(vocab.lookup(hist.items, unknown=0) > 0)
+        if len(known):
             hists.append(known)
             rts.append(r)
     queries = []
     with torch.inference_mode():
         for s in range(0, len(hists), 256):
-            batch = HistoryBatch.from_histories(hists[s:s + 256], rts[s:s + 256], vocab,
-                                                loaded.model.config.max_history)
+            batch = batch_histories(hists[s:s + 256], rts[s:s + 256], vocab, loaded.model.config.max_history)
             user, _ = loaded.model.encode_history(batch)
             queries.append(user.float().numpy())
     queries = np.concatenate(queries) if queries else None

@@ -35,8 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-if TYPE_CHECKING:  # duck-typed: any object with these tensor fields works
-    from .batches import HistoryBatch, TrainBatch
+if TYPE_CHECKING:
+    from .batches import TrainBatch
+    from .sequences import Actions
 
 KINDS = ("unified", "retrieval_only", "ranking_only", "interleaved")
 
@@ -106,29 +107,10 @@ def time_bucket(gaps: torch.Tensor, num_buckets: int) -> torch.Tensor:
     return torch.floor(2.0 * torch.log2(g + 1.0)).long().clamp(max=num_buckets - 1)
 
 
-def keep_last(x: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
-    """Right-padded rows (B, W) -> (B, width) holding each row's last min(len, width) tokens."""
-    B, W = x.shape
-    if W < width:
-        x = F.pad(x, (0, width - W))
-    shift = (lengths - width).clamp(min=0)  # (B,)
-    idx = (shift[:, None] + torch.arange(width, device=x.device)[None]).clamp(max=x.shape[1] - 1)
-    return torch.gather(x, 1, idx)
-
-
-def append_rows(a: torch.Tensor, la: torch.Tensor, b: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
-    """Row-wise concatenation of right-padded (B, Wa) and (B, Wb): b's tokens follow a's len."""
-    B, Wa = a.shape
-    Wb = b.shape[1]
-    out = F.pad(a, (0, Wb))  # (B, Wa + Wb)
-    valid_b = torch.arange(Wb, device=a.device)[None] < lb[:, None]
-    dest = la[:, None] + torch.arange(Wb, device=a.device)[None]  # (B, Wb), never out of range
-    return out.scatter(1, dest, torch.where(valid_b, b, out.gather(1, dest)))
-
-
-@dataclass
+@dataclass(kw_only=True)
 class KVCache:
-    """Per-layer keys/values of encoded histories plus what is needed to extend them.
+    """Per-layer keys/values of encoded histories, the histories they encode (to extend them)
+    and the user vectors.
 
     keys[i], values[i]: (B, H, Wt, Dh) with Wt = tokens (L, or 2L interleaved); positions at
     and after lengths * tokens_per_action are padding (their contents are undefined).
@@ -136,14 +118,17 @@ class KVCache:
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
-    lengths: torch.Tensor  # (B,) actions per row
-    tokens_per_action: int
-    items: torch.Tensor  # (B, W) the encoded history, raw (item rows, action ids, ts, surface)
-    actions: torch.Tensor
-    ts: torch.Tensor
-    surfaces: torch.Tensor
-    request_ts: torch.Tensor  # (B,)
+    history: "Actions"  # (B, W) what was encoded: item rows, action ids, ts, ... and request_ts
     user_vectors: torch.Tensor  # (B, D)
+    tokens_per_action: int = 1
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.history.lengths  # (B,) actions per row
+
+    @property
+    def request_ts(self) -> torch.Tensor:
+        return self.history.request_ts
 
     @property
     def batch_size(self) -> int:
@@ -157,18 +142,21 @@ class KVCache:
 
     def last_ts(self) -> torch.Tensor:
         """(B,) ts of each row's last action (0 where the history is empty)."""
-        idx = (self.lengths - 1).clamp(min=0)[:, None]
-        return torch.where(self.lengths > 0, self.ts.gather(1, idx)[:, 0], torch.zeros_like(self.lengths))
+        return self.history.last("ts")
 
-    def index_select(self, rows: torch.Tensor) -> "KVCache":
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data (keys, values, history, user vectors)."""
+        kv = sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return kv + self.history.nbytes + self.user_vectors.numel() * self.user_vectors.element_size()
+
+    def _with(self, kv_fn, history: "Actions", user_vectors: torch.Tensor) -> "KVCache":
+        return KVCache(keys=[kv_fn(k) for k in self.keys], values=[kv_fn(v) for v in self.values], history=history,
+                       user_vectors=user_vectors, tokens_per_action=self.tokens_per_action)
+
+    def index_select(self, rows) -> "KVCache":
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
-        return KVCache(
-            keys=[k.index_select(0, rows) for k in self.keys],
-            values=[v.index_select(0, rows) for v in self.values],
-            lengths=self.lengths[rows], tokens_per_action=self.tokens_per_action,
-            items=self.items[rows], actions=self.actions[rows], ts=self.ts[rows], surfaces=self.surfaces[rows],
-            request_ts=self.request_ts[rows], user_vectors=self.user_vectors[rows],
-        )
+        return self._with(lambda t: t.index_select(0, rows), self.history.index_select(rows), self.user_vectors[rows])
 
     def __getitem__(self, rows) -> "KVCache":
         if isinstance(rows, int):
@@ -178,34 +166,25 @@ class KVCache:
         return self.index_select(rows)
 
     def to(self, device) -> "KVCache":
-        return KVCache(
-            keys=[k.to(device) for k in self.keys], values=[v.to(device) for v in self.values],
-            lengths=self.lengths.to(device), tokens_per_action=self.tokens_per_action,
-            items=self.items.to(device), actions=self.actions.to(device), ts=self.ts.to(device),
-            surfaces=self.surfaces.to(device), request_ts=self.request_ts.to(device),
-            user_vectors=self.user_vectors.to(device),
-        )
+        return self._with(lambda t: t.to(device), self.history.to(device), self.user_vectors.to(device))
+
+    def row(self, b: int) -> "KVCache":
+        """Row b as a cache of one, without padding (what the cross-request cache stores)."""
+        one = self.index_select([b])
+        wt = max(1, int(one.lengths[0]) * self.tokens_per_action)
+        return one._with(lambda t: t[:, :, :wt].contiguous(), one.history.trim(), one.user_vectors)
 
     @staticmethod
     def cat(caches: list["KVCache"]) -> "KVCache":
         """Stack caches of different widths into one batch (padding to the widest)."""
         Wt = max(c.keys[0].shape[2] for c in caches)
-        W = max(c.items.shape[1] for c in caches)
-
-        def pad_t(t, width, dim):
-            return F.pad(t, (0, 0, 0, width - t.shape[dim])) if dim == 2 else F.pad(t, (0, width - t.shape[1]))
-
+        pad = lambda t: F.pad(t, (0, 0, 0, Wt - t.shape[2]))  # noqa: E731
         n_layers = len(caches[0].keys)
         return KVCache(
-            keys=[torch.cat([pad_t(c.keys[i], Wt, 2) for c in caches]) for i in range(n_layers)],
-            values=[torch.cat([pad_t(c.values[i], Wt, 2) for c in caches]) for i in range(n_layers)],
-            lengths=torch.cat([c.lengths for c in caches]), tokens_per_action=caches[0].tokens_per_action,
-            items=torch.cat([pad_t(c.items, W, 1) for c in caches]),
-            actions=torch.cat([pad_t(c.actions, W, 1) for c in caches]),
-            ts=torch.cat([pad_t(c.ts, W, 1) for c in caches]),
-            surfaces=torch.cat([pad_t(c.surfaces, W, 1) for c in caches]),
-            request_ts=torch.cat([c.request_ts for c in caches]),
-            user_vectors=torch.cat([c.user_vectors for c in caches]),
+            keys=[torch.cat([pad(c.keys[i]) for c in caches]) for i in range(n_layers)],
+            values=[torch.cat([pad(c.values[i]) for c in caches]) for i in range(n_layers)],
+            history=type(caches[0].history).cat([c.history for c in caches]),
+            user_vectors=torch.cat([c.user_vectors for c in caches]), tokens_per_action=caches[0].tokens_per_action,
         )
 
 
@@ -404,27 +383,32 @@ class UniPinRec(nn.Module):
             return 0.0
         return self.surface_emb(surfaces.clamp(0, self.config.num_surfaces - 1))
 
-    def _history_tokens(self, items, actions, ts, surfaces, lengths, request_ts, start=None, prev_ts=None):
+    def _action_features(self, history: "Actions", pos: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
+        """Embeddings of a token's per-action inputs other than its action: item, time gap,
+        position, surface. A model over an `Actions` subclass with more fields adds theirs here."""
+        cfg = self.config
+        return (self._item_embed(history.items) + self.time_emb(time_bucket(gaps, cfg.time_buckets))
+                + self.pos_emb(pos) + self._surface(history.surfaces))  # (B, W, D)
+
+    def _history_tokens(self, history: "Actions", start=None, prev_ts=None):
         """(B, W) actions -> tokens (B, W * tokens_per_action, D) and their real flags.
 
         start (B,): position of the first token (0 for a fresh encode); prev_ts (B,): ts of the
         action before the first one (None: none, gap 0)."""
         cfg = self.config
-        B, W = items.shape
-        ar = torch.arange(W, device=items.device)
-        valid = ar[None] < lengths[:, None]  # (B, W)
-        start = torch.zeros_like(lengths) if start is None else start
-        prev_ts = ts[:, 0] if prev_ts is None else prev_ts
+        B, W = history.items.shape
+        ar = torch.arange(W, device=history.items.device)
+        valid = ar[None] < history.lengths[:, None]  # (B, W)
+        start = torch.zeros_like(history.lengths) if start is None else start
+        prev_ts = history.ts[:, 0] if prev_ts is None else prev_ts
         pos = (start[:, None] + ar[None]).clamp(max=cfg.max_history)  # padding clamps harmlessly
-        gaps = self._gaps(ts, prev_ts, request_ts)
-        base = self._item_embed(items) + self.time_emb(time_bucket(gaps, cfg.time_buckets)) + self.pos_emb(pos)
-        base = base + self._surface(surfaces)  # (B, W, D)
+        base = self._action_features(history, pos, self._gaps(history.ts, prev_ts, history.request_ts))
         if cfg.kind == "interleaved":
             item_tok = base + self.action_emb.weight[cfg.mask_action]
-            act_tok = self.action_emb(actions) + self.pos_emb(pos) + self.action_token_emb
+            act_tok = self.action_emb(history.actions) + self.pos_emb(pos) + self.action_token_emb
             x = torch.stack([item_tok, act_tok], dim=2).reshape(B, 2 * W, -1)  # (B, 2W, D)
             return x, valid.repeat_interleave(2, dim=1)
-        return base + self.action_emb(actions), valid
+        return base + self.action_emb(history.actions), valid
 
     def default_candidate_gaps(self, lengths, last_ts, request_ts):
         """(B,) gap of a candidate: request_ts - last action ts ("previous"), 0 ("request")."""
@@ -453,14 +437,13 @@ class UniPinRec(nn.Module):
 
         mam_mask (B, W) bool: history tokens whose action is replaced by MASK."""
         cfg = self.config
-        actions = history.actions
         if mam_mask is not None:
-            actions = torch.where(mam_mask, torch.full_like(actions, cfg.mask_action), actions)
-        x, valid = self._history_tokens(history.items, actions, history.ts, history.surfaces,
-                                        history.lengths, history.request_ts)  # (B, N, D)
+            masked = torch.where(mam_mask, torch.full_like(history.actions, cfg.mask_action), history.actions)
+            history = replace(history, actions=masked)
+        x, valid = self._history_tokens(history)  # (B, N, D)
         N = x.shape[1]
         if slate_items is not None and slate_items.shape[1] > 0:
-            gaps = self.default_candidate_gaps(history.lengths, _last(history.ts, history.lengths), history.request_ts)
+            gaps = self.default_candidate_gaps(history.lengths, history.last("ts"), history.request_ts)
             s = self._candidate_tokens(slate_items, history.lengths, gaps, slate_positions)
             x = torch.cat([x, s], dim=1)  # (B, N+S, D)
             mask = blended_mask(valid, slate_items.shape[1])
@@ -586,12 +569,11 @@ class UniPinRec(nn.Module):
         u = F.normalize(self.retrieval_proj(last), dim=-1)
         return torch.where((lengths > 0)[:, None], u, torch.zeros_like(u))
 
-    def encode_history(self, history: "HistoryBatch") -> tuple[torch.Tensor, KVCache]:
+    def encode_history(self, history: "Actions") -> tuple[torch.Tensor, KVCache]:
         """-> (user_vectors (B, D) L2-normalised, kv_cache). Histories right-padded, len <= L."""
         if history.items.shape[1] > self.config.max_history:
             raise ValueError(f"history width {history.items.shape[1]} exceeds max_history {self.config.max_history}")
-        x, valid = self._history_tokens(history.items, history.actions, history.ts, history.surfaces,
-                                        history.lengths, history.request_ts)  # (B, Wt, D)
+        x, valid = self._history_tokens(history)  # (B, Wt, D)
         mask = causal_mask(valid)
         x = self.drop(x)
         keys, values = [], []
@@ -600,11 +582,11 @@ class UniPinRec(nn.Module):
             keys.append(k)
             values.append(v)
         user = self._user_vectors(self.ln_f(x), history.lengths)
-        cache = KVCache(keys, values, history.lengths, self.config.tokens_per_action, history.items,
-                        history.actions, history.ts, history.surfaces, history.request_ts, user)
+        cache = KVCache(keys=keys, values=values, history=history, user_vectors=user,
+                        tokens_per_action=self.config.tokens_per_action)
         return user, cache
 
-    def extend_history(self, kv_cache: KVCache, new_actions: "HistoryBatch") -> tuple[torch.Tensor, KVCache]:
+    def extend_history(self, kv_cache: KVCache, new_actions: "Actions") -> tuple[torch.Tensor, KVCache]:
         """Append each row's new actions (right-padded, chronological) to the cached history.
 
         Equals a full `encode_history` of the concatenated history (the new request_ts taken
@@ -614,13 +596,10 @@ class UniPinRec(nn.Module):
         c, n = kv_cache, new_actions
         total = c.lengths + n.lengths
         if cfg.time_gap == "request" or int(total.max()) > cfg.max_history:
-            return self.encode_history(_Hist(*(
-                keep_last(append_rows(a, c.lengths, b, n.lengths), total, min(int(total.max()), cfg.max_history))
-                for a, b in ((c.items, n.items), (c.actions, n.actions), (c.ts, n.ts), (c.surfaces, n.surfaces))
-            ), total.clamp(max=cfg.max_history), n.request_ts))
+            joined = c.history.append(n)
+            return self.encode_history(joined.keep_last(min(int(total.max()), cfg.max_history)))
         prev_ts = torch.where(c.lengths > 0, c.last_ts(), n.ts[:, 0])
-        x, valid_new = self._history_tokens(n.items, n.actions, n.ts, n.surfaces, n.lengths, n.request_ts,
-                                            start=c.lengths, prev_ts=prev_ts)  # (B, Nn, D)
+        x, valid_new = self._history_tokens(n, start=c.lengths, prev_ts=prev_ts)  # (B, Nn, D)
         B, Nn = valid_new.shape
         past_valid = c.padding_mask  # (B, Wc)
         Wc = past_valid.shape[1]
@@ -637,10 +616,8 @@ class UniPinRec(nn.Module):
             values.append(F.pad(pv, (0, 0, 0, Nn)).scatter(2, idx, v)[:, :, :width])
         user_new = self._user_vectors(self.ln_f(x), n.lengths)
         user = torch.where((n.lengths > 0)[:, None], user_new, c.user_vectors)
-        W = int(total.max())
-        raw = [append_rows(a, c.lengths, b, n.lengths)[:, :W]
-               for a, b in ((c.items, n.items), (c.actions, n.actions), (c.ts, n.ts), (c.surfaces, n.surfaces))]
-        return user, KVCache(keys, values, total, tpa, *raw, n.request_ts, user)
+        return user, KVCache(keys=keys, values=values, history=c.history.append(n), user_vectors=user,
+                             tokens_per_action=tpa)
 
     def rank(self, candidates: torch.Tensor, kv_cache: KVCache, candidate_gaps: torch.Tensor | None = None,
              slate_positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -672,21 +649,6 @@ def _last_row(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     idx = (lengths - 1).clamp(min=0)
     last = x[torch.arange(x.shape[0], device=x.device), idx]
     return torch.where((lengths > 0)[:, None], last, torch.zeros_like(last))
-
-
-def _last(ts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """ts (B, W) -> (B,) the last real ts; 0 where the history is empty."""
-    return _last_row(ts[:, :, None], lengths)[:, 0]
-
-
-@dataclass
-class _Hist:  # the HistoryBatch fields the model reads, for internal re-encodes
-    items: torch.Tensor
-    actions: torch.Tensor
-    ts: torch.Tensor
-    surfaces: torch.Tensor
-    lengths: torch.Tensor
-    request_ts: torch.Tensor
 
 
 def resolve(cfg: ModelConfig, *, num_items: int, num_actions: int, num_tasks: int, kind: str | None = None,

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from . import format as fmt
 from .actions import vocab_for
-from .batches import HistoryBatch, ItemVocab, TaskSpec, TrainBatch, collate_examples
+from .batches import ItemVocab, TaskSpec, TrainBatch, collate_examples
 from .checkpoint import save_model
 from .config import ExperimentConfig, to_dict
 from .model import UniPinRec, resolve
@@ -62,40 +62,13 @@ def load_item_categories(examples_dir: str | Path, vocab: ItemVocab) -> "np.ndar
     return out
 
 
-def _pad1(t: torch.Tensor, width: int) -> torch.Tensor:
-    if t.shape[1] >= width:
-        return t
-    pad = [0, 0] * (t.dim() - 2) + [0, width - t.shape[1]]
-    return torch.nn.functional.pad(t, pad)
-
-
 def cat_batches(parts: list[TrainBatch]) -> TrainBatch:
-    W = max(p.history.items.shape[1] for p in parts)
-    S = max(p.slate_items.shape[1] for p in parts)
-    h = lambda name: torch.cat([_pad1(getattr(p.history, name), W) for p in parts])  # noqa: E731
-    hist = HistoryBatch(h("items"), h("actions"), h("ts"), h("surfaces"),
-                        torch.cat([p.history.lengths for p in parts]), torch.cat([p.history.request_ts for p in parts]))
-    return TrainBatch(hist, torch.cat([_pad1(p.history_labels, W) for p in parts]),
-                      torch.cat([_pad1(p.targets, W) for p in parts]),
-                      torch.cat([_pad1(p.slate_items, S) for p in parts]),
-                      torch.cat([_pad1(p.slate_labels, S) for p in parts]),
-                      torch.cat([_pad1(p.slate_valid, S) for p in parts]),
-                      torch.cat([_pad1(p.slate_actions, S) for p in parts]),
-                      torch.cat([_pad1(p.slate_positions, S) for p in parts]))
+    return TrainBatch.cat(parts)
 
 
 def select(data: TrainBatch, rows: torch.Tensor) -> TrainBatch:
     """Rows of a collated split, trimmed to the widest history and slate among them."""
-    lengths = data.history.lengths[rows]
-    W = max(1, int(lengths.max()))
-    sv = data.slate_valid[rows]
-    S = int(sv.any(0).nonzero().max()) + 1 if sv.any() else 0
-    h = data.history
-    hist = HistoryBatch(h.items[rows, :W], h.actions[rows, :W], h.ts[rows, :W], h.surfaces[rows, :W], lengths,
-                        h.request_ts[rows])
-    return TrainBatch(hist, data.history_labels[rows, :W], data.targets[rows, :W], data.slate_items[rows, :S],
-                      data.slate_labels[rows, :S], sv[:, :S], data.slate_actions[rows, :S],
-                      data.slate_positions[rows, :S])
+    return data.index_select(rows)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from unipinrec.batches import HistoryBatch
+from unipinrec.batches import batch_histories
 from unipinrec.checkpoint import load_model
 from unipinrec.index import IndexVersionMismatch, ItemIndex
 from unipinrec.serving.engine import Engine, EngineConfig
@@ -44,7 +44,7 @@ def reference(model_dir, body: dict, ranking_dir=None):
     rnk = load_model(ranking_dir) if ranking_dir else ret
     hist = [(a["item_id"], a["action"], a["ts"], 0) for a in body["history"]]
     with torch.no_grad():
-        batch = HistoryBatch.from_histories([hist], [body["request_ts"]], ret.vocab, L)
+        batch = batch_histories([hist], [body["request_ts"]], ret.vocab, L)
         user, _ = ret.model.encode_history(batch)
         s = (ret.model.item_vectors()[1:] @ user[0]).numpy()
         seen = {a[0] for a in hist}

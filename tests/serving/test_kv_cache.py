@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from unipinrec.serving.kv_cache import ByteLRU, UserKVCache, kv_nbytes, trim_row
+from unipinrec.sequences import Actions, History
+from unipinrec.serving.kv_cache import ByteLRU, UserKVCache
 
 
 class Clock:
@@ -49,55 +50,56 @@ def _kv(lengths, width, layers=2, heads=2, dh=4):
     k = [torch.randn(B, heads, width, dh, generator=g) for _ in range(layers)]
     v = [torch.randn(B, heads, width, dh, generator=g) for _ in range(layers)]
     z = torch.zeros(B, width, dtype=torch.long)
-    return KVCache(k, v, torch.tensor(lengths), 1, z + 1, z, z, z, torch.zeros(B, dtype=torch.long),
-                   torch.randn(B, heads * dh, generator=g))
+    history = Actions(items=z + 1, actions=z, ts=z, surfaces=z, lengths=torch.tensor(lengths),
+                      request_ts=torch.zeros(B, dtype=torch.long))
+    return KVCache(keys=k, values=v, history=history, user_vectors=torch.randn(B, heads * dh, generator=g))
 
 
 def test_trim_row_drops_padding_bytes():
     kv = _kv([3, 8], width=8)
-    row = trim_row(kv, 0)
-    assert row.keys[0].shape == (1, 2, 3, 4) and row.items.shape == (1, 3)
+    row = kv.row(0)
+    assert row.keys[0].shape == (1, 2, 3, 4) and row.history.items.shape == (1, 3)
     assert torch.equal(row.keys[1][0], kv.keys[1][0, :, :3])
-    assert kv_nbytes(row) < kv_nbytes(kv) / 2
+    assert row.nbytes < kv.nbytes / 2
 
 
-def _hist(n, seed=0):
+def _hist(n, seed=0) -> History:
     rng = np.random.default_rng(seed)
-    return (rng.integers(1, 50, n), rng.integers(0, 4, n), np.cumsum(rng.integers(1, 9, n)), np.zeros(n, np.int64))
+    return History(items=rng.integers(1, 50, n), actions=rng.integers(0, 4, n), ts=np.cumsum(rng.integers(1, 9, n)))
 
 
 def test_user_cache_hit_extend_miss():
     cache = UserKVCache(10**6)
-    rows, acts, ts, surf = _hist(12)
-    assert cache.lookup(7, rows[:8], acts[:8], ts[:8], surf[:8], 100, max_history=16).status == "miss"
-    kv = trim_row(_kv([8], 8), 0)
-    cache.put(7, kv, rows[:8], acts[:8], ts[:8], surf[:8], 100)
-    hit = cache.lookup(7, rows[:8], acts[:8], ts[:8], surf[:8], 200, max_history=16)
+    h = _hist(12)
+    first = h.take(slice(0, 8))
+    assert cache.lookup(7, first, 100, max_history=16).status == "miss"
+    kv = _kv([8], 8).row(0)
+    cache.put(7, kv, first, 100)
+    hit = cache.lookup(7, first, 200, max_history=16)
     assert hit.status == "hit" and hit.kv is kv
-    ext = cache.lookup(7, rows, acts, ts, surf, 200, max_history=16)
+    ext = cache.lookup(7, h, 200, max_history=16)
     assert ext.status == "extend" and ext.num_cached == 8
     # past L the window slides: old positions change, so no reuse
-    assert cache.lookup(7, rows, acts, ts, surf, 200, max_history=10).status == "miss"
-    changed = acts.copy()
+    assert cache.lookup(7, h, 200, max_history=10).status == "miss"
+    changed = h.actions.copy()
     changed[2] = (changed[2] + 1) % 4
-    assert cache.lookup(7, rows, changed, ts, surf, 200, max_history=16).status == "miss"
-    assert cache.lookup(8, rows[:8], acts[:8], ts[:8], surf[:8], 100, max_history=16).status == "miss"
+    assert cache.lookup(7, History(**{**h.arrays, "actions": changed}), 200, max_history=16).status == "miss"
+    assert cache.lookup(8, first, 100, max_history=16).status == "miss"
     assert cache.stats.as_dict() == {"hits": 1, "extends": 1, "misses": 4}
 
 
 def test_request_time_dependent_tokens_hit_only_at_the_same_request_ts():
     cache = UserKVCache(10**6, request_dependent=True)
-    rows, acts, ts, surf = _hist(6)
-    cache.put(1, trim_row(_kv([6], 6), 0), rows, acts, ts, surf, 100)
-    assert cache.lookup(1, rows, acts, ts, surf, 100, 16).status == "hit"
-    assert cache.lookup(1, rows, acts, ts, surf, 101, 16).status == "miss"
-    r2, a2, t2, s2 = (np.concatenate([x, x[:1]]) for x in (rows, acts, ts, surf))
-    assert cache.lookup(1, r2, a2, t2, s2, 100, 16).status == "miss"  # never extended
+    h = _hist(6)
+    cache.put(1, _kv([6], 6).row(0), h, 100)
+    assert cache.lookup(1, h, 100, 16).status == "hit"
+    assert cache.lookup(1, h, 101, 16).status == "miss"
+    assert cache.lookup(1, h.concat(h.take(slice(0, 1))), 100, 16).status == "miss"  # never extended
 
 
 def test_disabled_cache_stores_nothing():
     cache = UserKVCache(0)
-    rows, acts, ts, surf = _hist(4)
-    cache.put(1, trim_row(_kv([4], 4), 0), rows, acts, ts, surf, 1)
-    assert not cache.enabled and cache.lookup(1, rows, acts, ts, surf, 1, 16).status == "miss"
+    h = _hist(4)
+    cache.put(1, _kv([4], 4).row(0), h, 1)
+    assert not cache.enabled and cache.lookup(1, h, 1, 16).status == "miss"
     assert len(cache.lru) == 0

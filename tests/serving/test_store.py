@@ -31,7 +31,7 @@ def test_store_keeps_each_users_latest_history(examples):
     store = InMemoryStore.from_examples(examples)
     assert isinstance(store, OnlineStore)
     h1, h2, h3 = store.get_histories([1, 2, 3])
-    assert h1.item_ids.tolist() == [1001, 1002] and h1.ts.tolist() == [10, 150]
+    assert h1.items.tolist() == [1001, 1002] and h1.ts.tolist() == [10, 150]
     assert len(h2) == 0 and h3 is None
 
 
@@ -39,12 +39,12 @@ def test_append_and_cap(examples):
     store = InMemoryStore(max_actions=2)
     store.put(5, History.from_actions([act(1, 1, 1), act(2, 1, 2)]))
     store.append(5, History.from_actions([act(3, 2, 3)]))
-    assert store.get_histories([5])[0].item_ids.tolist() == [2, 3]
+    assert store.get_histories([5])[0].items.tolist() == [2, 3]
 
 
 def test_archive_store_specs(examples, tmp_path):
     store = make_store({"kind": "examples", "path": "ex", "split": "test"}, tmp_path)
-    assert store.get_histories([1])[0].item_ids.tolist() == [1001, 1002]
+    assert store.get_histories([1])[0].items.tolist() == [1001, 1002]
     assert make_store(None, tmp_path) is None
     made = make_store({"factory": "unipinrec.serving.store:InMemoryStore", "kwargs": {"max_actions": 3}}, tmp_path)
     assert isinstance(made, InMemoryStore) and made.max_actions == 3
@@ -54,4 +54,4 @@ def test_archive_store_specs(examples, tmp_path):
 
 def test_history_arrays_must_line_up():
     with pytest.raises(ValueError):
-        History(np.arange(3), np.arange(2), np.arange(3), np.arange(3))
+        History(items=np.arange(3), actions=np.arange(2), ts=np.arange(3))

@@ -22,9 +22,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .kv_cache import HandleState, HandleStore, UserKVCache, trim_row
+from ..sequences import Actions, ActionError, History, check_history
+from .kv_cache import HandleState, HandleStore, UserKVCache
 from .request import Limits, Request, ServingError, parse_request
-from .store import History, OnlineStore
+from .store import OnlineStore
 
 
 @dataclass
@@ -56,16 +57,16 @@ class EngineConfig:
 class _Prepared:
     req: Request
     history: History  # resolved: rows known, chronological, not yet truncated
-    rows: np.ndarray  # embedding rows of history.item_ids
+    rows: np.ndarray  # embedding rows of history.items (raw ids)
     request_ts: int
     source: str  # "request" | "store"
 
 
-def _window(p: _Prepared, max_history: int):
-    """(rows, actions, ts, surfaces) of the last `max_history` actions: what the model encodes."""
+def _window(p: _Prepared, max_history: int, start: int = 0) -> History:
+    """The last `max_history` actions (from `start` of those on), items as embedding rows:
+    what the model encodes."""
     n0 = max(0, len(p.rows) - max_history)
-    h = p.history
-    return p.rows[n0:], h.actions[n0:], h.ts[n0:], h.surfaces[n0:]
+    return p.history.with_items(p.rows).take(slice(n0 + start, None))
 
 
 class _Timer:
@@ -96,7 +97,7 @@ class Engine:
 
     def __init__(self, retrieval, index, *, ranking=None, config: EngineConfig | None = None,
                  store: OnlineStore | None = None, popularity: np.ndarray | None = None):
-        from ..batches import HistoryBatch  # noqa: F401  (fail early if the library is incomplete)
+        from ..batches import ItemVocab  # noqa: F401  (fail early if the library is incomplete)
 
         self.config = config or EngineConfig()
         self.config.validate()
@@ -212,30 +213,20 @@ class Engine:
             h = History.from_actions(req.history)
             source = "request"
             try:
-                rows = self.vocab.lookup(h.item_ids)
-            except KeyError:
-                bad = int(np.flatnonzero(~np.isin(h.item_ids, self.vocab.item_ids))[0])
-                return ServingError(422, f"history[{bad}].item_id", f"unknown item id {int(h.item_ids[bad])}")
-            bad_act = np.flatnonzero(h.actions >= self.num_actions)
-            if len(bad_act):
-                j = int(bad_act[0])
-                return ServingError(422, f"history[{j}].action",
-                                    f"{int(h.actions[j])} is not an action id (0..{self.num_actions - 1})")
-            back = np.flatnonzero(np.diff(h.ts) < 0)
-            if len(back):
-                j = int(back[0]) + 1
-                return ServingError(422, f"history[{j}].ts", "history must be chronological (ts never decreasing)")
+                rows = check_history(h, self.vocab, self.num_actions)
+            except ActionError as e:
+                return ServingError(422, e.field, e.message)
         else:
             # the store is ours, not the client's: drop what the model cannot read instead of failing
             h = from_store if from_store is not None else History.empty()
             source = "store"
-            rows = self.vocab.lookup(h.item_ids, unknown=0)
+            rows = self.vocab.lookup(h.items, unknown=0)
             keep = (rows > 0) & (h.actions < self.num_actions) & (h.actions >= 0)
             if not keep.all():
-                h, rows = History(*(a[keep] for a in h.arrays())), rows[keep]
+                h, rows = h.take(keep), rows[keep]
             order = np.argsort(h.ts, kind="stable")
             if not np.array_equal(order, np.arange(len(order))):
-                h, rows = History(*(a[order] for a in h.arrays())), rows[order]
+                h, rows = h.take(order), rows[order]
         last_ts = int(h.ts[-1]) if len(h) else 0
         if req.request_ts is not None:
             if req.request_ts < last_ts:
@@ -245,29 +236,10 @@ class Engine:
             request_ts = max(int(time.time()), last_ts)
         return _Prepared(req, h, rows, request_ts, source)
 
-    def _batch(self, preps: Sequence[_Prepared], max_history: int, start: Sequence[int] | None = None):
-        """Right-padded HistoryBatch of each prep's last `max_history` actions (from `start[i]`)."""
-        from ..batches import HistoryBatch
-
-        B = len(preps)
-        parts = []
-        for i, p in enumerate(preps):
-            n = len(p.rows)
-            lo = max(0, n - max_history)
-            if start is not None:
-                lo = max(lo, start[i])
-            parts.append((p.rows[lo:], p.history.actions[lo:], p.history.ts[lo:], p.history.surfaces[lo:]))
-        W = max([1] + [len(x[0]) for x in parts])
-        arr = np.zeros((4, B, W), dtype=np.int64)
-        lengths = np.zeros(B, dtype=np.int64)
-        for i, x in enumerate(parts):
-            n = len(x[0])
-            lengths[i] = n
-            for j in range(4):
-                arr[j, i, :n] = x[j]
-        t = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
-        rts = torch.tensor([p.request_ts for p in preps], dtype=torch.long, device=self.device)
-        return HistoryBatch(t(arr[0]), t(arr[1]), t(arr[2]), t(arr[3]), t(lengths), rts)
+    def _batch(self, preps: Sequence[_Prepared], max_history: int, start: Sequence[int] | None = None) -> Actions:
+        """Right-padded batch of each prep's last `max_history` actions (from `start[i]` of those)."""
+        windows = [_window(p, max_history, 0 if start is None else start[i]) for i, p in enumerate(preps)]
+        return Actions.from_histories(windows, [p.request_ts for p in preps], device=self.device)
 
     def _encode(self, loaded, preps: Sequence[_Prepared], timer: _Timer, stage: str, use_cache: bool):
         """Encode each prep's history (reusing / extending the cross-request cache when asked).
@@ -280,7 +252,7 @@ class Engine:
         looked = [None] * len(preps)
         if use_cache and self.user_cache.enabled:
             for i, p in enumerate(preps):
-                looked[i] = self.user_cache.lookup(p.req.user_id, *_window(p, L), p.request_ts, L)
+                looked[i] = self.user_cache.lookup(p.req.user_id, _window(p, L), p.request_ts, L)
                 status[i] = looked[i].status
         parts: list[tuple[Any, list[int]]] = []
         with timer.stage(stage):
@@ -306,7 +278,7 @@ class Engine:
         if use_cache and self.user_cache.enabled:
             for i, p in enumerate(preps):
                 if status[i] != "hit":
-                    self.user_cache.put(p.req.user_id, trim_row(kv, i), *_window(p, L), p.request_ts)
+                    self.user_cache.put(p.req.user_id, kv.row(i), _window(p, L), p.request_ts)
         return kv, status
 
     def _search(self, preps: Sequence[_Prepared], user_vectors: torch.Tensor, timer: _Timer):
@@ -319,7 +291,7 @@ class Engine:
         with timer.stage("retrieve"):
             if warm:
                 q = user_vectors[warm].float().cpu().numpy() if not hasattr(self.index, "vectors") else user_vectors[warm]
-                excl = [preps[i].history.item_ids if preps[i].req.exclude_seen else None for i in warm]
+                excl = [preps[i].history.items if preps[i].req.exclude_seen else None for i in warm]
                 s, found = self.index.search(q, C, exclude=excl)
                 for j, i in enumerate(warm):
                     n = preps[i].req.num_candidates
@@ -329,7 +301,7 @@ class Engine:
                 n = preps[i].req.num_candidates
                 keep = slice(None)
                 if preps[i].req.exclude_seen and len(preps[i].history):
-                    keep = ~np.isin(self.popular_ids, preps[i].history.item_ids)
+                    keep = ~np.isin(self.popular_ids, preps[i].history.items)
                 ids[i], scores[i] = self.popular_ids[keep][:n], self.popular_scores[keep][:n]
         return ids, scores
 
@@ -387,7 +359,7 @@ class Engine:
                 probs, util = ranked[j]
                 out[ok[j]] = {"items": self._items(p.req.k, ids[j], scores[j], probs, util), **meta}
             else:
-                state = HandleState(trim_row(kv, j) if self.share_kv else None, p.history, p.request_ts,
+                state = HandleState(kv.row(j) if self.share_kv else None, p.history, p.request_ts,
                                     p.req.user_id, ids[j], scores[j], kv.user_vectors[j].clone())
                 handle = self.handles.new(state)
                 out[ok[j]] = {"handle": handle, "ttl_s": self.config.handle_ttl_s,
@@ -435,7 +407,7 @@ class Engine:
             if self.share_kv:
                 kv = KVCache.cat([st.kv.to(self.device) for _, st in states])
             else:
-                preps = [_Prepared(reqs[i], st.history, self.vocab.lookup(st.history.item_ids), st.request_ts, "handle")
+                preps = [_Prepared(reqs[i], st.history, self.vocab.lookup(st.history.items), st.request_ts, "handle")
                          for i, st in states]
                 kv, _ = self._encode(self.rnk, preps, timer, "encode_rank", use_cache=False)
             res = self._rank(self.rnk, kv, cands, [st.request_ts for _, st in states], timer)

@@ -12,7 +12,6 @@ Entries hold one batch row of a `KVCache`, trimmed to its real length (no paddin
 """
 from __future__ import annotations
 
-import hashlib
 import secrets
 import threading
 import time
@@ -21,25 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
-
-def kv_nbytes(kv) -> int:
-    """Bytes held by a KVCache's tensors."""
-    n = sum(t.numel() * t.element_size() for t in (*kv.keys, *kv.values))
-    return n + sum(t.numel() * t.element_size() for t in (kv.items, kv.actions, kv.ts, kv.surfaces, kv.user_vectors))
-
-
-def trim_row(kv, row: int):
-    """Row `row` of a batched KVCache as its own batch of one, without padding."""
-    one = kv.index_select(torch.tensor([row], device=kv.lengths.device))
-    n = int(one.lengths[0])
-    wt = max(1, n * one.tokens_per_action)
-    w = max(1, n)
-    one.keys = [k[:, :, :wt].contiguous() for k in one.keys]
-    one.values = [v[:, :, :wt].contiguous() for v in one.values]
-    one.items, one.actions, one.ts, one.surfaces = (t[:, :w].contiguous() for t in (one.items, one.actions, one.ts, one.surfaces))
-    return one
+from ..sequences import History
 
 
 class ByteLRU:
@@ -102,17 +84,6 @@ class ByteLRU:
                 self.bytes -= self._data.pop(key)[1]
 
 
-def fingerprint(items: np.ndarray, actions: np.ndarray, ts: np.ndarray, surfaces: np.ndarray,
-                extra: int | None = None) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    for a in (items, actions, ts, surfaces):
-        h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
-        h.update(b"|")
-    if extra is not None:
-        h.update(int(extra).to_bytes(8, "little", signed=True))
-    return h.digest()
-
-
 @dataclass
 class CacheStats:
     hits: int = 0
@@ -154,8 +125,8 @@ class UserKVCache:
     def enabled(self) -> bool:
         return self.lru.max_bytes > 0
 
-    def lookup(self, user_id: int, rows: np.ndarray, actions: np.ndarray, ts: np.ndarray, surfaces: np.ndarray,
-               request_ts: int, max_history: int) -> Lookup:
+    def lookup(self, user_id: int, window: History, request_ts: int, max_history: int) -> Lookup:
+        """window: the history the model would encode (item rows, last max_history actions)."""
         if not self.enabled:
             return Lookup("miss")
         entry, _ = self.lru.get(user_id)
@@ -163,25 +134,22 @@ class UserKVCache:
             self.stats.misses += 1
             return Lookup("miss")
         extra = request_ts if self.request_dependent else None
-        n = len(rows)
-        if n == entry.length and fingerprint(rows, actions, ts, surfaces, extra) == entry.fp:
+        n = len(window)
+        if n == entry.length and window.fingerprint(extra) == entry.fp:
             self.stats.hits += 1
             return Lookup("hit", entry.kv, n)
         m = entry.length
-        if (not self.request_dependent and m < n <= max_history
-                and fingerprint(rows[:m], actions[:m], ts[:m], surfaces[:m]) == entry.fp):
+        if not self.request_dependent and m < n <= max_history and window.take(slice(0, m)).fingerprint() == entry.fp:
             self.stats.extends += 1
             return Lookup("extend", entry.kv, m)
         self.stats.misses += 1
         return Lookup("miss")
 
-    def put(self, user_id: int, kv_row, rows: np.ndarray, actions: np.ndarray, ts: np.ndarray,
-            surfaces: np.ndarray, request_ts: int) -> None:
+    def put(self, user_id: int, kv_row, window: History, request_ts: int) -> None:
         if not self.enabled:
             return
         extra = request_ts if self.request_dependent else None
-        entry = _Entry(kv_row, fingerprint(rows, actions, ts, surfaces, extra), len(rows))
-        self.lru.put(user_id, entry, kv_nbytes(kv_row))
+        self.lru.put(user_id, _Entry(kv_row, window.fingerprint(extra), len(window)), kv_row.nbytes)
 
 
 @dataclass
@@ -189,7 +157,7 @@ class HandleState:
     """What a split `rank` call needs from its `retrieve` call."""
 
     kv: Any  # KVCache row (None when the ranking side re-encodes)
-    history: Any  # the resolved history arrays (for re-encoding and seen-item exclusion)
+    history: History | None  # the resolved history (for re-encoding and seen-item exclusion)
     request_ts: int
     user_id: int
     candidates: np.ndarray  # retrieved item ids, in retrieval order
@@ -206,9 +174,9 @@ class HandleStore:
 
     def new(self, state: HandleState) -> str:
         handle = secrets.token_urlsafe(16)
-        nbytes = (kv_nbytes(state.kv) if state.kv is not None else 0) + 64 * len(state.candidates) + 4096
+        nbytes = (state.kv.nbytes if state.kv is not None else 0) + 64 * len(state.candidates) + 4096
         if state.history is not None:
-            nbytes += sum(a.nbytes for a in state.history.arrays())
+            nbytes += state.history.nbytes
         self.lru.put(handle, state, nbytes)
         return handle
 

@@ -1,0 +1,312 @@
+"""Per-action fields, declared once: `Actions` (right-padded tensors, a batch) and `History`
+(one user's actions as numpy arrays, what stores and requests hand the engine).
+
+A per-action field is a field of `Actions` made with `action_field(record_name)`. Every
+operation here (pad, trim, slice, append, concatenate, move, select rows, count bytes,
+fingerprint) loops over `Actions.per_action_fields()`, and `History` keys its arrays by the
+same names, so a subclass that adds one field gets all of them::
+
+    @dataclass(kw_only=True)
+    class DeviceActions(Actions):
+        devices: torch.Tensor = action_field("device", default=0)
+
+`items` holds embedding rows in a batch (0 = padding) and raw item ids in a `History`.
+Imports torch and numpy only.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def action_field(record: str, *, default: int | None = None) -> Any:
+    """A per-action field named `record` in the unified record and the request; `default` is
+    its value where a record or request leaves it out (None: required)."""
+    return field(default=None, metadata={"record": record, "default": default})
+
+
+class ActionError(ValueError):
+    """A history the model cannot read; `field` names the action at fault (`history[3].ts`)."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
+
+
+@dataclass(kw_only=True)
+class Actions:
+    """Right-padded histories: real actions at 0..len-1 of each row, chronological."""
+
+    items: torch.Tensor = action_field("item_id")  # (B, W) item rows, 0 = padding
+    actions: torch.Tensor = action_field("action")  # (B, W) action ids
+    ts: torch.Tensor = action_field("ts")  # (B, W) seconds
+    surfaces: torch.Tensor = action_field("surface", default=0)  # (B, W)
+    lengths: torch.Tensor  # (B,) real actions per row
+    request_ts: torch.Tensor  # (B,) when each row's request was made
+
+    _per_action: ClassVar[dict[type, tuple[str, ...]]] = {}
+
+    @classmethod
+    def per_action_fields(cls) -> tuple[str, ...]:
+        """Names of the (B, W) fields, in declaration order."""
+        if cls not in Actions._per_action:
+            Actions._per_action[cls] = tuple(f.name for f in fields(cls) if "record" in f.metadata)
+        return Actions._per_action[cls]
+
+    @classmethod
+    def record_names(cls) -> dict[str, tuple[str, int | None]]:
+        """attribute -> (name in the record / request, default when absent)."""
+        return {f.name: (f.metadata["record"], f.metadata["default"]) for f in fields(cls) if "record" in f.metadata}
+
+    def per_action(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in self.per_action_fields()}
+
+    def _map(self, fn, rows=None) -> "Actions":
+        """Apply fn to every per-action tensor (rows: to lengths/request_ts as well)."""
+        extra = {} if rows is None else {"lengths": rows(self.lengths), "request_ts": rows(self.request_ts)}
+        return replace(self, **{n: fn(t) for n, t in self.per_action().items()}, **extra)
+
+    # --- shape ----------------------------------------------------------------------------
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.items.shape[1]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(B, W) True at real actions."""
+        return torch.arange(self.width, device=self.lengths.device)[None] < self.lengths[:, None]
+
+    def last(self, name: str = "ts") -> torch.Tensor:
+        """(B,) each row's last value of a field (0 where the history is empty)."""
+        t = getattr(self, name)
+        idx = (self.lengths - 1).clamp(min=0)[:, None]
+        return torch.where(self.lengths > 0, t.gather(1, idx)[:, 0], torch.zeros_like(self.lengths))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.per_action().values(), self.lengths, self.request_ts))
+
+    # --- operations -----------------------------------------------------------------------
+
+    def to(self, device, non_blocking: bool = False) -> "Actions":
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return self._map(move, rows=move)
+
+    def index_select(self, rows) -> "Actions":
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
+        pick = lambda t: t.index_select(0, rows)  # noqa: E731
+        return self._map(pick, rows=pick)
+
+    def pad(self, width: int) -> "Actions":
+        """Right-pad (or cut) every row to `width` columns."""
+        return self._map(lambda t: F.pad(t, (0, width - t.shape[1])))
+
+    def trim(self) -> "Actions":
+        """Cut the padding columns no row uses (width max(1, longest row))."""
+        return self.pad(max(1, int(self.lengths.max())) if self.batch_size else 1)
+
+    def keep_last(self, width: int) -> "Actions":
+        """Each row's last min(len, width) actions, right-padded to `width`."""
+        shift = (self.lengths - width).clamp(min=0)  # (B,)
+        idx = (shift[:, None] + torch.arange(width, device=self.lengths.device)[None])  # (B, width)
+
+        def cut(t):
+            t = F.pad(t, (0, max(0, width - t.shape[1])))
+            return torch.gather(t, 1, idx.clamp(max=t.shape[1] - 1)) * (idx < self.lengths[:, None])
+
+        return replace(self._map(cut), lengths=self.lengths.clamp(max=width))
+
+    def append(self, new: "Actions") -> "Actions":
+        """Row-wise: each row's `new` actions follow its own (padding zeroed); request_ts is the new one's."""
+        W, Wn = self.width, new.width
+        valid_new = new.valid
+        dest = self.lengths[:, None] + torch.arange(Wn, device=self.lengths.device)[None]  # (B, Wn)
+
+        total = self.lengths + new.lengths
+        keep = torch.arange(W + Wn, device=total.device)[None] < total[:, None]  # (B, W + Wn) real actions
+
+        def join(a, b):
+            out = F.pad(a, (0, Wn))  # (B, W + Wn)
+            return out.scatter(1, dest, torch.where(valid_new, b, out.gather(1, dest))) * keep
+
+        joined = {n: join(a, getattr(new, n)) for n, a in self.per_action().items()}
+        out = replace(self, **joined, lengths=total, request_ts=new.request_ts)
+        return out.pad(max(1, int(out.lengths.max())) if W + Wn else 1)
+
+    @classmethod
+    def cat(cls, parts: Sequence["Actions"]) -> "Actions":
+        """Stack batches of different widths into one (padding to the widest)."""
+        W = max(p.width for p in parts)
+        padded = [p.pad(W) for p in parts]
+        cols = {n: torch.cat([getattr(p, n) for p in padded]) for n in parts[0].per_action_fields()}
+        return replace(parts[0], **cols, lengths=torch.cat([p.lengths for p in parts]),
+                       request_ts=torch.cat([p.request_ts for p in parts]))
+
+    def row(self, b: int) -> "Actions":
+        """Row b as a batch of one, without padding."""
+        return self.index_select([b]).trim()
+
+    # --- from numpy histories -------------------------------------------------------------
+
+    @classmethod
+    def from_histories(cls, histories: Sequence["History"], request_ts: Sequence[int], *,
+                       vocab=None, max_history: int | None = None, device="cpu") -> "Actions":
+        """Histories (raw ids mapped through `vocab`, or already rows when vocab is None) ->
+        one right-padded batch of each one's last `max_history` actions, in one host buffer
+        and one copy to `device`."""
+        if len(histories) != len(request_ts):
+            raise ValueError(f"{len(histories)} histories but {len(request_ts)} request_ts values")
+        kept = [h if max_history is None else h.last(max_history) for h in histories]
+        names = cls.per_action_fields()
+        B, W = len(kept), max([1] + [len(h) for h in kept])
+        buf = np.zeros((len(names), B, W), dtype=np.int64)
+        lengths = np.fromiter((len(h) for h in kept), dtype=np.int64, count=B)
+        for b, h in enumerate(kept):
+            for j, n in enumerate(names):
+                buf[j, b, :len(h)] = getattr(h, n)
+            if vocab is not None and len(h):
+                buf[0, b, :len(h)] = vocab.lookup(h.items)
+        host = torch.from_numpy(buf)
+        cols = {n: host[j].to(device) for j, n in enumerate(names)}
+        return cls(**cols, lengths=torch.from_numpy(lengths).to(device),
+                   request_ts=torch.as_tensor(list(request_ts), dtype=torch.long).to(device))
+
+
+class History:
+    """One user's actions, chronological, as equal-length int64 arrays (raw item ids), under
+    the per-action field names of `spec` (an `Actions` class)."""
+
+    __slots__ = ("spec", "arrays")
+
+    def __init__(self, spec: type[Actions] = Actions, **arrays):
+        names = spec.per_action_fields()
+        defaults = spec.record_names()
+        unknown = set(arrays) - set(names)
+        if unknown:
+            raise ValueError(f"History: unknown per-action field(s) {sorted(unknown)} (fields: {list(names)})")
+        n = len(np.asarray(arrays["items"]).reshape(-1)) if "items" in arrays else 0
+        cols = {}
+        for name in names:
+            if name in arrays:
+                cols[name] = np.asarray(arrays[name], dtype=np.int64).reshape(-1)
+            elif defaults[name][1] is not None or n == 0:
+                cols[name] = np.full(n, defaults[name][1] or 0, dtype=np.int64)
+            else:
+                raise ValueError(f"History: field {name!r} is required")
+        if any(len(a) != n for a in cols.values()):
+            raise ValueError("History arrays must have equal lengths")
+        object.__setattr__(self, "spec", spec)
+        object.__setattr__(self, "arrays", cols)
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        try:
+            return self.arrays[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __len__(self) -> int:
+        return len(self.arrays["items"])
+
+    def _new(self, fn) -> "History":
+        return History(self.spec, **{n: fn(a) for n, a in self.arrays.items()})
+
+    def last(self, n: int) -> "History":
+        return self if n >= len(self) else self._new(lambda a: a[len(self) - n:])
+
+    def take(self, index) -> "History":
+        """Actions at an index array or boolean mask."""
+        return self._new(lambda a: a[index])
+
+    def with_items(self, items: np.ndarray) -> "History":
+        return History(self.spec, **{**self.arrays, "items": items})
+
+    def concat(self, new: "History") -> "History":
+        return History(self.spec, **{n: np.concatenate([a, new.arrays[n]]) for n, a in self.arrays.items()})
+
+    def fingerprint(self, extra: int | None = None) -> bytes:
+        h = hashlib.blake2b(digest_size=16)
+        for a in self.arrays.values():
+            h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+            h.update(b"|")
+        if extra is not None:
+            h.update(int(extra).to_bytes(8, "little", signed=True))
+        return h.digest()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    @classmethod
+    def empty(cls, spec: type[Actions] = Actions) -> "History":
+        return cls(spec)
+
+    @classmethod
+    def from_actions(cls, actions: Iterable, spec: type[Actions] = Actions) -> "History":
+        """From dicts {item_id, action, ts[, surface]} (record names) or objects with those attributes."""
+        actions = list(actions)
+        recs = spec.record_names()
+        if not actions:
+            return cls.empty(spec)
+
+        def values():  # one flat pass, no per-action tuples (this runs on every request)
+            for a in actions:
+                get = a.get if isinstance(a, Mapping) else (lambda k, d=None, a=a: getattr(a, k, d))
+                for rec, default in recs.values():
+                    v = get(rec, default)
+                    if v is None:
+                        raise KeyError(rec)
+                    yield v
+
+        k = len(recs)
+        arr = np.fromiter(values(), dtype=np.int64, count=k * len(actions)).reshape(len(actions), k)
+        return cls(spec, **{name: arr[:, j] for j, name in enumerate(recs)})
+
+    @classmethod
+    def from_tuples(cls, actions: Iterable[tuple], spec: type[Actions] = Actions, where: str = "history") -> "History":
+        """From (item_id, action, ts[, surface, ...]) tuples in field order; trailing optional
+        fields may be left out."""
+        names = spec.per_action_fields()
+        rows = []
+        for i, a in enumerate(actions):
+            if not 3 <= len(a) <= len(names):
+                raise ActionError(f"{where}[{i}]", f"expected {len(names)} values ({', '.join(names)}) "
+                                  f"with the optional ones last, got {a!r}")
+            rows.append(tuple(a) + tuple(spec.record_names()[n][1] or 0 for n in names[len(a):]))
+        arr = np.asarray(rows, dtype=np.int64).reshape(len(rows), len(names))
+        return cls(spec, **{n: arr[:, j] for j, n in enumerate(names)})
+
+
+def check_history(h: History, vocab, num_actions: int | None = None, where: str = "history", offset: int = 0) -> np.ndarray:
+    """The one validation path for a client's history: known items, action ids in range,
+    chronological. Returns the embedding rows of its items; raises ActionError naming the
+    first action at fault (`offset`: where h starts in the history the client sent)."""
+    rows = vocab.lookup(h.items, unknown=0)
+    bad = np.flatnonzero(rows == 0)
+    if len(bad):
+        j = int(bad[0])
+        raise ActionError(f"{where}[{j + offset}].item_id", f"unknown item id {int(h.items[j])}")
+    if num_actions is not None:
+        bad = np.flatnonzero((h.actions < 0) | (h.actions >= num_actions))
+        if len(bad):
+            j = int(bad[0])
+            raise ActionError(f"{where}[{j + offset}].action",
+                              f"{int(h.actions[j])} is not an action id (0..{num_actions - 1})")
+    back = np.flatnonzero(np.diff(h.ts) < 0)
+    if len(back):
+        j = int(back[0]) + 1
+        raise ActionError(f"{where}[{j + offset}].ts", "history must be chronological (ts never decreasing)")
+    return rows
+
+
+__all__ = ["Actions", "ActionError", "History", "action_field", "check_history"]
