@@ -100,6 +100,14 @@ class ModelConfig:
     def tokens_per_action(self) -> int:
         return 2 if self.kind == "interleaved" else 1
 
+    @property
+    def has_retrieval_head(self) -> bool:
+        return self.kind != "ranking_only"
+
+    @property
+    def has_ranking_head(self) -> bool:
+        return self.kind != "retrieval_only"
+
 
 def time_bucket(gaps: torch.Tensor, num_buckets: int) -> torch.Tensor:
     """Log buckets of a gap in seconds: floor(2 * log2(1 + gap)), clipped to [0, num_buckets)."""

@@ -17,7 +17,7 @@ class Clock:
 
 
 def test_lru_evicts_least_recently_used_within_the_byte_budget():
-    lru = ByteLRU(100)
+    lru = ByteLRU(100, entry_overhead=0)
     lru.put("a", 1, 40)
     lru.put("b", 2, 40)
     assert lru.get("a") == (1, "ok")  # a is now the most recent
@@ -32,7 +32,7 @@ def test_lru_evicts_least_recently_used_within_the_byte_budget():
 
 def test_lru_ttl_marks_entries_expired():
     clock = Clock()
-    lru = ByteLRU(1000, ttl_s=5, clock=clock)
+    lru = ByteLRU(1000, ttl_s=5, clock=clock, entry_overhead=0)
     lru.put("h", "state", 10)
     clock.t = 4.9
     assert lru.get("h") == ("state", "ok")
@@ -40,6 +40,28 @@ def test_lru_ttl_marks_entries_expired():
     assert lru.get("h") == (None, "expired")
     assert lru.get("never") == (None, "missing")
     assert lru.bytes == 0
+
+
+def test_lru_counts_per_entry_overhead_and_bounds_entries():
+    lru = ByteLRU(10_000, entry_overhead=1000)
+    for i in range(20):
+        lru.put(i, i, 10)
+    assert len(lru) == 9 and lru.bytes == 9 * 1010  # 10 bytes of data cost 1,010 each
+    few = ByteLRU(10**9, max_entries=3, entry_overhead=0)
+    for i in range(5):
+        few.put(i, i, 1)
+    assert len(few) == 3 and few.get(0) == (None, "evicted") and few.get(4) == (4, "ok")
+
+
+def test_expired_entries_are_swept_without_being_looked_up():
+    clock = Clock()
+    lru = ByteLRU(10**6, ttl_s=5, clock=clock, entry_overhead=0)
+    for i in range(100):
+        lru.put(f"abandoned{i}", i, 100)
+    clock.t = 6.0
+    lru.put("fresh", 0, 100)  # any put (or get) sweeps what has expired
+    assert len(lru) == 1 and lru.bytes == 100 and lru.expirations == 100
+    assert lru.get("abandoned7") == (None, "expired")
 
 
 def _kv(lengths, width, layers=2, heads=2, dh=4):

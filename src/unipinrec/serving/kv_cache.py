@@ -15,7 +15,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -24,19 +24,31 @@ import numpy as np
 from ..sequences import History
 
 
+# What an entry costs beyond its tensors' bytes: the Python objects (dataclasses, lists, torch
+# tensor headers and storages, dict slots) and allocator rounding. Measured with
+# bench/reliability_bench.py's soak (RSS growth per entry, short histories); counted per entry so
+# the byte bound is a memory bound.
+ENTRY_OVERHEAD_BYTES = 8192
+
+
 class ByteLRU:
-    """LRU of (value, nbytes) within `max_bytes`, entries older than `ttl_s` treated as gone."""
+    """LRU of (value, nbytes) within `max_bytes` and `max_entries`; entries older than `ttl_s`
+    are gone (swept on every put and get, not only when pushed out)."""
 
     def __init__(self, max_bytes: int, ttl_s: float | None = None, clock: Callable[[], float] = time.monotonic,
-                 tombstones: int = 10_000):
+                 tombstones: int = 10_000, max_entries: int | None = None, entry_overhead: int = ENTRY_OVERHEAD_BYTES):
         self.max_bytes = int(max_bytes)
+        self.max_entries = max_entries
+        self.entry_overhead = int(entry_overhead)
         self.ttl_s = ttl_s
         self.clock = clock
         self._data: OrderedDict[Any, tuple[Any, int, float]] = OrderedDict()
+        self._born: deque[tuple[float, Any]] = deque()  # (birth, key) in birth order, for the TTL sweep
         self._gone: OrderedDict[Any, str] = OrderedDict()  # key -> "expired" | "evicted"
         self._max_gone = tombstones
         self.bytes = 0
         self.evictions = 0
+        self.expirations = 0
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -49,32 +61,44 @@ class ByteLRU:
         while len(self._gone) > self._max_gone:
             self._gone.popitem(last=False)
 
+    def _sweep(self) -> None:
+        if self.ttl_s is None:
+            return
+        now = self.clock()
+        while self._born and now - self._born[0][0] > self.ttl_s:
+            born, key = self._born.popleft()
+            item = self._data.get(key)
+            if item is not None and item[2] == born:
+                self._bury(key, "expired")
+                self.expirations += 1
+
     def get(self, key) -> tuple[Any, str]:
         """(value, "ok") or (None, "missing" | "expired" | "evicted")."""
         with self._lock:
+            self._sweep()
             item = self._data.get(key)
             if item is None:
                 return None, self._gone.get(key, "missing")
-            value, nbytes, born = item
-            if self.ttl_s is not None and self.clock() - born > self.ttl_s:
-                self._bury(key, "expired")
-                return None, "expired"
             self._data.move_to_end(key)
-            return value, "ok"
+            return item[0], "ok"
 
     def put(self, key, value, nbytes: int) -> bool:
         """Store; False (and nothing stored) when one entry alone is over the budget."""
+        nbytes = int(nbytes) + self.entry_overhead
         with self._lock:
+            self._sweep()
             if key in self._data:
                 self.bytes -= self._data.pop(key)[1]
             self._gone.pop(key, None)
             if nbytes > self.max_bytes:
                 return False
-            self._data[key] = (value, nbytes, self.clock())
+            born = self.clock()
+            self._data[key] = (value, nbytes, born)
+            if self.ttl_s is not None:
+                self._born.append((born, key))
             self.bytes += nbytes
-            while self.bytes > self.max_bytes:
-                oldest = next(iter(self._data))
-                self._bury(oldest, "evicted")
+            while self.bytes > self.max_bytes or (self.max_entries is not None and len(self._data) > self.max_entries):
+                self._bury(next(iter(self._data)), "evicted")
                 self.evictions += 1
             return True
 
@@ -116,8 +140,8 @@ class UserKVCache:
     cached KV is reusable only for the same request_ts and never extendable.
     """
 
-    def __init__(self, max_bytes: int, request_dependent: bool = False):
-        self.lru = ByteLRU(max_bytes)
+    def __init__(self, max_bytes: int, request_dependent: bool = False, max_entries: int | None = None):
+        self.lru = ByteLRU(max_bytes, max_entries=max_entries)
         self.request_dependent = request_dependent
         self.stats = CacheStats()
 
@@ -169,12 +193,13 @@ class HandleState:
 class HandleStore:
     """Handles of split retrieve -> rank calls, local to one worker process."""
 
-    def __init__(self, max_bytes: int, ttl_s: float, clock: Callable[[], float] = time.monotonic):
-        self.lru = ByteLRU(max_bytes, ttl_s=ttl_s, clock=clock)
+    def __init__(self, max_bytes: int, ttl_s: float, clock: Callable[[], float] = time.monotonic,
+                 max_entries: int | None = None):
+        self.lru = ByteLRU(max_bytes, ttl_s=ttl_s, clock=clock, max_entries=max_entries)
 
     def new(self, state: HandleState) -> str:
         handle = secrets.token_urlsafe(16)
-        nbytes = (state.kv.nbytes if state.kv is not None else 0) + 64 * len(state.candidates) + 4096
+        nbytes = (state.kv.nbytes if state.kv is not None else 0) + 64 * len(state.candidates)
         if state.history is not None:
             nbytes += state.history.nbytes
         self.lru.put(handle, state, nbytes)

@@ -10,17 +10,18 @@ raises anything else for any input.
 Beyond DESIGN: `request_ts` (default: the last history ts, or now), `stage` ("all" | "retrieve"
 | "rank") with `handle` and `candidates` for the split flow. Numbers must be JSON integers
 (no strings, floats, NaN or booleans). A history longer than the model's L is truncated to its
-last L actions (reported as `history_truncated` in the answer); longer than `max_history_request`
-is rejected.
+last L actions before they are validated (reported as `history_truncated` in the answer); longer
+than `max_history_request` is rejected. `deadline_ms`: when ranking would finish after it, the
+answer is the retrieval order, marked `"degraded": "ranking_deadline"`.
 """
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, StrictStr, ValidationError
 
 INT64_MAX = 2**63 - 1
 
@@ -34,6 +35,10 @@ class Limits:
     max_history_request: int = 100_000  # longer histories are rejected, not truncated
     max_body_bytes: int = 4 * 1024 * 1024
     max_rank_candidates: int = 5000
+    # the model reads only the last L actions: longer histories are cut to them before the
+    # per-action validation (the dropped part is only counted), so a long body costs its JSON
+    # decode and not L-independent validation work; None = keep all
+    keep_history: int | None = None
 
 
 class ServingError(Exception):
@@ -52,7 +57,7 @@ class ServingError(Exception):
 Int64 = StrictInt  # range-checked below: Field(ge=..., le=INT64_MAX)
 
 
-class ActionIn(BaseModel):
+class ActionIn(BaseModel):  # one per-action field per `sequences.Actions` field, by its record name
     model_config = ConfigDict(extra="forbid")
     item_id: Int64 = Field(ge=0, le=INT64_MAX)
     action: Int64 = Field(ge=0, le=127)
@@ -71,7 +76,14 @@ class Request(BaseModel):
     exclude_seen: StrictBool = True
     stage: Literal["all", "retrieve", "rank"] = "all"
     handle: StrictStr | None = Field(default=None, max_length=128)
-    candidates: list[Int64] | None = None  # stage "rank": item ids to rank (default: the retrieved ones)
+    candidates: list[Annotated[Int64, Field(ge=0, le=INT64_MAX)]] | None = None  # stage "rank": item ids to rank (default: the retrieved ones)
+    deadline_ms: Int64 | None = Field(default=None, ge=1, le=600_000)  # None: the server default
+    _history_offset: int = PrivateAttr(default=0)
+
+    @property
+    def history_offset(self) -> int:
+        """Leading actions of the client's history dropped before validation (beyond the model's L)."""
+        return self._history_offset
 
 
 def _field_name(loc: tuple) -> str:
@@ -133,16 +145,21 @@ def parse_request(body: Any, limits: Limits = Limits()) -> Request:
     if isinstance(data.get("candidates"), list) and len(data["candidates"]) > limits.max_rank_candidates:
         raise ServingError(413, "candidates", f"{len(data['candidates'])} candidates is over the limit of "
                                               f"{limits.max_rank_candidates}")
+    data, offset = _cut_history(data, limits.keep_history)
     try:
         req = Request.model_validate(data)
+        req._history_offset = offset
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
+        loc = tuple(err["loc"])
+        if offset and len(loc) > 1 and loc[0] == "history" and isinstance(loc[1], int):
+            loc = ("history", loc[1] + offset, *loc[2:])  # name the position the client sent
         msg = err["msg"]
         if err["type"] == "missing":
             msg = "required field is missing"
         elif err["type"] == "extra_forbidden":
             msg = "unknown field"
-        raise ServingError(422, _field_name(tuple(err["loc"])), msg) from None
+        raise ServingError(422, _field_name(loc), msg) from None
     if req.k > limits.max_k:
         raise ServingError(422, "k", f"{req.k} is over the limit of {limits.max_k}")
     if req.num_candidates > limits.max_candidates:
@@ -154,4 +171,16 @@ def parse_request(body: Any, limits: Limits = Limits()) -> Request:
     if req.stage != "rank" and (req.handle is not None or req.candidates is not None):
         field = "handle" if req.handle is not None else "candidates"
         raise ServingError(422, field, "only allowed with stage 'rank'")
+    if req.stage == "rank" and (req.history is not None or req.request_ts is not None):
+        field = "history" if req.history is not None else "request_ts"
+        raise ServingError(422, field, "not allowed with stage 'rank': the handle holds the history and request time")
     return req
+
+
+def _cut_history(data: dict, keep: int | None) -> tuple[dict, int]:
+    """-> (the body with only the last `keep` actions of a list history, how many were dropped).
+    The caller's dict is left as it is."""
+    hist = data.get("history")
+    if keep is None or not isinstance(hist, list) or len(hist) <= keep:
+        return data, 0
+    return {**data, "history": hist[len(hist) - keep:]}, len(hist) - keep

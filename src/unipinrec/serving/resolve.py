@@ -1,0 +1,75 @@
+"""History resolution, the first stage of a request: the client's history (validated by the
+one path `sequences.check_history`) or the online store's (cleaned: the store is ours, so what
+the model cannot read is dropped, not refused), and the request time."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..sequences import ActionError, History, check_history
+from .request import Request, ServingError
+from .store import OnlineStore
+from .timing import StageTimer
+
+
+@dataclass
+class Resolved:
+    req: Request
+    history: History  # chronological, raw item ids, not yet cut to the model's L
+    rows: np.ndarray  # embedding rows of history.items
+    request_ts: int
+    source: str  # "request" | "store" | "handle"
+
+    def window(self, max_history: int, start: int = 0) -> History:
+        """The last `max_history` actions (from `start` of those on), items as embedding rows:
+        what the model encodes."""
+        n0 = max(0, len(self.rows) - max_history)
+        return self.history.with_items(self.rows).take(slice(n0 + start, None))
+
+
+class HistoryResolver:
+    def __init__(self, vocab, num_actions: int, store: OnlineStore | None = None):
+        self.vocab = vocab
+        self.num_actions = num_actions
+        self.store = store
+
+    def resolve(self, reqs: Sequence[Request], timer: StageTimer) -> list[Resolved | ServingError]:
+        need = [i for i, r in enumerate(reqs) if r.history is None]
+        stored: dict[int, History | None] = {}
+        if need and self.store is None:
+            return [ServingError(422, "history", "required: this server has no online store to read it from")
+                    if r.history is None else self.resolve_one(r, None) for r in reqs]
+        if need:
+            with timer.stage("lookup"):
+                stored = dict(zip(need, self.store.get_histories([reqs[i].user_id for i in need])))
+        return [self.resolve_one(r, stored.get(i)) for i, r in enumerate(reqs)]
+
+    def resolve_one(self, req: Request, from_store: History | None) -> Resolved | ServingError:
+        if req.history is not None:
+            h, source = History.from_actions(req.history), "request"
+            try:
+                rows = check_history(h, self.vocab, self.num_actions, offset=req.history_offset)
+            except ActionError as e:
+                return ServingError(422, e.field, e.message)
+        else:
+            h, source = (from_store if from_store is not None else History.empty()), "store"
+            h, rows = self._clean(h)
+        last_ts = int(h.ts[-1]) if len(h) else 0
+        if req.request_ts is None:
+            return Resolved(req, h, rows, max(int(time.time()), last_ts), source)
+        if req.request_ts < last_ts:
+            return ServingError(422, "request_ts", f"{req.request_ts} is before the last history action ({last_ts})")
+        return Resolved(req, h, rows, req.request_ts, source)
+
+    def _clean(self, h: History) -> tuple[History, np.ndarray]:
+        rows = self.vocab.lookup(h.items, unknown=0)
+        keep = (rows > 0) & (h.actions < self.num_actions) & (h.actions >= 0)
+        if not keep.all():
+            h, rows = h.take(keep), rows[keep]
+        order = np.argsort(h.ts, kind="stable")
+        if not np.array_equal(order, np.arange(len(order))):
+            h, rows = h.take(order), rows[order]
+        return h, rows

@@ -1,0 +1,32 @@
+"""Stage timings of one engine call (CUDA-synchronised on a GPU, so a stage's time is its own)."""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+
+
+class StageTimer:
+    def __init__(self, device: torch.device):
+        self.ms: dict[str, float] = {}
+        self.cuda = device.type == "cuda"
+        self.t0 = time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - t) * 1000
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.t0) * 1000
+
+    def as_dict(self) -> dict[str, float]:
+        return {**{k: round(v, 3) for k, v in self.ms.items()}, "total": round(self.elapsed_ms(), 3)}

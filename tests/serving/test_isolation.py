@@ -1,0 +1,138 @@
+"""Serving that one bad request cannot break (issue 11, engine side): range-checked integers,
+per-request isolation inside a batch, histories cut before validation, split-flow edges, a
+deadline that degrades to the retrieval order, and cache bounds that are memory bounds."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from unipinrec.serving.engine import Engine, EngineConfig, engine_stats
+from unipinrec.serving.request import Limits, ServingError, parse_request
+from unipinrec.serving.synthetic import random_history
+
+L, NUM_ITEMS = 16, 300  # tests/serving/conftest.py's tiny models
+RTS = 1_800_000_000
+
+
+def body(user_id=1, n=10, seed=0, **kw) -> dict:
+    return {"user_id": user_id, "history": random_history(np.random.default_rng(seed), n, NUM_ITEMS), "k": 5,
+            "num_candidates": 20, "request_ts": RTS, **kw}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    return Engine.from_dirs(tiny.unified, tiny.unified_index)
+
+
+def test_integers_out_of_int64_are_a_4xx_naming_the_field():
+    for bad in (2**63, -1, 2**64 + 5):
+        with pytest.raises(ServingError) as e:
+            parse_request({"user_id": 1, "stage": "rank", "handle": "h", "candidates": [3, bad]})
+        assert e.value.status == 422 and e.value.field == "candidates[1]"
+
+
+def test_a_co_batched_bad_rank_call_fails_alone(engine):
+    handle = engine.handle(body(user_id=5, stage="retrieve"))["handle"]
+    good = [parse_request(body(user_id=10 + i, seed=i)) for i in range(3)]
+    with pytest.raises(ServingError):  # finding 1: this used to pass validation and fail the whole batch
+        parse_request({"user_id": 5, "stage": "rank", "handle": handle, "candidates": [2**63]})
+    ranked = parse_request({"user_id": 5, "stage": "rank", "handle": handle})
+    out = engine.handle_batch([good[0], ranked, good[1], good[2]])
+    assert all(isinstance(r, dict) and r["items"] for r in out)
+
+
+def test_an_unexpected_error_fails_only_its_own_request(engine, monkeypatch):
+    reqs = [parse_request(body(user_id=20 + i, seed=i)) for i in range(4)]
+    alone = [engine.handle_batch([r])[0] for r in reqs]
+    real = engine.retriever.retrieve
+
+    def flaky(preps, user_vectors, timer):  # a bug that only request 2's history triggers
+        if any(p.req.user_id == 22 for p in preps):
+            raise RuntimeError("boom")
+        return real(preps, user_vectors, timer)
+
+    monkeypatch.setattr(engine.retriever, "retrieve", flaky)
+    before = engine_stats(engine)["isolated_errors"]
+    out = engine.handle_batch(reqs)
+    assert isinstance(out[2], ServingError) and out[2].status == 500
+    for i in (0, 1, 3):
+        assert [it["item_id"] for it in out[i]["items"]] == [it["item_id"] for it in alone[i]["items"]]
+    assert engine_stats(engine)["isolated_errors"] == before + 1
+
+
+def test_rank_refuses_a_history_or_request_ts_it_would_ignore():
+    for extra in ({"history": []}, {"request_ts": 5}):
+        with pytest.raises(ServingError) as e:
+            parse_request({"user_id": 1, "stage": "rank", "handle": "h", **extra})
+        assert e.value.status == 422 and e.value.field == next(iter(extra))
+
+
+def test_long_histories_are_cut_to_L_before_validation(engine):
+    long = body(user_id=30, n=50_000, seed=3)
+    t = time.perf_counter()
+    req = parse_request(long, engine.limits)
+    parse_s = time.perf_counter() - t
+    assert len(req.history) == L and req.history_offset == 50_000 - L
+    assert long["history"] and len(long["history"]) == 50_000  # the caller's body is untouched
+    resp = engine.handle_batch([req])[0]
+    assert resp["history_truncated"] == 50_000 - L and resp["history_length"] == L
+    cut = engine.handle({**long, "user_id": 31, "history": long["history"][-L:]})
+    assert [it["item_id"] for it in resp["items"]] == [it["item_id"] for it in cut["items"]]
+    # a bad action inside the kept window is named at its position in the body the client sent
+    bad = {**long, "history": [*long["history"][:-1], {"item_id": 1, "action": -3, "ts": RTS}]}
+    with pytest.raises(ServingError) as e:
+        parse_request(bad, engine.limits)
+    assert e.value.field == f"history[{50_000 - 1}].action"
+    assert parse_s < 5.0  # generous: only the last L actions are validated
+
+
+def test_deadline_degrades_to_the_retrieval_order(engine, monkeypatch):
+    real = engine.ranker.rank
+
+    def slow(*args, **kw):  # a deliberately slow ranking stage
+        time.sleep(0.2)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(engine.ranker, "rank", slow)
+    warm = engine.handle(body(user_id=40))  # observes how long ranking takes
+    assert "degraded" not in warm
+    before = engine_stats(engine)["degraded"]
+    resp = engine.handle(body(user_id=41, deadline_ms=50))
+    assert resp["degraded"] == "ranking_deadline" and len(resp["items"]) == 5
+    retrieved = engine.handle(body(user_id=41, stage="retrieve"))["candidates"]
+    assert [it["item_id"] for it in resp["items"]] == [c["item_id"] for c in retrieved[:5]]
+    assert engine_stats(engine)["degraded"] == before + 1
+    assert "degraded" not in engine.handle(body(user_id=42, deadline_ms=60_000))
+
+
+def test_server_default_deadline(tiny):
+    eng = Engine.from_dirs(tiny.unified, tiny.unified_index, config=EngineConfig(deadline_ms=1))
+    eng.handle(body(user_id=50))  # first call: no estimate yet, so it ranks
+    assert eng.handle(body(user_id=51)).get("degraded") == "ranking_deadline"
+
+
+def test_user_cache_is_bounded_in_memory_and_entries(tiny):
+    """Finding 3: many users with short histories. The counted bytes include a per-entry
+    overhead, so the process grows by no more than the bound plus a constant."""
+    bound = 8 * 2**20
+    eng = Engine.from_dirs(tiny.unified, tiny.unified_index, config=EngineConfig(kv_cache_bytes=bound))
+    proc = psutil.Process(os.getpid())
+    reqs = [parse_request(body(user_id=1000 + i, n=1 + i % 3, seed=i % 50, k=1, num_candidates=1))
+            for i in range(4000)]
+    eng.handle_batch(reqs[:64])
+    rss0 = proc.memory_info().rss
+    for s in range(0, len(reqs), 64):
+        eng.handle_batch(reqs[s:s + 64])
+    grew = proc.memory_info().rss - rss0
+    stats = engine_stats(eng)
+    assert stats["kv_cache_bytes"] <= bound and stats["kv_cache_entries"] < 4000  # evicted by the counted bytes
+    assert grew < bound * 1.2 + 32 * 2**20, f"RSS grew {grew / 2**20:.1f} MiB for a {bound / 2**20:.0f} MiB bound"
+
+
+def test_limits_keep_history_none_keeps_all():
+    req = parse_request(body(n=40), Limits(keep_history=None))
+    assert len(req.history) == 40 and req.history_offset == 0
