@@ -20,7 +20,7 @@ def evaluate(
         examples: Examples folder; the config's eval split (test) is scored.
         metrics: Output scalar metrics, with the popularity and oracle references.
         report: Output HTML page with tables, ROC curves and training curves.
-        roc: Output ROC curve of the first ranking task.
+        roc: Output ROC curve of the first ranking task (from the predictions its AUC came from).
         evaluation: Output evaluation.json (every number, read by the gate).
     """
     import os

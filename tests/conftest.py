@@ -36,3 +36,29 @@ def ml100k_dir() -> Path:
 @pytest.fixture(scope="session")
 def kserve_crd() -> Path:
     return _require(SHARED / "kserve" / "serving.kserve.io_inferenceservices.yaml", "KServe CRD test data")
+
+
+@pytest.fixture(scope="session")
+def train_tiny(tmp_path_factory):
+    """train_tiny(**model_overrides) -> (model_dir, examples_dir): configs/tiny.yaml's synthetic data
+    and model, trained in seconds on CPU; keywords replace fields of its ModelConfig."""
+    import dataclasses
+
+    import torch
+
+    from unipinrec.config import load_config
+    from unipinrec.data import build_examples, generate_synthetic
+    from unipinrec.train import train
+
+    def make(**model_overrides):
+        root = tmp_path_factory.mktemp("tiny")
+        cfg = load_config(REPO / "configs" / "tiny.yaml")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model_overrides))
+        generate_synthetic(root / "raw", num_users=cfg.data.num_users, num_items=cfg.data.num_items,
+                           num_requests_per_user=cfg.data.num_requests_per_user, seed=cfg.data.seed, progress=False)
+        build_examples(root / "raw", root / "ex", max_history=cfg.data.max_history, progress=False)
+        torch.set_num_threads(1)
+        train(cfg, root / "ex", root / "model", progress=False)
+        return root / "model", root / "ex"
+
+    return make

@@ -4,17 +4,12 @@ import itertools
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from unipinrec.config import load_config
 from unipinrec.evaluate import auc, grouped_auc, retrieval_metrics
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny.yaml"
 
 
 def test_auc_matches_pairwise_definition_with_ties():
@@ -50,18 +45,8 @@ def test_retrieval_metrics_ranks_and_exclusion():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from unipinrec.data import build_examples, generate_synthetic
-    from unipinrec.train import train
-
-    root = tmp_path_factory.mktemp("eval")
-    cfg = load_config(TINY)
-    generate_synthetic(root / "raw", num_users=cfg.data.num_users, num_items=cfg.data.num_items,
-                       num_requests_per_user=cfg.data.num_requests_per_user, seed=cfg.data.seed, progress=False)
-    build_examples(root / "raw", root / "ex", max_history=cfg.data.max_history, progress=False)
-    torch.set_num_threads(1)
-    train(cfg, root / "ex", root / "model", progress=False)
-    return root / "model", root / "ex"
+def tiny_model(train_tiny):
+    return train_tiny()
 
 
 def test_evaluate_cli_writes_metrics_and_curves(tiny_model, tmp_path):
@@ -113,3 +98,33 @@ def test_new_item_retrieval_is_scored_with_history_removed(tiny_model):
     assert kept["retrieval_new_items"]["num_examples"] == expected == kept["popularity_new_items"]["num_examples"]
     for k in ("HR@10", "recall@100"):
         assert 0.0 <= kept["retrieval_new_items"][k] <= 1.0
+
+
+def test_roc_curve_area_is_the_auc_and_thinning_keeps_it():
+    from unipinrec.reports import roc_curve
+
+    rng = np.random.default_rng(1)
+    y = rng.random(3000) < 0.3
+    s = np.round(rng.random(3000) + 0.3 * y, 2)  # informative, with ties
+    full = roc_curve(y, s, max_points=10_000)
+    assert np.trapezoid(full["tpr"], full["fpr"]) == pytest.approx(auc(y, s), abs=1e-12)  # ties count half
+    thin = roc_curve(y, s)
+    assert len(thin["fpr"]) <= 101 and (thin["fpr"][0], thin["fpr"][-1]) == (0.0, 1.0)
+    assert np.trapezoid(thin["tpr"], thin["fpr"]) == pytest.approx(auc(y, s), abs=0.005)
+    assert roc_curve(np.ones(4), np.arange(4)) == {"fpr": [], "tpr": [], "threshold": []}
+
+
+def test_evaluate_returns_the_predictions_its_ranking_metrics_came_from(tiny_model):
+    from unipinrec.evaluate import evaluate, evaluate_with_predictions
+    from unipinrec.reports import roc_curves
+
+    model_dir, ex = tiny_model
+    result = evaluate_with_predictions(model_dir, ex, progress=False)
+    p = result.predictions
+    assert p.tasks == ("engaged", "saved", "hidden") and p.labels.shape == p.probs.shape == (len(p.user), 3)
+    assert len(p.user) == len(p.request_ts) == len(p.item) == result.metrics["ranking"]["engaged"]["num_impressions"]
+    for j, task in enumerate(p.tasks):
+        assert result.metrics["ranking"][task]["auc"] == auc(p.labels[:, j], p.probs[:, j])
+        assert result.metrics["ranking"][task]["gauc"] == grouped_auc(p.user, p.labels[:, j], p.probs[:, j])
+    assert set(roc_curves(p)) == set(p.tasks) and roc_curves(None) == {}
+    assert evaluate(model_dir, ex, progress=False)["ranking"] == result.metrics["ranking"]  # deterministic

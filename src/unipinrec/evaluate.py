@@ -15,12 +15,17 @@ task over all impressions and per-user grouped AUC (impression-weighted mean ove
 both classes). On synthetic data the oracle's probabilities (EX/oracle) are scored on the same
 impressions. A popularity baseline (positive actions counted in the train split) is ranked the
 same way as the model.
+
+One inference pass: `evaluate_with_predictions` returns the metrics together with the ranking
+predictions they were computed from (`RankingPredictions`); the report's ROC curves render those
+same arrays, so a curve and the AUC beside it cannot disagree.
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +35,7 @@ import torch
 
 from . import format as fmt
 from .actions import vocab_for
-from .batches import ItemVocab, TaskSpec, collate_examples
+from .batches import ItemVocab, TaskSpec, TrainBatch, collate_examples
 from .model import UniPinRec
 
 MAX_SLATE = 1024
@@ -112,11 +117,89 @@ def _popularity(examples_dir: Path, vocab: ItemVocab, spec: TaskSpec) -> torch.T
     return torch.from_numpy(counts + 1e-6 * np.arange(len(counts))[::-1].copy() / len(counts))  # stable tie order
 
 
+@dataclass(frozen=True)
+class RankingPredictions:
+    """Every valid slate impression of a split as the model ranked it (at the position it was
+    shown): the one set of arrays behind the AUC table, the ROC curves and the oracle comparison."""
+    tasks: tuple[str, ...]
+    user: np.ndarray  # (n,) user ids
+    request_ts: np.ndarray  # (n,)
+    item: np.ndarray  # (n,) item ids
+    labels: np.ndarray  # (n, T) 0/1 per task
+    probs: np.ndarray  # (n, T) predicted probabilities
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The metrics dict and the ranking predictions they were computed from (None when the
+    model cannot rank or the split has no slates)."""
+    metrics: dict
+    predictions: RankingPredictions | None
+
+
+def ranking_metrics(predictions: RankingPredictions) -> dict[str, dict]:
+    """AUC, grouped AUC (by user), impressions and positive rate per task."""
+    out = {}
+    for j, task in enumerate(predictions.tasks):
+        y, p = predictions.labels[:, j], predictions.probs[:, j]
+        out[task] = {"auc": auc(y, p), "gauc": grouped_auc(predictions.user, y, p),
+                     "num_impressions": int(len(y)), "positive_rate": float(y.mean())}
+    return out
+
+
+def _score_retrieval(b: TrainBatch, spec: TaskSpec, model_scores: torch.Tensor, pop: torch.Tensor | None,
+                     exclude_history: bool, ks: list[int], sinks: dict[str, dict]) -> None:
+    """Adds one batch's per-example retrieval metrics (model and popularity) to `sinks`."""
+    device = model_scores.device
+    pos_mask = torch.from_numpy(spec.positive).to(device)[b.slate_actions.clamp(0, len(spec.positive) - 1)]
+    pos_mask = pos_mask & b.slate_valid
+    hist = b.history.items.masked_fill(
+        torch.arange(b.history.items.shape[1], device=device)[None] >= b.history.lengths[:, None], 0)
+    # positives the user had not acted on before: with history kept rankable, these are
+    # scored a second time with the history removed (new-item retrieval, as on MovieLens)
+    in_hist = (b.slate_items[:, :, None] == hist[:, None, :]).any(-1)
+    passes = [(exclude_history, pos_mask, "")]
+    if not exclude_history:
+        passes.append((True, pos_mask & ~in_hist, "_new_items"))
+    for excl, mask, suffix in passes:
+        has = mask.any(1)
+        if not has.any():
+            continue
+        for name, base in (("retrieval", model_scores), ("popularity", pop)):
+            if base is None:
+                continue
+            scores = (base.expand(len(model_scores), -1) if base.dim() == 1 else base).float().clone()
+            scores[:, 0] = float("-inf")
+            if excl:
+                scores.scatter_(1, hist, float("-inf"))
+            for k, v in retrieval_metrics(scores[has], b.slate_items[has], mask[has], ks).items():
+                sinks[name + suffix].setdefault(k, []).append(v.cpu())
+
+
+def _rank_slates(model: UniPinRec, b: TrainBatch, cache, rb: pa.RecordBatch, vocab: ItemVocab) -> dict[str, np.ndarray]:
+    """One batch's valid impressions with their predicted probabilities, as RankingPredictions fields."""
+    # logged slates: each impression at the position it was shown (position-aware models)
+    probs = torch.sigmoid(model.rank(b.slate_items, cache, slate_positions=b.slate_positions).float())
+    valid = b.slate_valid
+    rows = valid.nonzero()[:, 0].cpu().numpy()
+    return {"user": rb.column("user_id").to_numpy()[rows], "request_ts": rb.column("request_ts").to_numpy()[rows],
+            "item": vocab.ids(b.slate_items[valid].cpu().numpy()), "labels": b.slate_labels[valid].cpu().numpy(),
+            "probs": probs[valid].cpu().numpy()}
+
+
+def _summarise(sink: dict[str, list]) -> dict:
+    return {k: float(torch.cat(v).mean()) for k, v in sink.items()} | (
+        {"num_examples": int(sum(len(x) for x in sink[next(iter(sink))]))} if sink else {})
+
+
 @torch.no_grad()
-def evaluate_model(model: UniPinRec, vocab: ItemVocab, spec: TaskSpec, examples_dir: str | Path, *,
-                   split: str = "test", ks: list[int] | tuple[int, ...] = (10, 50, 200), batch_size: int = 256,
-                   device: str | torch.device = "cpu", progress: bool = True, exclude_history: bool = True,
-                   max_examples: int = 0, popularity: bool = False, extra_ks: tuple[int, ...] = (100,)) -> dict:
+def evaluate_model_with_predictions(
+        model: UniPinRec, vocab: ItemVocab, spec: TaskSpec, examples_dir: str | Path, *, split: str = "test",
+        ks: list[int] | tuple[int, ...] = (10, 50, 200), batch_size: int = 256, device: str | torch.device = "cpu",
+        progress: bool = True, exclude_history: bool = True, max_examples: int = 0, popularity: bool = False,
+        extra_ks: tuple[int, ...] = (100,)) -> Evaluation:
+    """One inference pass over EX/<split>: retrieval metrics, and the ranking predictions of every
+    slate impression with the ranking (and oracle) metrics computed from them."""
     from tqdm.auto import tqdm
 
     examples_dir = Path(examples_dir)
@@ -128,102 +211,66 @@ def evaluate_model(model: UniPinRec, vocab: ItemVocab, spec: TaskSpec, examples_
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    L = model.config.max_history
     ks_all = sorted(set(int(k) for k in ks) | set(extra_ks))
     items = model.item_vectors().to(device)  # (N+1, D)
     pop = _popularity(examples_dir, vocab, spec).to(device) if popularity else None
     can_rank = model.config.kind != "retrieval_only"
-    per_ex: dict[str, list] = {}
-    pop_ex: dict[str, list] = {}
-    new_ex: dict[str, list] = {}
-    pop_new_ex: dict[str, list] = {}
-    flat = {"user": [], "request_ts": [], "item": [], "labels": [], "pred": []}
+    sinks: dict[str, dict] = {k: {} for k in ("retrieval", "popularity", "retrieval_new_items", "popularity_new_items")}
+    ranked: list[dict[str, np.ndarray]] = []
     for start in tqdm(range(0, table.num_rows, batch_size), disable=not progress, desc=f"evaluate {split}", unit="batch"):
         rb = table.slice(start, batch_size)
-        b = collate_examples(rb, vocab, spec, L, MAX_SLATE).to(device)
+        b = collate_examples(rb, vocab, spec, model.config.max_history, MAX_SLATE).to(device)
         user, cache = model.encode_history(b.history)
-        pos_mask = torch.from_numpy(spec.positive).to(device)[b.slate_actions.clamp(0, len(spec.positive) - 1)]
-        pos_mask = pos_mask & b.slate_valid
-        hist = b.history.items.masked_fill(
-            torch.arange(b.history.items.shape[1], device=device)[None] >= b.history.lengths[:, None], 0)
-        # positives the user had not acted on before: with history kept rankable, these are
-        # scored a second time with the history removed (new-item retrieval, as on MovieLens)
-        in_hist = (b.slate_items[:, :, None] == hist[:, None, :]).any(-1)
-        new_mask = pos_mask & ~in_hist
-        passes = [(exclude_history, pos_mask, per_ex, pop_ex)]
-        if not exclude_history:
-            passes.append((True, new_mask, new_ex, pop_new_ex))
-        for excl, mask, sink_model, sink_pop in passes:
-            has = mask.any(1)
-            if not has.any():
-                continue
-            for base, sink in ((user @ items.T, sink_model), (pop, sink_pop)):
-                if base is None:
-                    continue
-                scores = (base.expand(len(user), -1) if base.dim() == 1 else base).float().clone()
-                scores[:, 0] = float("-inf")
-                if excl:
-                    scores.scatter_(1, hist, float("-inf"))
-                m = retrieval_metrics(scores[has], b.slate_items[has], mask[has], ks_all)
-                for k, v in m.items():
-                    sink.setdefault(k, []).append(v.cpu())
+        _score_retrieval(b, spec, user @ items.T, pop, exclude_history, ks_all, sinks)
         if can_rank and b.slate_items.shape[1] > 0:
-            # logged slates: each impression at the position it was shown (position-aware models)
-            probs = torch.sigmoid(model.rank(b.slate_items, cache, slate_positions=b.slate_positions).float())
-            valid = b.slate_valid
-            rows = valid.nonzero()[:, 0].cpu().numpy()
-            flat["user"].append(rb.column("user_id").to_numpy()[rows])
-            flat["request_ts"].append(rb.column("request_ts").to_numpy()[rows])
-            flat["item"].append(vocab.ids(b.slate_items[valid].cpu().numpy()))
-            flat["labels"].append(b.slate_labels[valid].cpu().numpy())
-            flat["pred"].append(probs[valid].cpu().numpy())
+            ranked.append(_rank_slates(model, b, cache, rb, vocab))
     if was_training:
         model.train()
 
-    def summarise(d):
-        return {k: float(torch.cat(v).mean()) for k, v in d.items()} | (
-            {"num_examples": int(sum(len(x) for x in d[next(iter(d))]))} if d else {})
-
     out = {"split": split, "num_examples": table.num_rows, "exclude_history": exclude_history,
-           "num_items": len(vocab), "retrieval": summarise(per_ex)}
+           "num_items": len(vocab), "retrieval": _summarise(sinks["retrieval"])}
     if popularity:
-        out["popularity"] = summarise(pop_ex)
+        out["popularity"] = _summarise(sinks["popularity"])
     if not exclude_history:
-        out["retrieval_new_items"] = summarise(new_ex)
+        out["retrieval_new_items"] = _summarise(sinks["retrieval_new_items"])
         if popularity:
-            out["popularity_new_items"] = summarise(pop_new_ex)
-    if can_rank and flat["user"]:
-        cat = {k: np.concatenate(v) for k, v in flat.items()}
-        out["ranking"] = {}
-        for j, task in enumerate(spec.names):
-            y, p = cat["labels"][:, j], cat["pred"][:, j]
-            out["ranking"][task] = {"auc": auc(y, p), "gauc": grouped_auc(cat["user"], y, p),
-                                    "num_impressions": int(len(y)), "positive_rate": float(y.mean())}
+            out["popularity_new_items"] = _summarise(sinks["popularity_new_items"])
+    predictions = None
+    if ranked:
+        predictions = RankingPredictions(tasks=tuple(spec.names), **{
+            k: np.concatenate([r[k] for r in ranked]) for k in ranked[0]})
+        out["ranking"] = ranking_metrics(predictions)
         oracle_dir = examples_dir / "oracle"
         if oracle_dir.exists():
-            out["oracle"] = _oracle_metrics(oracle_dir, cat, spec)
-    return out
+            out["oracle"] = _oracle_metrics(oracle_dir, predictions)
+    return Evaluation(metrics=out, predictions=predictions)
 
 
-def _oracle_metrics(oracle_dir: Path, cat: dict, spec: TaskSpec) -> dict:
+def evaluate_model(model: UniPinRec, vocab: ItemVocab, spec: TaskSpec, examples_dir: str | Path,
+                   **options) -> dict:
+    """The metrics of `evaluate_model_with_predictions` (same options), e.g. for validation during training."""
+    return evaluate_model_with_predictions(model, vocab, spec, examples_dir, **options).metrics
+
+
+def _oracle_metrics(oracle_dir: Path, predictions: RankingPredictions) -> dict:
     """AUC of the generator's true probabilities on the same impressions (synthetic data)."""
     import pandas as pd
 
+    p = predictions
     oracle = fmt.read_sharded(oracle_dir).to_pandas()
-    imp = pd.DataFrame({"user_id": cat["user"], "request_ts": cat["request_ts"], "item_id": cat["item"],
-                        "_i": np.arange(len(cat["user"]))})
+    imp = pd.DataFrame({"user_id": p.user, "request_ts": p.request_ts, "item_id": p.item, "_i": np.arange(len(p.user))})
     cols = [c for c in oracle.columns if c.startswith("p_") or c == "relevance"]
     joined = imp.merge(oracle[["user_id", "request_ts", "item_id", *cols]].drop_duplicates(
         ["user_id", "request_ts", "item_id"]), on=["user_id", "request_ts", "item_id"], how="inner")
     out: dict = {"matched_impressions": int(len(joined)), "impressions": int(len(imp))}
     idx = joined["_i"].to_numpy()
-    for j, task in enumerate(spec.names):
+    for j, task in enumerate(p.tasks):
         col = f"p_{task}"
         if col not in joined:
             continue
-        y = cat["labels"][idx, j]
-        entry = {"auc": auc(y, joined[col].to_numpy()), "gauc": grouped_auc(cat["user"][idx], y, joined[col].to_numpy()),
-                 "model_auc_same_impressions": auc(y, cat["pred"][idx, j])}
+        y = p.labels[idx, j]
+        entry = {"auc": auc(y, joined[col].to_numpy()), "gauc": grouped_auc(p.user[idx], y, joined[col].to_numpy()),
+                 "model_auc_same_impressions": auc(y, p.probs[idx, j])}
         if task == "engaged" and "relevance" in joined:
             entry["auc_position_free_relevance"] = auc(y, joined["relevance"].to_numpy())
         out[task] = entry
@@ -234,23 +281,31 @@ def _oracle_metrics(oracle_dir: Path, cat: dict, spec: TaskSpec) -> dict:
 # Evaluation of a model folder, and plots
 
 
-def evaluate(model_dir: str | Path, examples_dir: str | Path, *, split: str | None = None, device: str = "cpu",
-             progress: bool = True, max_examples: int | None = None) -> dict:
-    """Evaluate MODEL/ on EX/<split> with the model's EvalConfig; returns the metrics dict."""
+def evaluate_with_predictions(model_dir: str | Path, examples_dir: str | Path, *, split: str | None = None,
+                              device: str = "cpu", progress: bool = True,
+                              max_examples: int | None = None) -> Evaluation:
+    """Evaluate MODEL/ on EX/<split> with the model's EvalConfig, in one inference pass: the
+    metrics dict (with the model's identity) and the ranking predictions behind it."""
     from .checkpoint import load_model
 
     loaded = load_model(model_dir, device)
     ec = loaded.config.eval
     ex_meta = fmt.read_meta(examples_dir)
     spec = TaskSpec.resolve(loaded.tasks, vocab_for(ex_meta["source"]))
-    metrics = evaluate_model(loaded.model, loaded.vocab, spec, examples_dir, split=split or ec.split, ks=ec.ks,
-                             batch_size=ec.batch_size, device=device, progress=progress,
-                             exclude_history=ec.exclude_history,
-                             max_examples=ec.max_users if max_examples is None else max_examples, popularity=True)
+    result = evaluate_model_with_predictions(
+        loaded.model, loaded.vocab, spec, examples_dir, split=split or ec.split, ks=ec.ks,
+        batch_size=ec.batch_size, device=device, progress=progress, exclude_history=ec.exclude_history,
+        max_examples=ec.max_users if max_examples is None else max_examples, popularity=True)
     summary_path = Path(model_dir) / "train_summary.json"
-    return {"model_version": loaded.version, "kind": loaded.kind, "model_dir": str(model_dir),
-            "examples": str(examples_dir), "source": ex_meta["source"], **metrics,
-            "train": json.loads(summary_path.read_text()) if summary_path.exists() else None}
+    metrics = {"model_version": loaded.version, "kind": loaded.kind, "model_dir": str(model_dir),
+               "examples": str(examples_dir), "source": ex_meta["source"], **result.metrics,
+               "train": json.loads(summary_path.read_text()) if summary_path.exists() else None}
+    return Evaluation(metrics=metrics, predictions=result.predictions)
+
+
+def evaluate(model_dir: str | Path, examples_dir: str | Path, **options) -> dict:
+    """The metrics dict of `evaluate_with_predictions` (same options)."""
+    return evaluate_with_predictions(model_dir, examples_dir, **options).metrics
 
 
 def write_metrics(metrics: dict, path: str | Path) -> None:

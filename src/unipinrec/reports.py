@@ -4,7 +4,9 @@ shown by Kubeflow as `Output[HTML]` artifacts and opened from disk after a local
 - `validation_html(reports)`: the raw-data contracts (events, items) on one page.
 - `evaluation_html(evaluation, ...)`: retrieval and ranking metrics against the popularity and
   oracle references, ROC curves per task, training curves.
-- `ranking_predictions` / `roc_curve`: the points behind a Kubeflow ClassificationMetrics ROC.
+- `roc_curves(predictions)` / `roc_curve`: ROC points of the predictions `evaluate` returned (the
+  ones its AUC table was computed from), plotted on the page and logged as a Kubeflow
+  ClassificationMetrics ROC. Reports render; they never run the model.
 """
 from __future__ import annotations
 
@@ -14,8 +16,12 @@ import io
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .evaluate import RankingPredictions
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1200px; }
@@ -95,38 +101,12 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray, max_points: int = 101) -> 
     return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "threshold": np.clip(thr, 0.0, 1.0).tolist()}
 
 
-def ranking_predictions(model_dir: str | Path, examples_dir: str | Path, split: str = "test",
-                        max_examples: int = 0, batch_size: int = 256) -> dict:
-    """Task labels and predicted probabilities of every slate impression of a split:
-    {"tasks": [...], "labels": (n, T), "probs": (n, T)}; empty when the model cannot rank."""
-    import torch
-
-    from . import format as fmt
-    from .actions import vocab_for
-    from .batches import TaskSpec, collate_examples
-    from .checkpoint import load_model
-
-    loaded = load_model(model_dir)
-    spec = TaskSpec.resolve(loaded.tasks, vocab_for(fmt.read_meta(examples_dir)["source"]))
-    out = {"tasks": list(spec.names), "labels": np.zeros((0, spec.num_tasks)), "probs": np.zeros((0, spec.num_tasks))}
-    if loaded.kind == "retrieval_only":
-        return out
-    table = fmt.read_sharded(Path(examples_dir) / split)
-    if max_examples:
-        table = table.slice(0, max_examples)
-    labels, probs = [], []
-    with torch.inference_mode():
-        for start in range(0, table.num_rows, batch_size):
-            b = collate_examples(table.slice(start, batch_size), loaded.vocab, spec, loaded.model.config.max_history)
-            if b.slate_items.shape[1] == 0:
-                continue
-            _, cache = loaded.model.encode_history(b.history)
-            p = torch.sigmoid(loaded.model.rank(b.slate_items, cache).float())
-            labels.append(b.slate_labels[b.slate_valid].numpy())
-            probs.append(p[b.slate_valid].numpy())
-    if labels:
-        out["labels"], out["probs"] = np.concatenate(labels), np.concatenate(probs)
-    return out
+def roc_curves(predictions: RankingPredictions | None, max_points: int = 101) -> dict[str, dict[str, list[float]]]:
+    """ROC points per task of the predictions `evaluate` scored ({} when it ranked nothing)."""
+    if predictions is None:
+        return {}
+    return {t: roc_curve(predictions.labels[:, j], predictions.probs[:, j], max_points)
+            for j, t in enumerate(predictions.tasks)}
 
 
 def _retrieval_rows(evaluation: dict) -> tuple[list[str], dict, dict]:

@@ -203,18 +203,17 @@ def train(examples_dir: str | Path, out_dir: str | Path, *, config_yaml: str, se
 
 
 def evaluate(model_dir: str | Path, examples_dir: str | Path, out_dir: str | Path) -> dict:
-    """Evaluation dict (also written to OUT/evaluation.json), ROC points per task and an HTML page."""
-    from .evaluate import evaluate as run
-    from .evaluate import write_metrics
-    from .reports import evaluation_html, ranking_predictions, roc_curve
+    """Evaluation dict (also written to OUT/evaluation.json), ROC points per task and an HTML page,
+    all from one inference pass: the curves are those of the predictions the AUCs came from."""
+    from .evaluate import evaluate_with_predictions, write_metrics
+    from .reports import evaluation_html, roc_curves
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    evaluation = run(model_dir, examples_dir, progress=False)
+    result = evaluate_with_predictions(model_dir, examples_dir, progress=False)
+    evaluation = result.metrics
     write_metrics(evaluation, out / "evaluation.json")
-    preds = ranking_predictions(model_dir, examples_dir, split=evaluation.get("split", "test"))
-    roc = {t: roc_curve(preds["labels"][:, j], preds["probs"][:, j]) for j, t in enumerate(preds["tasks"])} \
-        if len(preds["labels"]) else {}
+    roc = roc_curves(result.predictions)
     (out / "roc.json").write_text(json.dumps(roc) + "\n")
     (out / "report.html").write_text(evaluation_html(evaluation, model_dir=model_dir, roc=roc))
     return {"evaluation": evaluation, "roc": roc, "html": str(out / "report.html")}
