@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from .actions import vocab_for
 from .batches import ItemVocab
 from .config import ExperimentConfig, TaskConfig, from_dict, to_dict
 from .model import KINDS, ModelConfig, UniPinRec
-from .model_config import MOVED_TO_TRAIN
+from .model_config import upgrade_config
 
 WEIGHTS, CONFIG, ITEMS, META = "model.safetensors", "config.yaml", "items.parquet", "meta.json"
 
@@ -132,23 +131,6 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", *, ver
     if len(vocab) != mcfg.num_items:
         raise ValueError(f"{directory / ITEMS}: {len(vocab)} items but the model embeds {mcfg.num_items}")
     return LoadedModel(model, config, vocab, config.tasks, meta["model_version"], meta.get("kind", mcfg.kind), meta)
-
-
-def upgrade_config(raw: dict, where: Path | str = "config.yaml") -> dict:
-    """An ExperimentConfig mapping of an older release -> today's: keys that moved from `model` to
-    `train` (MOVED_TO_TRAIN) are moved, with a DeprecationWarning; train's own value wins."""
-    model = raw.get("model")
-    moved = [k for k in MOVED_TO_TRAIN if isinstance(model, dict) and k in model]
-    if not moved:
-        return raw
-    warnings.warn(f"{where}: {', '.join(f'model.{k}' for k in moved)} moved to the train section "
-                  f"({', '.join(f'train.{k}' for k in moved)}); read as such", DeprecationWarning, stacklevel=2)
-    model = dict(model)
-    train = dict(raw.get("train") or {})
-    for k in moved:
-        value = model.pop(k)
-        train.setdefault(k, value)
-    return {**raw, "model": model, "train": train}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,12 +6,14 @@ both names, so `from unipinrec.model import ModelConfig` keeps working.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 KINDS = ("unified", "retrieval_only", "ranking_only", "interleaved")
 
-# keys that left ModelConfig for TrainConfig; old model folders still carry them (checkpoint.load_model)
+# keys that left ModelConfig for TrainConfig; old model folders still carry them (upgrade_config)
 MOVED_TO_TRAIN = ("mam_rate",)
 
 
@@ -85,3 +87,21 @@ class ModelConfig:
     def uses_mam(self) -> bool:
         """Masked action modeling in training (the interleaved ablation ranks from item tokens instead)."""
         return self.kind in ("unified", "ranking_only")
+
+
+def upgrade_config(raw: dict, where: Path | str = "config.yaml") -> dict:
+    """An ExperimentConfig mapping of an older release -> today's: keys that moved from `model`
+    to `train` (MOVED_TO_TRAIN) are moved, with a DeprecationWarning; train's own value wins.
+    checkpoint.load_model reads old model folders through it."""
+    model = raw.get("model")
+    moved = [k for k in MOVED_TO_TRAIN if isinstance(model, dict) and k in model]
+    if not moved:
+        return raw
+    warnings.warn(f"{where}: {', '.join(f'model.{k}' for k in moved)} moved to the train section "
+                  f"({', '.join(f'train.{k}' for k in moved)}); read as such", DeprecationWarning, stacklevel=2)
+    model = dict(model)
+    train = dict(raw.get("train") or {})
+    for k in moved:
+        value = model.pop(k)
+        train.setdefault(k, value)
+    return {**raw, "model": model, "train": train}
