@@ -27,6 +27,7 @@ def run_one(args) -> dict:
     from unipinrec.actions import vocab_for
     from unipinrec.batches import ItemVocab, TaskSpec
     from unipinrec.config import load_config
+    from unipinrec.losses import UniPinRecLoss
     from unipinrec.model import UniPinRec, resolve
     from unipinrec.train import load_item_categories, load_split, pick_device, Dist, select
 
@@ -48,9 +49,7 @@ def run_one(args) -> dict:
         model.set_item_categories(cats)
     model = model.to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr)
-    kw = dict(alpha=tc.alpha, num_uniform_negatives=tc.num_uniform_negatives,
-              num_inbatch_negatives=tc.num_inbatch_negatives, logq_correction=tc.logq_correction,
-              full_softmax=tc.full_softmax)
+    loss_fn = UniPinRecLoss.from_config(tc)
     bf16 = tc.bf16 and dev.type == "cuda"
     g = torch.Generator().manual_seed(0)
     tokens = events = 0
@@ -60,7 +59,7 @@ def run_one(args) -> dict:
         rows = torch.randint(0, n, (tc.batch_size,), generator=g).to(dev)
         b = select(data, rows)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = model(b, **kw)
+            loss, _ = loss_fn(model, model(b, mam_rate=tc.mam_rate), b)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

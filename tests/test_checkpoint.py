@@ -118,3 +118,59 @@ def test_checkpoint_without_the_category_option_still_loads(tmp_path):
     assert not loaded.config.model.use_category and loaded.model.category_emb is None
     assert "item_category" not in loaded.model.state_dict()
     assert torch.equal(loaded.model.item_vectors(), m.item_vectors())
+
+
+def test_model_folder_with_mam_rate_in_the_model_section_still_loads(tmp_path):
+    """A model folder written when mam_rate was a model setting: it loads, the value read as train.mam_rate."""
+    import yaml
+
+    from unipinrec.checkpoint import _version
+
+    m = _model()
+    save_model(tmp_path / "m", m, ExperimentConfig(), ItemVocab([1, 2, 3, 4, 5]))
+    cfg_path, meta_path = tmp_path / "m" / "config.yaml", tmp_path / "m" / "meta.json"
+    raw = yaml.safe_load(cfg_path.read_text())
+    del raw["train"]["mam_rate"]
+    raw["model"]["mam_rate"] = 0.3
+    old = yaml.safe_dump(raw, sort_keys=False)
+    cfg_path.write_text(old)
+    meta = json.loads(meta_path.read_text())
+    meta["model_version"] = _version((tmp_path / "m" / "model.safetensors").read_bytes(), old.encode())
+    meta_path.write_text(json.dumps(meta))
+    with pytest.warns(DeprecationWarning, match="model.mam_rate moved to the train section"):
+        loaded = load_model(tmp_path / "m")
+    assert loaded.config.train.mam_rate == 0.3 and loaded.version == meta["model_version"]
+    assert torch.equal(loaded.model.item_vectors(), m.item_vectors())
+
+
+def _opt(m):
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        m.item_vectors().sum().backward()
+        opt.step()
+    return opt
+
+
+def test_train_checkpoint_round_trips_model_optimizer_and_trainer_state(tmp_path):
+    from unipinrec.checkpoint import TrainCheckpoint
+
+    m = _model().train()
+    opt = _opt(m)
+    ck = TrainCheckpoint(tmp_path / "checkpoint", "fp1")
+    assert not ck.exists()
+    ck.save(7, m, opt, {"step": 7})
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 7
+    m2 = _model(seed=1).train()
+    opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-2)
+    assert ck.exists() and ck.load(m2, opt2) == {"step": 7}
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k]), k
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[p]["exp_avg"], s2[p]["exp_avg"]) for p in s1)
+    assert all(float(s1[p]["step"]) == float(s2[p]["step"]) == 2 for p in s1)
+    # a kill between the two renames leaves only checkpoint.old: it is read
+    (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")
+    assert ck.exists() and ck.load(m2, opt2) == {"step": 7}
+    with pytest.raises(ValueError, match="different run"):
+        TrainCheckpoint(tmp_path / "checkpoint", "fp2").load(m2, opt2)

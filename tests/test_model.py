@@ -7,6 +7,8 @@ import torch
 
 from unipinrec.model import KINDS, KVCache, ModelConfig, UniPinRec, time_bucket
 from unipinrec.batches import TrainBatch
+from unipinrec.config import TrainConfig
+from unipinrec.losses import UniPinRecLoss, full_softmax_loss
 from unipinrec.sequences import Actions
 
 
@@ -275,18 +277,42 @@ def test_same_size_across_kinds():
     assert len(set(sizes.values())) == 1, sizes
 
 
+def train_loss(m: UniPinRec, batch: TrainBatch, **train) -> tuple[torch.Tensor, dict]:
+    """A training step's (loss, stats) as the trainer computes them, under TrainConfig(**train)."""
+    tc = TrainConfig(**train)
+    return UniPinRecLoss.from_config(tc)(m, m(batch, mam_rate=tc.mam_rate), batch)
+
+
 def test_training_forward_losses_and_backward():
     torch.manual_seed(0)
     for kind in KINDS:
         m = make_model(kind).float().train()
         h = make_history([8, 5, 12])
         batch = train_batch(h, next_item_targets(h))
-        loss, stats = m(batch, alpha=0.5, num_uniform_negatives=16, num_inbatch_negatives=8)
+        loss, stats = train_loss(m, batch, alpha=0.5, num_uniform_negatives=16, num_inbatch_negatives=8)
         assert torch.isfinite(loss)
         loss.backward()
         assert ("retrieval_loss" in stats) == (kind != "ranking_only")
         assert ("ranking_loss" in stats) == (kind != "retrieval_only")
         assert m.item_emb.weight.grad is not None
+
+
+def test_forward_returns_the_masks_the_losses_need():
+    """MAM only in training, only for the kinds that use it, at the rate the trainer passes; the
+    ranking loss reads the MAM tokens, or every real item token of the interleaved ablation."""
+    h = make_history([8, 5, 12])
+    batch = train_batch(h, next_item_targets(h))
+    valid = torch.arange(h.items.shape[1])[None] < h.lengths[:, None]
+    torch.manual_seed(0)
+    out = make_model("unified").train()(batch, mam_rate=0.5)
+    assert out.mam_mask.any() and not (out.mam_mask & ~valid).any() and torch.equal(out.rank_mask, out.mam_mask)
+    assert make_model("unified").train()(batch).mam_mask is None  # mam_rate 0: no masking
+    assert make_model("unified").eval()(batch, mam_rate=0.5).mam_mask is None
+    inter = make_model("interleaved").train()(batch, mam_rate=0.5)
+    assert inter.mam_mask is None and torch.equal(inter.rank_mask, valid)
+    ret = make_model("retrieval_only").train()(batch, mam_rate=0.5)
+    assert ret.mam_mask is None and ret.rank_mask is None and ret.slate_hidden is None
+    assert make_model("ranking_only").train()(batch, mam_rate=0.5).slate_hidden.shape[:2] == (3, 4)
 
 
 def test_time_buckets_and_row_helpers():
@@ -332,7 +358,7 @@ def test_full_softmax_loss_is_exact_cross_entropy_over_every_item():
     B, W = h.items.shape
     targets = next_item_targets(h)
     hidden = torch.randn(B, W, m.config.d_model)
-    loss = m.full_softmax_loss(hidden, targets)
+    loss = full_softmax_loss(m, hidden, targets)
     # by hand: every one of the N items is a class (padding row 0 never is), no logQ term
     sel = targets > 0
     u = torch.nn.functional.normalize(m.retrieval_proj(hidden[sel]), dim=-1)
@@ -345,9 +371,9 @@ def test_full_softmax_loss_is_exact_cross_entropy_over_every_item():
     never = sorted(set(range(1, N_ITEMS + 1)) - set(targets[sel].tolist()))[0]
     with torch.no_grad():
         m.item_emb.weight[never] = m.retrieval_proj(hidden[sel]).mean(0) * 10
-    assert m.full_softmax_loss(hidden, targets) > loss + 1e-3
+    assert full_softmax_loss(m, hidden, targets) > loss + 1e-3
     # no targets -> zero loss that still backpropagates
-    assert m.full_softmax_loss(hidden, torch.zeros_like(targets)).item() == 0.0
+    assert full_softmax_loss(m, hidden, torch.zeros_like(targets)).item() == 0.0
 
 
 def test_training_forward_with_full_softmax():
@@ -355,7 +381,7 @@ def test_training_forward_with_full_softmax():
         m = make_model(kind).float().train()
         h = make_history([8, 5, 12])
         batch = train_batch(h, next_item_targets(h))
-        loss, stats = m(batch, full_softmax=True, num_uniform_negatives=0, num_inbatch_negatives=0)
+        loss, stats = train_loss(m, batch, full_softmax=True, num_uniform_negatives=0, num_inbatch_negatives=0)
         assert torch.isfinite(loss) and stats["retrieval_loss"] > 0
         loss.backward()
         assert m.item_emb.weight.grad[1:].abs().sum(1).gt(0).all()  # every item gets a gradient
@@ -446,11 +472,11 @@ def test_category_training_losses_use_the_category_and_train_it():
     u = torch.nn.functional.normalize(m.retrieval_proj(hidden[sel]), dim=-1)
     logits = u @ m.item_vectors()[1:].T / m.config.temperature
     expected = -torch.log_softmax(logits, dim=1).gather(1, (targets[sel] - 1)[:, None]).mean()
-    assert torch.allclose(m.full_softmax_loss(hidden, targets), expected, atol=1e-5)
+    assert torch.allclose(full_softmax_loss(m, hidden, targets), expected, atol=1e-5)
     for full in (False, True):
         m.zero_grad()
         batch = train_batch(h, targets)
-        loss, _ = m(batch, full_softmax=full, num_uniform_negatives=16, num_inbatch_negatives=8)
+        loss, _ = train_loss(m, batch, full_softmax=full, num_uniform_negatives=16, num_inbatch_negatives=8)
         loss.backward()
         assert m.category_emb.weight.grad[1:].abs().sum() > 0
         assert m.category_emb.weight.grad[0].abs().max() == 0  # padding row stays zero
@@ -490,11 +516,10 @@ def test_rank_similarity_training_loss_scores_slate_and_masked_history_like_rank
     batch = train_batch(h, next_item_targets(h))
     m.train()
     torch.manual_seed(123)
-    _, stats = m(batch)
-    torch.manual_seed(123)  # the same MAM draw: forward's first random call
-    valid = torch.arange(h.items.shape[1])[None] < h.lengths[:, None]
-    mam = (torch.rand(valid.shape) < m.config.mam_rate) & valid
-    assert mam.any()
+    out = m(batch, mam_rate=0.15)
+    _, stats = UniPinRecLoss.from_config(TrainConfig())(m, out, batch)
+    mam = out.mam_mask
+    assert mam.any() and torch.equal(out.rank_mask, mam)
     m.eval()
     masked_actions = torch.where(mam, torch.full_like(h.actions, m.config.mask_action), h.actions)
     hm = hist(h.items, masked_actions, h.ts, h.surfaces, h.lengths, h.request_ts)
@@ -518,6 +543,6 @@ def test_rank_similarity_training_loss_scores_slate_and_masked_history_like_rank
 def test_rank_similarity_weight_learns_from_the_ranking_loss():
     m = make_similarity_model().float().train()
     h = make_history([8, 5, 12])
-    loss, _ = m(train_batch(h, next_item_targets(h)), num_uniform_negatives=16, num_inbatch_negatives=8)
+    loss, _ = train_loss(m, train_batch(h, next_item_targets(h)), num_uniform_negatives=16, num_inbatch_negatives=8)
     loss.backward()
     assert m.rank_sim_weight.grad is not None and m.rank_sim_weight.grad.abs().sum() > 0

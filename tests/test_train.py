@@ -181,3 +181,45 @@ def test_history_impressions_must_match_the_examples_and_train_with_rank_similar
     assert loaded.config.data.history_impressions and loaded.model.rank_sim_weight is not None
     with pytest.raises(ValueError, match="history_impressions needs data with impressions"):
         dataclasses.replace(cfg.data, source="movielens-1m", history_impressions=True).validate()
+
+
+def test_trainer_resumed_in_process_equals_one_fit(tiny_examples, tmp_path):
+    """Trainer pieces: steps by hand and a checkpoint, then a new Trainer's fit() resumes from it
+    and ends on the weights of one uninterrupted fit()."""
+    import dataclasses
+
+    from unipinrec.train import Trainer
+
+    torch.set_num_threads(1)
+    cfg = load_config(TINY)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=8, progress=False))
+    ref = Trainer.build(cfg, tiny_examples, tmp_path / "ref")
+    assert ref.fit()["steps"] == 8 and ref.state_dict() == {"step": 8}
+    part = Trainer.build(cfg, tiny_examples, tmp_path / "part")
+    for _ in range(3):
+        stats = part.train_step(part.batch_for(part.step))
+    assert part.step == 3 and {"loss", "retrieval_loss", "ranking_loss", "lr", "grad_norm"} <= stats.keys()
+    part.checkpointer.save(part.step, part.model, part.optimizer, part.state_dict())
+    resumed = Trainer.build(cfg, tiny_examples, tmp_path / "part")
+    assert resumed.fit()["resumed_from_step"] == 3 and resumed.step == 8
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_check_examples_names_what_does_not_fit(tiny_examples):
+    import dataclasses
+
+    from unipinrec import format as fmt
+    from unipinrec.train import check_examples
+
+    cfg = load_config(TINY)
+    meta = fmt.read_meta(tiny_examples)
+    assert check_examples(cfg, tiny_examples, meta).names[0] == "impression"
+    with pytest.raises(ValueError, match="actions .* differ from the 'synthetic' vocabulary"):
+        check_examples(cfg, tiny_examples, {**meta, "actions": ["impression", "click"]})
+    longer = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_history=meta["max_history"] + 1))
+    with pytest.raises(ValueError, match="model.max_history .* exceeds the examples' max_history"):
+        check_examples(longer, tiny_examples, meta)
+    with pytest.raises(ValueError, match="data.history_impressions is True"):
+        check_examples(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, history_impressions=True)),
+                       tiny_examples, meta)

@@ -7,7 +7,15 @@
 
 model_version = the first 16 hex digits of sha256(weights file bytes + config.yaml bytes), so
 the same weights and config always give the same version. Loading reads tensors with
-safetensors and YAML with safe_load: no code is ever unpickled.
+safetensors and YAML with safe_load: no code is ever unpickled. A config.yaml written before a
+key moved from `model` to `train` (model_config.MOVED_TO_TRAIN) still loads: the key is moved.
+
+Training checkpoints (`TrainCheckpoint`, the resumable state under MODEL/checkpoint/) live here
+too, in the same no-pickle way:
+
+    checkpoint/model.safetensors      weights
+    checkpoint/optimizer.safetensors  optimizer tensors (AdamW moments, per parameter id)
+    checkpoint/state.json             {"step", "fingerprint", "trainer", "param_groups", "scalars"}
 """
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +35,7 @@ from .actions import vocab_for
 from .batches import ItemVocab
 from .config import ExperimentConfig, TaskConfig, from_dict, to_dict
 from .model import KINDS, ModelConfig, UniPinRec
+from .model_config import upgrade_config
 
 WEIGHTS, CONFIG, ITEMS, META = "model.safetensors", "config.yaml", "items.parquet", "meta.json"
 
@@ -105,7 +115,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", *, ver
         if not (directory / name).exists():
             raise FileNotFoundError(f"{directory / name} not found: is {directory} a unipinrec model folder?")
     config_bytes = (directory / CONFIG).read_bytes()
-    config = from_dict(ExperimentConfig, yaml.safe_load(config_bytes) or {})
+    config = from_dict(ExperimentConfig, upgrade_config(yaml.safe_load(config_bytes) or {}, directory / CONFIG))
     meta = json.loads((directory / META).read_text())
     if verify:
         actual = _version((directory / WEIGHTS).read_bytes(), config_bytes)
@@ -121,3 +131,76 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", *, ver
     if len(vocab) != mcfg.num_items:
         raise ValueError(f"{directory / ITEMS}: {len(vocab)} items but the model embeds {mcfg.num_items}")
     return LoadedModel(model, config, vocab, config.tasks, meta["model_version"], meta.get("kind", mcfg.kind), meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training checkpoints
+
+
+def run_fingerprint(config: ExperimentConfig, ex_meta: dict, world: int) -> str:
+    """What makes two runs the same run: the config, the examples' splits and size, the process count."""
+    blob = json.dumps([to_dict(dataclasses.replace(config, validated=None)), ex_meta.get("splits"),
+                       ex_meta.get("num_items"), world], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class TrainCheckpoint:
+    """The resumable state of one run in one folder, overwritten on each save. A save writes a
+    sibling folder and renames it into place, so the last complete checkpoint is always on disk
+    (`.old` is read when a kill fell between the two renames). `fingerprint` (run_fingerprint)
+    guards against resuming another run's state."""
+
+    def __init__(self, directory: str | Path, fingerprint: str):
+        self.directory = Path(directory)
+        self.fingerprint = fingerprint
+
+    def _readable(self) -> Path | None:
+        old = self.directory.with_name(self.directory.name + ".old")
+        for d in (self.directory, old):
+            if (d / "state.json").exists():
+                return d
+        return None
+
+    def exists(self) -> bool:
+        return self._readable() is not None
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer: dict) -> None:
+        tmp = self.directory.with_name(self.directory.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
+        sd = optimizer.state_dict()
+        tensors, scalars = {}, {}
+        for pid, st in sd["state"].items():
+            for name, value in st.items():
+                if torch.is_tensor(value):
+                    tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars[f"{pid}.{name}"] = value
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "fingerprint": self.fingerprint, "trainer": trainer,
+                                                    "param_groups": sd["param_groups"], "scalars": scalars}))
+        old = self.directory.with_name(self.directory.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.directory.exists():
+            os.replace(self.directory, old)
+        os.replace(tmp, self.directory)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """Restore model and optimizer in place; returns the trainer's saved state."""
+        directory = self._readable()
+        if directory is None:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint")
+        state = json.loads((directory / "state.json").read_text())
+        if state["fingerprint"] != self.fingerprint:
+            raise ValueError(f"{directory} holds a checkpoint of a different run (config, data or process count "
+                             "changed); use a new --out folder or delete the checkpoint")
+        model.load_state_dict(load_file(str(directory / WEIGHTS)))
+        tensors = load_file(str(directory / "optimizer.safetensors"))
+        opt_state: dict = {}
+        for key, value in list(tensors.items()) + list(state["scalars"].items()):
+            pid, name = key.split(".", 1)
+            opt_state.setdefault(int(pid), {})[name] = value
+        optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+        return state.get("trainer") or {"step": int(state["step"])}

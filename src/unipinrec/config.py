@@ -191,7 +191,7 @@ def load_yaml(path: str | Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The experiment: data + tasks + model + training + evaluation (owned by the model side).
 
-from .model import ModelConfig  # noqa: E402  (imports torch; the model's section lives beside it)
+from .model_config import ModelConfig  # noqa: E402  (torch-free; the model's section, beside model.py)
 
 
 @dataclass
@@ -207,6 +207,7 @@ class TrainConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0
+    mam_rate: float = 0.15  # share of history tokens given the MASK action in training (MAM)
     alpha: float = 1.0  # loss = retrieval + alpha * ranking
     num_uniform_negatives: int = 128
     num_inbatch_negatives: int = 128
@@ -230,6 +231,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive")
         if self.lr <= 0:
             raise ValueError("lr must be positive")
+        if not 0.0 <= self.mam_rate < 1.0:
+            raise ValueError("mam_rate must be in [0, 1)")
         if len(self.betas) != 2:
             raise ValueError("betas must hold two numbers")
         if self.num_uniform_negatives < 0 or self.num_inbatch_negatives < 0:

@@ -382,7 +382,7 @@ def build_index_for_model(model_dir: str | Path, out_dir: str | Path, *, example
     from .checkpoint import load_model
 
     loaded = load_model(model_dir)
-    if loaded.kind == "ranking_only":
+    if not loaded.model.config.has_retrieval_head:
         raise ValueError(f"{model_dir} is a ranking_only model: it has no retrieval head to index")
     with torch.inference_mode():
         vectors = loaded.model.item_vectors()[1:].float().numpy()

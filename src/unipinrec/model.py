@@ -23,13 +23,14 @@ Time gaps (`time_gap`):
 Baselines of the same size live in the same class (`kind`): "retrieval_only" (SASRec-style:
 no ranking loss, no MAM; `rank` raises), "ranking_only" (no retrieval loss) and "interleaved"
 (item and action as separate tokens, 2L long; the MAM ablation: item tokens predict their
-action, action tokens feed retrieval). Imports torch only.
+action, action tokens feed retrieval). The config is `model_config.py` (torch-free); `forward`
+returns outputs, the training losses over them are `losses.py`. Imports torch only.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -39,74 +40,7 @@ if TYPE_CHECKING:
     from .batches import TrainBatch
     from .sequences import Actions
 
-KINDS = ("unified", "retrieval_only", "ranking_only", "interleaved")
-
-
-@dataclass
-class ModelConfig:
-    num_items: int = 0  # N: item rows 1..N, row 0 = padding. 0 in a config file = from the data
-    num_actions: int = 0  # action vocabulary size; MASK is the extra id num_actions. 0 = from the data
-    num_tasks: int = 0  # T ranking tasks; 0 = from the task config
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    max_history: int = 50  # L
-    mlp_ratio: int = 4
-    dropout: float = 0.1
-    time_buckets: int = 64  # log buckets of half a binary order each: 64 covers 2^32 s
-    time_gap: Literal["previous", "request"] = "previous"
-    use_surface: bool = False
-    num_surfaces: int = 16
-    temperature: float = 0.05  # retrieval softmax temperature over cosine similarities
-    mam_rate: float = 0.15  # share of history tokens given the MASK action in training
-    # > 0: candidate tokens carry an embedding of their slate position (clipped to this many), so
-    # training absorbs position bias; serving ranks every candidate at position 0 unless told
-    slate_positions: int = 0
-    # item category (items table `category`: topic / first genre) embedded into every item token and
-    # added to the retrieval item vectors: items of a sparse id share what their category has learnt
-    use_category: bool = False
-    num_categories: int = 0  # category ids 0..num_categories-1; 0 in a config file = from the data
-    # add w_t * cos(user vector, candidate item vector) / temperature to each task's logit: the
-    # retrieval tower's user-item match, which an MLP over the candidate token only approximates
-    # (it cannot multiply interest by topic), handed to the ranker; w_t starts at 0
-    rank_similarity: bool = False
-    kind: Literal["unified", "retrieval_only", "ranking_only", "interleaved"] = "unified"
-
-    def validate(self) -> None:
-        for name in ("d_model", "n_layers", "n_heads", "max_history", "mlp_ratio", "time_buckets", "num_surfaces"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
-        for name in ("num_items", "num_actions", "num_tasks", "slate_positions", "num_categories"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0 = taken from the data)")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError("dropout must be in [0, 1)")
-        if not 0.0 <= self.mam_rate < 1.0:
-            raise ValueError("mam_rate must be in [0, 1)")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be positive")
-        if self.time_gap not in ("previous", "request"):
-            raise ValueError(f"time_gap {self.time_gap!r} is not one of previous, request")
-        if self.kind not in KINDS:
-            raise ValueError(f"kind {self.kind!r} is not one of {list(KINDS)}")
-
-    @property
-    def mask_action(self) -> int:
-        return self.num_actions
-
-    @property
-    def tokens_per_action(self) -> int:
-        return 2 if self.kind == "interleaved" else 1
-
-    @property
-    def has_retrieval_head(self) -> bool:
-        return self.kind != "ranking_only"
-
-    @property
-    def has_ranking_head(self) -> bool:
-        return self.kind != "retrieval_only"
+from .model_config import KINDS, ModelConfig  # noqa: F401  (re-exported: `from unipinrec.model import ModelConfig`)
 
 
 def time_bucket(gaps: torch.Tensor, num_buckets: int) -> torch.Tensor:
@@ -202,6 +136,9 @@ class ForwardOutput:
     ranking_hidden: torch.Tensor  # (B, W, D) output that predicts each action's own tasks
     slate_hidden: torch.Tensor | None  # (B, S, D)
     token_valid: torch.Tensor  # (B, W) real actions
+    # set by forward() for the losses (unipinrec.losses):
+    mam_mask: torch.Tensor | None = None  # (B, W) history tokens given the MASK action
+    rank_mask: torch.Tensor | None = None  # (B, W) history tokens the ranking loss reads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,102 +403,20 @@ class UniPinRec(nn.Module):
             return ForwardOutput(h[:, 1::2], h[:, 0::2], slate, valid[:, 0::2])
         return ForwardOutput(h, h, slate, valid)
 
-    def forward(self, batch: "TrainBatch", *, alpha: float = 1.0, num_uniform_negatives: int = 128,
-                num_inbatch_negatives: int = 0, logq_correction: bool = True,
-                full_softmax: bool = False) -> tuple[torch.Tensor, dict]:
-        """Training step: blended forward, MAM, losses. Returns (loss, detached scalars)."""
+    def forward(self, batch: "TrainBatch", *, mam_rate: float = 0.0) -> ForwardOutput:
+        """Training forward: MAM (in train mode, for kinds that use it; a share `mam_rate` of the
+        real history tokens get the MASK action), then the blended forward with the slate.
+        Returns the outputs with the masks the losses need; the losses are `unipinrec.losses`."""
         cfg = self.config
         hist = batch.history
         valid = torch.arange(hist.items.shape[1], device=hist.items.device)[None] < hist.lengths[:, None]
-        use_mam = cfg.kind in ("unified", "ranking_only") and self.training and cfg.mam_rate > 0
-        mam = (torch.rand(valid.shape, device=valid.device) < cfg.mam_rate) & valid if use_mam else None
-        with_slate = cfg.kind != "retrieval_only"
-        out = self.blended_forward(hist, batch.slate_items if with_slate else None, mam,
+        use_mam = cfg.uses_mam and self.training and mam_rate > 0
+        mam = (torch.rand(valid.shape, device=valid.device) < mam_rate) & valid if use_mam else None
+        out = self.blended_forward(hist, batch.slate_items if cfg.has_ranking_head else None, mam,
                                    getattr(batch, "slate_positions", None))
-        stats: dict[str, torch.Tensor] = {}
-        loss = out.retrieval_hidden.new_zeros(())
-        if cfg.kind != "ranking_only":
-            # logits in fp32 even under bf16 autocast: at temperature 0.05 a bf16 cosine (about 3
-            # significant digits) would blur the logits by ~0.1, the size of the differences that rank items
-            with torch.autocast(hist.items.device.type, enabled=False):
-                hidden = out.retrieval_hidden.float()
-                if full_softmax:
-                    r = self.full_softmax_loss(hidden, batch.targets)
-                else:
-                    r = self.retrieval_loss(hidden, batch.targets, num_uniform_negatives,
-                                            num_inbatch_negatives, logq_correction)
-            loss = loss + r
-            stats["retrieval_loss"] = r.detach()
-        if cfg.kind != "retrieval_only":
-            rank_mask = out.token_valid if cfg.kind == "interleaved" else mam
-            hs, ls, us, its = [], [], [], []
-            u_all = self._position_user_vectors(out.retrieval_hidden) if cfg.rank_similarity else None  # (B, W, D)
-            if rank_mask is not None:
-                hs.append(out.ranking_hidden[rank_mask])
-                ls.append(batch.history_labels[rank_mask])
-                if u_all is not None:  # a history token's user vector: the output just before it
-                    us.append(torch.cat([torch.zeros_like(u_all[:, :1]), u_all[:, :-1]], dim=1)[rank_mask])
-                    its.append(hist.items[rank_mask])
-            if out.slate_hidden is not None:
-                hs.append(out.slate_hidden[batch.slate_valid])
-                ls.append(batch.slate_labels[batch.slate_valid])
-                if u_all is not None:  # a slate token's: the output at the last history token
-                    u_last = _last_row(u_all, hist.lengths)  # (B, D)
-                    us.append(u_last[:, None].expand(-1, batch.slate_items.shape[1], -1)[batch.slate_valid])
-                    its.append(batch.slate_items[batch.slate_valid])
-            h = torch.cat(hs) if hs else out.ranking_hidden.new_zeros(0, cfg.d_model)
-            logits = self._rank_logits(h, torch.cat(us), torch.cat(its)) if us else self.rank_head(h)  # (P, T)
-            rk = F.binary_cross_entropy_with_logits(logits.float(), torch.cat(ls).float()) if len(h) else logits.sum() * 0
-            loss = loss + alpha * rk
-            stats["ranking_loss"] = rk.detach()
-        stats["loss"] = loss.detach()
-        return loss, stats
-
-    def retrieval_loss(self, hidden, targets, num_uniform: int, num_inbatch: int, logq: bool) -> torch.Tensor:
-        """Sampled softmax over L2-normalised vectors: next positive item at each position vs
-        shared in-batch and uniform negatives, logQ-corrected (expected sample counts).
-
-        hidden (B, W, D); targets (B, W) item rows, 0 = no target at that position."""
-        sel = targets > 0
-        y = targets[sel]  # (P,)
-        if y.numel() == 0:
-            return hidden.sum() * 0.0
-        N = self.config.num_items
-        u = F.normalize(self.retrieval_proj(hidden[sel]).float(), dim=-1)  # (P, D)
-        P = y.shape[0]
-        negs = []
-        if num_inbatch > 0:
-            negs.append(y[torch.randint(0, P, (num_inbatch,), device=y.device)])
-        if num_uniform > 0:
-            negs.append(torch.randint(1, N + 1, (num_uniform,), device=y.device))
-        neg = torch.cat(negs) if negs else y[:0]  # (K,)
-        pos_v = F.normalize(self._item_embed(y).float(), dim=-1)  # (P, D)
-        neg_v = F.normalize(self._item_embed(neg).float(), dim=-1)  # (K, D)
-        tau = self.config.temperature
-        pos_logit = (u * pos_v).sum(-1, keepdim=True) / tau  # (P, 1)
-        neg_logit = (u @ neg_v.T) / tau  # (P, K)
-        if logq:
-            counts = torch.bincount(y, minlength=N + 1).float()
-            expected = num_inbatch * counts / P + num_uniform / N  # expected times an item is sampled
-            pos_logit = pos_logit - torch.log(expected[y])[:, None]
-            neg_logit = neg_logit - torch.log(expected[neg])[None, :]
-        neg_logit = neg_logit.masked_fill(neg[None, :] == y[:, None], float("-inf"))  # accidental hits
-        logits = torch.cat([pos_logit, neg_logit], dim=1)
-        return F.cross_entropy(logits, torch.zeros(P, dtype=torch.long, device=y.device))
-
-    def full_softmax_loss(self, hidden, targets) -> torch.Tensor:
-        """Exact softmax over the whole catalog (every item vector, padding row excluded): no
-        sampling, so no logQ correction. Cheap for small catalogs (MovieLens: 3,416 items).
-
-        hidden (B, W, D); targets (B, W) item rows, 0 = no target at that position."""
-        sel = targets > 0
-        y = targets[sel]  # (P,)
-        if y.numel() == 0:
-            return hidden.sum() * 0.0
-        u = F.normalize(self.retrieval_proj(hidden[sel]).float(), dim=-1)  # (P, D)
-        items = F.normalize(self._item_table()[1:].float(), dim=-1)  # (N, D): row r -> class r - 1
-        logits = (u @ items.T) / self.config.temperature  # (P, N)
-        return F.cross_entropy(logits, y - 1)
+        # interleaved: every item token predicts its action (it never sees it); otherwise the MAM tokens
+        rank_mask = out.token_valid if cfg.kind == "interleaved" else mam
+        return replace(out, mam_mask=mam, rank_mask=rank_mask)
 
     # --- serving API ----------------------------------------------------------------------------
 

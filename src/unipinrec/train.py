@@ -4,10 +4,15 @@
 GPU, or several processes under `torchrun` (DDP), and writes the MODEL/ folder into out_dir,
 plus `train_log.csv` (scalars every log_every steps), `eval_log.csv` (validation metrics when
 eval_every_epochs > 0), `curves.png` and `checkpoint/` (resumable state, every
-checkpoint_every steps). Re-running the same command after a kill resumes from the checkpoint.
+checkpoint_every steps; `checkpoint.TrainCheckpoint`). Re-running the same command after a
+kill resumes from the checkpoint.
 
-Data order and randomness are functions of (seed, step, rank), so a resumed run takes the same
-batches, masks and negatives as an uninterrupted one.
+It is a thin wrapper over `Trainer`, shaped like torchtitan's: `Trainer.build` checks and reads
+the examples (`read_examples`, `check_examples`) and builds model, loss (`losses.UniPinRecLoss`),
+optimizer and checkpointer; `train_step` is one optimizer step; `fit` resumes, loops, logs,
+checkpoints, evaluates and writes the model folder; `state_dict` is what a resume needs beyond
+the model and optimizer. Data order and randomness are functions of (seed, step, rank), so a
+resumed run takes the same batches, masks and negatives as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -17,58 +22,25 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from . import format as fmt
-from .actions import vocab_for
+from .actions import ActionVocab, vocab_for
 from .batches import ItemVocab, TaskSpec, TrainBatch, collate_examples
-from .checkpoint import save_model
-from .config import ExperimentConfig, to_dict
+from .checkpoint import TrainCheckpoint, run_fingerprint, save_model
+from .config import ExperimentConfig
+from .losses import UniPinRecLoss
 from .model import UniPinRec, resolve
+
+if TYPE_CHECKING:
+    import numpy as np
 
 LOG_FIELDS = ["step", "epoch", "lr", "loss", "retrieval_loss", "ranking_loss", "grad_norm",
               "tokens_per_s", "examples_per_s", "elapsed_s"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Data: a split collated once into padded tensors; batches are row selections trimmed to width
-
-
-def load_split(examples_dir: str | Path, split: str, vocab: ItemVocab, spec: TaskSpec, max_history: int,
-               max_slate: int, batch_rows: int = 65_536) -> TrainBatch:
-    parts = [collate_examples(rb, vocab, spec, max_history, max_slate)
-             for rb in fmt.iter_batches(Path(examples_dir) / split, batch_size=batch_rows) if rb.num_rows]
-    if not parts:
-        raise ValueError(f"{examples_dir}/{split}: no examples")
-    return cat_batches(parts)
-
-
-def load_item_categories(examples_dir: str | Path, vocab: ItemVocab) -> "np.ndarray":
-    """EX/items `category` in item-row order (rows 1..N of `vocab`); null -> -1 (unknown)."""
-    import numpy as np
-
-    table = fmt.read_sharded(Path(examples_dir) / "items", columns=["item_id", "category"])
-    rows = vocab.lookup(table.column("item_id").to_numpy())
-    cat = table.column("category").fill_null(-1).to_numpy().astype(np.int64)
-    if (cat < -1).any():
-        raise ValueError(f"{examples_dir}/items: field 'category' must be >= 0 (found {int(cat.min())})")
-    out = np.full(len(vocab), -1, dtype=np.int64)
-    out[rows - 1] = cat
-    return out
-
-
-def cat_batches(parts: list[TrainBatch]) -> TrainBatch:
-    return TrainBatch.cat(parts)
-
-
-def select(data: TrainBatch, rows: torch.Tensor) -> TrainBatch:
-    """Rows of a collated split, trimmed to the widest history and slate among them."""
-    return data.index_select(rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,238 +90,311 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints (no pickles: tensors in safetensors, the rest in JSON)
+# Examples: checked against the config, collated once
 
 
-def _fingerprint(cfg: ExperimentConfig, ex_meta: dict, world: int) -> str:
-    blob = json.dumps([to_dict(dataclasses.replace(cfg, validated=None)), ex_meta.get("splits"),
-                       ex_meta.get("num_items"), world], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+@dataclasses.dataclass
+class TrainData:
+    """What training reads from EX/: the collated rows and what reading them needs."""
+
+    examples_dir: Path
+    rows: TrainBatch  # the train split (+ valid with include_valid), on the training device
+    vocab: ItemVocab
+    spec: TaskSpec
+    ex_meta: dict
+    categories: "np.ndarray | None"  # category per item row, with model.use_category
+
+    @property
+    def num_rows(self) -> int:
+        return self.rows.history.lengths.shape[0]
 
 
-def save_checkpoint(directory: Path, model: UniPinRec, opt: torch.optim.Optimizer, step: int, fingerprint: str) -> None:
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for name, value in st.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{name}"] = value
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint,
-                                                "param_groups": sd["param_groups"], "scalars": scalars}))
-    old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)  # the last complete checkpoint is always on disk
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(directory: Path, model: UniPinRec, opt: torch.optim.Optimizer, fingerprint: str) -> int:
-    if not (directory / "state.json").exists() and directory.with_name(directory.name + ".old").exists():
-        directory = directory.with_name(directory.name + ".old")  # killed between the two renames
-    state = json.loads((directory / "state.json").read_text())
-    if state["fingerprint"] != fingerprint:
-        raise ValueError(f"{directory} holds a checkpoint of a different run (config, data or process count "
-                         "changed); use a new --out folder or delete the checkpoint")
-    model.load_state_dict(load_file(str(directory / "model.safetensors")))
-    tensors = load_file(str(directory / "optimizer.safetensors"))
-    opt_state: dict = {}
-    for key, value in list(tensors.items()) + list(state["scalars"].items()):
-        pid, name = key.split(".", 1)
-        opt_state.setdefault(int(pid), {})[name] = value
-    opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-    return int(state["step"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
-
-
-def _set_step_seed(seed: int, step: int, rank: int) -> None:
-    torch.manual_seed((seed * 1_000_003 + step * 7919 + rank) % (2**63))
-
-
-def train(config: ExperimentConfig, examples_dir: str | Path, out_dir: str | Path, *, kind: str | None = None,
-          device: str | None = None, progress: bool | None = None) -> dict:
-    """Train one model; returns the summary written into MODEL/meta.json under "train"."""
-    from tqdm.auto import tqdm
-
-    tc = config.train
-    examples_dir, out_dir = Path(examples_dir), Path(out_dir)
-    d = init_distributed(device or tc.device)
-    dev = pick_device(device or tc.device, d)
-    ex_meta = fmt.read_meta(examples_dir)
+def check_examples(config: ExperimentConfig, examples_dir: Path, ex_meta: dict) -> ActionVocab:
+    """Every check of an examples folder's metadata against the config, in one place (action
+    vocabulary, history impressions, max_history); returns the source's action vocabulary."""
     actions = vocab_for(ex_meta["source"])
     if list(ex_meta.get("actions", actions.names)) != list(actions.names):
         raise ValueError(f"{examples_dir}/meta.json: actions {ex_meta.get('actions')} differ from the "
                          f"'{ex_meta['source']}' vocabulary {list(actions.names)}")
+    built_with = bool(ex_meta.get("history_impressions", False))
+    if built_with != config.data.history_impressions:  # the model would learn from other histories than serving sends
+        raise ValueError(f"data.history_impressions is {config.data.history_impressions} but {examples_dir} was built "
+                         f"{'with' if built_with else 'without'} impressions in the history "
+                         f"(`unipinrec examples build --{'' if config.data.history_impressions else 'no-'}history-impressions`)")
+    max_history = config.model.max_history
+    if int(ex_meta.get("max_history", max_history)) < max_history:
+        raise ValueError(f"model.max_history {max_history} exceeds the examples' max_history {ex_meta['max_history']}")
+    return actions
+
+
+def read_examples(config: ExperimentConfig, examples_dir: Path, *, kind: str | None,
+                  device: torch.device) -> tuple[ExperimentConfig, TrainData]:
+    """Check EX/ against the config, fill the model's data-dependent sizes, collate the rows."""
+    ex_meta = fmt.read_meta(examples_dir)
+    actions = check_examples(config, examples_dir, ex_meta)
     vocab = ItemVocab.from_examples_dir(examples_dir)
     spec = TaskSpec.resolve(config.tasks, actions)
     categories = load_item_categories(examples_dir, vocab) if config.model.use_category else None
     mcfg = resolve(config.model, num_items=len(vocab), num_actions=actions.size, num_tasks=spec.num_tasks, kind=kind,
                    num_categories=max(1, int(categories.max()) + 1) if categories is not None and len(categories) else 1)
     mcfg.validate()
-    config = dataclasses.replace(config, model=mcfg)
-    built_with = bool(ex_meta.get("history_impressions", False))
-    if built_with != config.data.history_impressions:  # the model would learn from other histories than serving sends
-        raise ValueError(f"data.history_impressions is {config.data.history_impressions} but {examples_dir} was built "
-                         f"{'with' if built_with else 'without'} impressions in the history "
-                         f"(`unipinrec examples build --{'' if config.data.history_impressions else 'no-'}history-impressions`)")
-    if int(ex_meta.get("max_history", mcfg.max_history)) < mcfg.max_history:
-        raise ValueError(f"model.max_history {mcfg.max_history} exceeds the examples' max_history {ex_meta['max_history']}")
-
-    data = load_split(examples_dir, "train", vocab, spec, mcfg.max_history, tc.max_slate)
+    tc = config.train
+    rows = load_split(examples_dir, "train", vocab, spec, mcfg.max_history, tc.max_slate)
     if tc.include_valid:
-        data = cat_batches([data, load_split(examples_dir, "valid", vocab, spec, mcfg.max_history, tc.max_slate)])
-    data = data.to(dev)
-    n = data.history.lengths.shape[0]
-    global_batch = tc.batch_size * d.world
-    steps_per_epoch = max(1, math.ceil(n / global_batch))
-    total_steps = tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(tc.epochs * steps_per_epoch))
+        rows = cat_batches([rows, load_split(examples_dir, "valid", vocab, spec, mcfg.max_history, tc.max_slate)])
+    data = TrainData(examples_dir=examples_dir, rows=rows.to(device), vocab=vocab, spec=spec, ex_meta=ex_meta,
+                     categories=categories)
+    return dataclasses.replace(config, model=mcfg), data
 
-    torch.manual_seed(tc.seed)  # identical initial weights on every rank
-    model = UniPinRec(mcfg)
-    if categories is not None:
-        model.set_item_categories(categories)  # before the checkpoint: a resume overwrites it with the same
-    model = model.to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
-                            fused=dev.type == "cuda")
-    fingerprint = _fingerprint(config, ex_meta, d.world)
-    ckpt_dir = out_dir / "checkpoint"
-    step = 0
-    if (ckpt_dir / "state.json").exists() or ckpt_dir.with_name("checkpoint.old").exists():
-        step = load_checkpoint(ckpt_dir, model, opt, fingerprint)
-    ddp = model
-    if d.world > 1:
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+
+
+class TrainingModule(torch.nn.Module):
+    """The model's forward and the loss as one call; this is what DDP wraps, as DDP syncs the
+    gradients of the parameters used inside its forward and the loss reads the model's heads
+    and item table."""
+
+    def __init__(self, model: UniPinRec, loss_fn: UniPinRecLoss, mam_rate: float):
+        super().__init__()
+        self.model, self.loss_fn, self.mam_rate = model, loss_fn, mam_rate
+
+    def forward(self, batch: TrainBatch) -> tuple[torch.Tensor, dict]:
+        return self.loss_fn(self.model, self.model(batch, mam_rate=self.mam_rate), batch)
+
+
+class _Throughput:
+    """Tokens and examples per second (all ranks) over the log window and the whole run."""
+
+    def __init__(self) -> None:
+        self.t0 = self.window_t = time.perf_counter()
+        self.tokens = self.examples = self.total_tokens = 0
+
+    def add(self, tokens: int, examples: int) -> None:
+        self.tokens += tokens
+        self.examples += examples
+        self.total_tokens += tokens
+
+    def window(self) -> dict:
+        now = time.perf_counter()
+        span = max(now - self.window_t, 1e-9)
+        row = {"elapsed_s": round(now - self.t0, 3), "tokens_per_s": round(self.tokens / span, 1),
+               "examples_per_s": round(self.examples / span, 1)}
+        self.window_t, self.tokens, self.examples = now, 0, 0
+        return row
+
+
+def _set_step_seed(seed: int, step: int, rank: int) -> None:
+    torch.manual_seed((seed * 1_000_003 + step * 7919 + rank) % (2**63))
+
+
+class Trainer:
+    """One run: model, loss, optimizer and checkpointer over collated examples.
+
+    `Trainer.build(config, examples_dir, out_dir)` reads and checks the examples; `fit()` trains
+    to the end (resuming from out_dir/checkpoint) and writes the model folder; `train_step(batch)`
+    is one optimizer step; `state_dict()` / `load_state_dict()` hold the step (the batches, masks
+    and negatives of a step are functions of it, the seed and the rank)."""
+
+    def __init__(self, *, config: ExperimentConfig, data: TrainData, out_dir: Path, dist: Dist,
+                 device: torch.device, progress: bool = True):
+        tc = config.train
+        self.config, self.data, self.out_dir, self.dist, self.device = config, data, Path(out_dir), dist, device
+        self.progress = progress and dist.main
+        self.global_batch = tc.batch_size * dist.world
+        self.steps_per_epoch = max(1, math.ceil(data.num_rows / self.global_batch))
+        self.total_steps = tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(tc.epochs * self.steps_per_epoch))
+        torch.manual_seed(tc.seed)  # identical initial weights on every rank
+        model = UniPinRec(config.model)
+        if data.categories is not None:
+            model.set_item_categories(data.categories)  # before the checkpoint: a resume overwrites it with the same
+        self.model = model.to(device)
+        self.loss_fn = UniPinRecLoss.from_config(tc)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=tuple(tc.betas),
+                                           weight_decay=tc.weight_decay, fused=device.type == "cuda")
+        self.checkpointer = TrainCheckpoint(self.out_dir / "checkpoint",
+                                            run_fingerprint(config, data.ex_meta, dist.world))
+        self.bf16 = tc.bf16 and device.type == "cuda"
+        self.step = 0
+        self._perm_epoch, self._perm = -1, None
+        self.module = self._wrap(TrainingModule(self.model, self.loss_fn, tc.mam_rate))
+
+    @classmethod
+    def build(cls, config: ExperimentConfig, examples_dir: str | Path, out_dir: str | Path, *, kind: str | None = None,
+              device: str | None = None, progress: bool | None = None) -> "Trainer":
+        """Processes and device, then the examples checked against the config, then the trainer."""
+        tc = config.train
+        dist = init_distributed(device or tc.device)
+        dev = pick_device(device or tc.device, dist)
+        config, data = read_examples(config, Path(examples_dir), kind=kind, device=dev)
+        return cls(config=config, data=data, out_dir=Path(out_dir), dist=dist, device=dev,
+                   progress=tc.progress if progress is None else progress)
+
+    def _wrap(self, module: TrainingModule) -> torch.nn.Module:
+        if self.dist.world <= 1:
+            return module
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                      find_unused_parameters=True)
-    use_bf16 = tc.bf16 and dev.type == "cuda"
-    if d.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / "train_log.csv"
-    if d.main:
-        _trim_log(log_path, step, LOG_FIELDS)
-    show = (tc.progress if progress is None else progress) and d.main
-    loss_kw = dict(alpha=tc.alpha, num_uniform_negatives=tc.num_uniform_negatives,
-                   num_inbatch_negatives=tc.num_inbatch_negatives, logq_correction=tc.logq_correction,
-                   full_softmax=tc.full_softmax)
-    tokens_per_action = mcfg.tokens_per_action
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+        return DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                       find_unused_parameters=True)
 
-    start_step = step
-    summary_path = out_dir / "train_summary.json"
-    if step >= total_steps and summary_path.exists() and (out_dir / "meta.json").exists():
-        return json.loads(summary_path.read_text())  # already finished: re-running is a no-op
-    t0 = time.perf_counter()
-    window_t, window_tokens, window_examples = t0, 0, 0
-    tokens_total = 0
-    perm_epoch, perm = -1, None
-    bar = tqdm(total=total_steps, initial=step, disable=not show, unit="step", dynamic_ncols=True, desc=mcfg.kind)
-    model.train()
-    while step < total_steps:
-        epoch = step // steps_per_epoch
-        if epoch != perm_epoch:
-            g = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
-            perm, perm_epoch = torch.randperm(n, generator=g).to(dev), epoch
-        i = step % steps_per_epoch
-        rows = perm[i * global_batch:(i + 1) * global_batch][d.rank::d.world]
-        batch = select(data, rows)
-        lr = tc.lr * lr_factor(step, tc.warmup_steps, total_steps, tc.min_lr_ratio)
-        for group in opt.param_groups:
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+    def batch_for(self, step: int) -> TrainBatch:
+        """This rank's share of the global batch of `step` (a permutation per (seed, epoch))."""
+        epoch = step // self.steps_per_epoch
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.config.train.seed * 100_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.data.num_rows, generator=g).to(self.device), epoch
+        i = step % self.steps_per_epoch
+        rows = self._perm[i * self.global_batch:(i + 1) * self.global_batch][self.dist.rank::self.dist.world]
+        return select(self.data.rows, rows)
+
+    def train_step(self, batch: TrainBatch) -> dict:
+        """One optimizer step at self.step; returns lr, grad_norm and the loss stats (tensors: no sync)."""
+        tc = self.config.train
+        lr = tc.lr * lr_factor(self.step, tc.warmup_steps, self.total_steps, tc.min_lr_ratio)
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
-        _set_step_seed(tc.seed, step, d.rank)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss, stats = ddp(batch, **loss_kw)
-        opt.zero_grad(set_to_none=True)
+        _set_step_seed(tc.seed, self.step, self.dist.rank)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss, stats = self.module(batch)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        step += 1
-        tokens = (int(batch.history.lengths.sum()) * tokens_per_action + int(batch.slate_valid.sum())) * d.world
-        window_tokens += tokens
-        tokens_total += tokens
-        window_examples += len(rows) * d.world
-        if step % tc.log_every == 0 or step == total_steps:
-            now = time.perf_counter()
-            row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr,
-                   "grad_norm": float(grad_norm), "elapsed_s": round(now - t0, 3),
-                   "tokens_per_s": round(window_tokens / max(now - window_t, 1e-9), 1),
-                   "examples_per_s": round(window_examples / max(now - window_t, 1e-9), 1),
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return {"lr": lr, "grad_norm": grad_norm, **stats}
+
+    def fit(self) -> dict:
+        """Train from the checkpoint (if any) to total_steps and write the model folder; returns
+        the summary (also in MODEL/meta.json under "train"). A finished run is not redone."""
+        from tqdm.auto import tqdm
+
+        if self.checkpointer.exists():
+            self.load_state_dict(self.checkpointer.load(self.model, self.optimizer))
+        summary_path = self.out_dir / "train_summary.json"
+        if self.step >= self.total_steps and summary_path.exists() and (self.out_dir / "meta.json").exists():
+            return json.loads(summary_path.read_text())
+        start_step = self.step
+        if self.dist.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            _trim_log(self.out_dir / "train_log.csv", self.step, LOG_FIELDS)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        meter = _Throughput()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, unit="step",
+                   dynamic_ncols=True, desc=self.config.model.kind)
+        tpa, world = self.config.model.tokens_per_action, self.dist.world
+        self.model.train()
+        while self.step < self.total_steps:
+            batch = self.batch_for(self.step)
+            stats = self.train_step(batch)
+            meter.add((int(batch.history.lengths.sum()) * tpa + int(batch.slate_valid.sum())) * world,
+                      batch.history.lengths.shape[0] * world)
+            self._after_step(stats, meter, bar)
+        bar.close()
+        return self._finish(start_step, meter)
+
+    def _after_step(self, stats: dict, meter: _Throughput, bar) -> None:
+        """Log every log_every steps, checkpoint every checkpoint_every, evaluate every eval_every_epochs."""
+        tc, step, last = self.config.train, self.step, self.step == self.total_steps
+        if step % tc.log_every == 0 or last:
+            row = {"step": step, "epoch": round(step / self.steps_per_epoch, 4), **meter.window(),
                    **{k: float(v) for k, v in stats.items()}}
-            window_t, window_tokens, window_examples = now, 0, 0
-            if d.main:
-                _append_log(log_path, row, LOG_FIELDS)
+            if self.dist.main:
+                _append_log(self.out_dir / "train_log.csv", row, LOG_FIELDS)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)
-        if d.main and (step % tc.checkpoint_every == 0 or step == total_steps):
-            save_checkpoint(ckpt_dir, model, opt, step, fingerprint)
-        if tc.eval_every_epochs > 0 and d.main and step % steps_per_epoch == 0 and \
-                (step // steps_per_epoch) % tc.eval_every_epochs == 0:
-            _eval_during_training(model, vocab, spec, examples_dir, config, step, steps_per_epoch, out_dir, dev)
-            model.train()
-    bar.close()
-    wall = time.perf_counter() - t0
-    summary = {
-        "steps": total_steps, "resumed_from_step": start_step, "epochs": round(total_steps / steps_per_epoch, 3),
-        "steps_per_epoch": steps_per_epoch, "num_train_examples": n, "world_size": d.world,
-        "device": str(dev), "bf16": use_bf16, "wall_s": round(wall, 2),
-        "tokens_per_s": round(tokens_total / max(wall, 1e-9), 1),
-        "s_per_epoch": round(wall / max((total_steps - start_step) / steps_per_epoch, 1e-9), 3),
-        "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1) if dev.type == "cuda" else None,
-        "num_parameters": model.num_parameters(),
-    }
-    if d.world > 1:
-        _write_param_digest(model, out_dir, d)
-    if d.main:
-        model.eval()
-        version = save_model(out_dir, model, config, vocab, config.tasks, mcfg.kind,
-                             extra_meta={"train": summary, "examples": str(examples_dir)})
-        summary["model_version"] = version
-        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        try:
-            from .evaluate import plot_curves
+        if self.dist.main and (step % tc.checkpoint_every == 0 or last):
+            self.checkpointer.save(step, self.model, self.optimizer, self.state_dict())
+        epoch, epoch_end = divmod(step, self.steps_per_epoch)
+        if tc.eval_every_epochs > 0 and self.dist.main and epoch_end == 0 and epoch % tc.eval_every_epochs == 0:
+            self.evaluate()
+            self.model.train()
 
-            plot_curves(out_dir, out_dir / "curves.png")
-        except ImportError:  # matplotlib absent (e.g. a bare GPU image): the CSV logs remain
-            pass
-    if d.world > 1:
-        import torch.distributed as dist
+    def evaluate(self) -> dict:
+        """Validation metrics now, appended to eval_log.csv. With include_valid the valid split is
+        trained on, so the curve follows eval.split (no model selection is made from it: the final
+        model is the last step's)."""
+        from .evaluate import evaluate_model
 
-        dist.barrier()
-    return summary
+        cfg = self.config
+        split = cfg.eval.split if cfg.train.include_valid else "valid"
+        m = evaluate_model(self.model, self.data.vocab, self.data.spec, self.data.examples_dir, split=split,
+                           ks=cfg.eval.ks, batch_size=cfg.eval.batch_size, device=self.device, progress=False,
+                           exclude_history=cfg.eval.exclude_history)
+        _append_eval_row(self.out_dir / "eval_log.csv", m, step=self.step, epoch=self.step // self.steps_per_epoch,
+                         split=split)
+        return m
+
+    def summary(self, start_step: int, wall: float, tokens: int) -> dict:
+        dev, total, spe = self.device, self.total_steps, self.steps_per_epoch
+        return {
+            "steps": total, "resumed_from_step": start_step, "epochs": round(total / spe, 3),
+            "steps_per_epoch": spe, "num_train_examples": self.data.num_rows, "world_size": self.dist.world,
+            "device": str(dev), "bf16": self.bf16, "wall_s": round(wall, 2),
+            "tokens_per_s": round(tokens / max(wall, 1e-9), 1),
+            "s_per_epoch": round(wall / max((total - start_step) / spe, 1e-9), 3),
+            "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1) if dev.type == "cuda" else None,
+            "num_parameters": self.model.num_parameters(),
+        }
+
+    def _finish(self, start_step: int, meter: _Throughput) -> dict:
+        """The model folder, train_summary.json and curves.png (main rank); DDP ranks' weight digests."""
+        summary = self.summary(start_step, time.perf_counter() - meter.t0, meter.total_tokens)
+        if self.dist.world > 1:
+            _write_param_digest(self.model, self.out_dir, self.dist)
+        if self.dist.main:
+            self.model.eval()
+            cfg = self.config
+            summary["model_version"] = save_model(self.out_dir, self.model, cfg, self.data.vocab, cfg.tasks,
+                                                  cfg.model.kind, extra_meta={"train": dict(summary),
+                                                                              "examples": str(self.data.examples_dir)})
+            (self.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            _plot_curves(self.out_dir)
+        if self.dist.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        return summary
 
 
-def _eval_during_training(model, vocab, spec, examples_dir, config, step, steps_per_epoch, out_dir, dev) -> None:
-    from .evaluate import evaluate_model
+def train(config: ExperimentConfig, examples_dir: str | Path, out_dir: str | Path, *, kind: str | None = None,
+          device: str | None = None, progress: bool | None = None) -> dict:
+    """Train one model; returns the summary written into MODEL/meta.json under "train"."""
+    return Trainer.build(config, examples_dir, out_dir, kind=kind, device=device, progress=progress).fit()
 
-    # with include_valid the valid split is trained on, so the curve follows eval.split (no model
-    # selection is made from it: the final model is the last step's)
-    split = config.eval.split if config.train.include_valid else "valid"
-    m = evaluate_model(model, vocab, spec, examples_dir, split=split, ks=config.eval.ks,
-                       batch_size=config.eval.batch_size, device=dev, progress=False,
-                       exclude_history=config.eval.exclude_history)
-    row = {"step": step, "epoch": step // steps_per_epoch, "split": split}
-    row.update({f"retrieval_{k}": v for k, v in m.get("retrieval", {}).items() if isinstance(v, (int, float))})
-    for task, r in m.get("ranking", {}).items():
+
+# ---------------------------------------------------------------------------------------------
+# Logs and curves
+
+
+def _append_eval_row(path: Path, metrics: dict, **head) -> None:
+    row = dict(head)
+    row.update({f"retrieval_{k}": v for k, v in metrics.get("retrieval", {}).items() if isinstance(v, (int, float))})
+    for task, r in metrics.get("ranking", {}).items():
         row[f"auc_{task}"] = r.get("auc")
-    path = out_dir / "eval_log.csv"
-    fields = list(row)
     new = not path.exists()
     with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=list(row), extrasaction="ignore")
         if new:
             w.writeheader()
         w.writerow(row)
+
+
+def _plot_curves(out_dir: Path) -> None:
+    try:
+        from .evaluate import plot_curves
+
+        plot_curves(out_dir, out_dir / "curves.png")
+    except ImportError:  # matplotlib absent (e.g. a bare GPU image): the CSV logs remain
+        pass
 
 
 def _trim_log(path: Path, step: int, fields: list[str]) -> None:
@@ -371,7 +416,6 @@ def _append_log(path: Path, row: dict, fields: list[str]) -> None:
     with path.open("a", newline="") as f:
         csv.DictWriter(f, fieldnames=fields, extrasaction="ignore").writerow(row)
 
-
 def _write_param_digest(model: UniPinRec, out_dir: Path, d: Dist) -> None:
     """Each DDP rank records a digest of its weights: equal digests show gradients were synced."""
     h = hashlib.sha256()
@@ -381,3 +425,38 @@ def _write_param_digest(model: UniPinRec, out_dir: Path, d: Dist) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"ddp_rank{d.rank}.json").write_text(json.dumps({"rank": d.rank, "digest": h.hexdigest()}))
 
+
+# ---------------------------------------------------------------------------------------------
+# Data: a split collated once into padded tensors; batches are row selections trimmed to width
+
+
+def load_split(examples_dir: str | Path, split: str, vocab: ItemVocab, spec: TaskSpec, max_history: int,
+               max_slate: int, batch_rows: int = 65_536) -> TrainBatch:
+    parts = [collate_examples(rb, vocab, spec, max_history, max_slate)
+             for rb in fmt.iter_batches(Path(examples_dir) / split, batch_size=batch_rows) if rb.num_rows]
+    if not parts:
+        raise ValueError(f"{examples_dir}/{split}: no examples")
+    return cat_batches(parts)
+
+
+def load_item_categories(examples_dir: str | Path, vocab: ItemVocab) -> "np.ndarray":
+    """EX/items `category` in item-row order (rows 1..N of `vocab`); null -> -1 (unknown)."""
+    import numpy as np
+
+    table = fmt.read_sharded(Path(examples_dir) / "items", columns=["item_id", "category"])
+    rows = vocab.lookup(table.column("item_id").to_numpy())
+    cat = table.column("category").fill_null(-1).to_numpy().astype(np.int64)
+    if (cat < -1).any():
+        raise ValueError(f"{examples_dir}/items: field 'category' must be >= 0 (found {int(cat.min())})")
+    out = np.full(len(vocab), -1, dtype=np.int64)
+    out[rows - 1] = cat
+    return out
+
+
+def cat_batches(parts: list[TrainBatch]) -> TrainBatch:
+    return TrainBatch.cat(parts)
+
+
+def select(data: TrainBatch, rows: torch.Tensor) -> TrainBatch:
+    """Rows of a collated split, trimmed to the widest history and slate among them."""
+    return data.index_select(rows)

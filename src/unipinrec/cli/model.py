@@ -26,7 +26,7 @@ def train_cmd(
     import dataclasses
 
     from ..config import load_config
-    from ..model import KINDS
+    from ..model_config import KINDS
 
     if kind is not None and kind not in KINDS:
         fail(f"--kind: {kind!r} is not one of {', '.join(KINDS)}")

@@ -81,10 +81,11 @@ def build_archive(model_dir: str | Path, index_dir: str | Path, store_dir: str |
     external store ({"factory": "module:function", "kwargs": {...}}).
 
     Checks before packing what a worker would otherwise find at load time: the index belongs
-    to the (retrieval) model, and the kinds fit (unified; or retrieval_only + ranking_only).
+    to the (retrieval) model, and the heads fit (one model with both; or a retrieval + a ranking model).
     """
     import yaml
 
+    from ..model_config import ModelConfig
     from .engine import EngineConfig
 
     model_dir, index_dir, store_dir = Path(model_dir), Path(index_dir), Path(store_dir)
@@ -98,12 +99,13 @@ def build_archive(model_dir: str | Path, index_dir: str | Path, store_dir: str |
     if idx_version != meta["model_version"]:
         raise ValueError(f"index {index_dir} was built for model_version {idx_version!r}, the model is "
                          f"{meta['model_version']!r}: rebuild the index")
-    if ranking_dir is None and meta["kind"] != "unified":
+    heads = ModelConfig(kind=meta["kind"])  # what the kind's heads are, from meta.json alone
+    if ranking_dir is None and not (heads.has_retrieval_head and heads.has_ranking_head):
         raise ValueError(f"{model_dir} is a {meta['kind']} model: serving one model needs a unified one "
                          "(or give a ranking model for the two-model baseline)")
     if ranking_dir is not None:
         rmeta = json.loads((Path(ranking_dir) / "meta.json").read_text())
-        if meta["kind"] not in ("retrieval_only", "unified") or rmeta["kind"] not in ("ranking_only", "unified"):
+        if not heads.has_retrieval_head or not ModelConfig(kind=rmeta["kind"]).has_ranking_head:
             raise ValueError(f"two-model serving needs a retrieval model and a ranking model, got "
                              f"{meta['kind']} and {rmeta['kind']}")
     EngineConfig(**(engine or {})).validate()
