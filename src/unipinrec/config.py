@@ -25,7 +25,8 @@ _FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
 
 # fields renamed since configs were written (old dotted key -> new); an old key names its new one
 RENAMED = {"data.num_users": "data.synthetic_users", "data.num_items": "data.synthetic_items",
-           "data.num_requests_per_user": "data.synthetic_requests_per_user", "data.seed": "data.synthetic_seed"}
+           "data.num_requests_per_user": "data.synthetic_requests_per_user", "data.seed": "data.synthetic_seed",
+           "eval.max_users": "eval.max_examples"}
 
 
 class ConfigError(ValueError):
@@ -260,7 +261,7 @@ def _set(data: dict, cls: type, key: str, value: Any) -> None:
         elif typing.get_origin(tp) is dict:
             tp = typing.get_args(tp)[1] if typing.get_args(tp) else Any
         else:
-            raise ConfigError(f"{where}: {'.'.join(parts[:depth])} is a value, not a section")
+            raise ConfigError(f"{key}: {'.'.join(parts[:depth])} is a value, not a section")
         if depth == len(parts) - 1:
             node[part] = value
         else:
@@ -342,7 +343,7 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [10, 50, 200])
     split: str = "test"
     batch_size: int = 256
-    max_users: int = 0  # 0 = all
+    max_examples: int = 0  # evaluate the first N examples of the split; 0 = all
     exclude_history: bool = True  # drop the items of the (truncated) history from full ranking
 
     def validate(self) -> None:
