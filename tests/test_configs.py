@@ -96,6 +96,16 @@ def test_docs_results_show_each_jobs_override_lines_beside_it():
         assert any(all(w in ln for w in wanted) for ln in shown), f"{job}: no line shows {wanted}"
 
 
+def test_the_gpu_commands_of_docs_results_run_table_jobs_or_committed_configs():
+    text = (REPO / "docs" / "results.md").read_text().replace("\\\n", " ")
+    commands = [line.split("bench/gpu_results.sh", 1)[1].split() for line in text.splitlines()
+                if "bash bench/gpu_results.sh" in line]
+    named = {arg.split(":")[0] for cmd in commands for arg in cmd[4:]}
+    assert len(commands) >= 8 and set(JOBS) <= named
+    as_committed = {"ml1m", "ml1m-large", "synthetic", "ml1m-retrieval_only", "ml1m-ranking_only"}  # calls 1, 2, 6, 7
+    assert named - set(JOBS) <= as_committed
+
+
 def test_gpu_results_sh_trains_each_job_as_its_base_plus_overrides():
     jobs = ["ml1m-drop03:0", "synthetic-imp-c8-seed1:1:--kind,ranking_only", "ml1m:0", "ml1m-large-x:0"]
     r = subprocess.run(["bash", "bench/gpu_results.sh", "runs/g", "runs/ml", "runs/syn", "10", *jobs], cwd=REPO,

@@ -36,12 +36,14 @@ def parse_config(config_yaml: str, *, overrides: str | Sequence[str] = (), num_u
     `config_overrides`), then the pipeline's size/seed/epochs parameters (0 / -1 = keep the config's)."""
     from .config import load_config_text, override_lines
 
-    given = [f"data.synthetic_users={num_users}" if num_users > 0 else "",
-             f"data.synthetic_items={num_items}" if num_items > 0 else "",
-             f"data.synthetic_requests_per_user={num_requests_per_user}" if num_requests_per_user > 0 else "",
-             f"train.seed={seed}" if seed >= 0 else "",
-             *([f"train.epochs={float(epochs)}", "train.max_steps=0"] if epochs > 0 else [])]
-    return load_config_text(config_yaml, [*override_lines(overrides), *filter(None, given)])
+    sizes = {"data.synthetic_users": num_users, "data.synthetic_items": num_items,
+             "data.synthetic_requests_per_user": num_requests_per_user}
+    given = [f"{key}={n}" for key, n in sizes.items() if n > 0]
+    if seed >= 0:
+        given.append(f"train.seed={seed}")
+    if epochs > 0:
+        given += [f"train.epochs={float(epochs)}", "train.max_steps=0"]
+    return load_config_text(config_yaml, [*override_lines(overrides), *given])
 
 
 def config_yaml_text(cfg) -> str:
