@@ -164,3 +164,24 @@ def test_train_cli_trains_with_the_overrides(tmp_path):
     cfg = load_model(tmp_path / "m").config
     assert (cfg.model.dropout, cfg.train.lr, cfg.train.max_steps) == (0.05, 0.002, 3)
     assert "3 steps" in r.output
+
+
+def test_a_model_folder_saved_before_the_renames_still_loads(tmp_path):
+    import json
+
+    from unipinrec.checkpoint import _version, load_model
+    from unipinrec.serving.synthetic import make_model_dir
+
+    make_model_dir(tmp_path / "m", num_items=30, d_model=16, n_layers=1, max_history=8)
+    config = (tmp_path / "m" / "config.yaml").read_text()
+    old = config.replace("synthetic_items:", "num_items:").replace("max_examples:", "max_users:")
+    assert old != config and "  num_items: 1000" in old
+    (tmp_path / "m" / "config.yaml").write_text(old)
+    meta = json.loads((tmp_path / "m" / "meta.json").read_text())  # the content hash of that older folder
+    weights = (tmp_path / "m" / "model.safetensors").read_bytes()
+    meta["model_version"] = _version(weights, old.encode())
+    (tmp_path / "m" / "meta.json").write_text(json.dumps(meta))
+    loaded = load_model(tmp_path / "m")
+    assert loaded.config.data.synthetic_items == 1000 and loaded.config.model.num_items == 30
+    with pytest.raises(ConfigError, match="data.num_items: renamed to data.synthetic_items"):
+        load_config(tmp_path / "m" / "config.yaml")  # a config file is told the new name instead
