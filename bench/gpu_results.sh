@@ -5,8 +5,10 @@
 # runs again), jobs on the same GPU run in parallel; then every finished model is evaluated.
 # Jobs (name:gpu[:extra train args, comma-separated]), default: the first GPU call's set.
 # BENCH=1 first measures throughput / time / memory per kind alone on the GPU (bench/train_bench.py).
-# CFG_DIR=DIR[:DIR...]: a job's config is DIR/<name>.yaml when that exists (e.g. configs/ml1m_variants).
+# A job's config: its line in JOBS_FILE (default bench/gpu_jobs.txt: base config + override lines),
+# else configs/<name>.yaml when that exists, else the config its name starts with.
 # SYN_IMP=DIR: examples of the synthetic-imp* jobs (built with --history-impressions).
+# DRY_RUN=1: print each job's `unipinrec train` command and stop (nothing runs).
 # COLLECT=DIR: at the end, every job's metrics in DIR/results.json and its logs in DIR/logs.tgz.
 set -u
 R=${1:-runs/gpu}; ML=${2:-runs/ml1m_ex}; SYN=${3:-runs/syn_ex}; GUARD=${4:-480}; shift $(( $# < 4 ? $# : 4 ))
@@ -16,6 +18,31 @@ JOBS=("$@")
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}src
 PY=${PYTHON:-python3}
 CLI=("$PY" -c "from unipinrec.cli import main; main()")
+JOBS_FILE=${JOBS_FILE:-bench/gpu_jobs.txt}
+config_args() {  # the job's `--config BASE --set name=JOB --set key=value ...`, one word a line
+  local row; row=$(awk -v job="$1" '$1 == job { $1 = ""; print; exit }' "$JOBS_FILE")
+  if [ -n "$row" ]; then
+    local words kv; read -r -a words <<< "$row"  # (read -a: no glob expansion of [..] values)
+    printf '%s\n' --config "${words[0]}" --set "name=$1"
+    for kv in "${words[@]:1}"; do printf '%s\n' --set "$kv"; done
+  else
+    local base=configs/ml1m.yaml; case $1 in synthetic*) base=configs/synthetic.yaml;; ml1m-large*) base=configs/ml1m-large.yaml;; esac
+    [ -f "configs/$1.yaml" ] && base=configs/$1.yaml
+    printf '%s\n' --config "$base"
+  fi
+}
+examples_of() { case $1 in synthetic-imp*) echo "${SYN_IMP:-runs/syn_ex_imp}";; synthetic*) echo "$SYN";; *) echo "$ML";; esac; }
+train_args() {  # everything `unipinrec train` gets for job $1 on GPU $2 with extra args $3 (one word a line)
+  config_args "$1"
+  printf '%s\n' --examples "$(examples_of "$1")" --out "$R/$1" --device "cuda:$2" --no-progress ${3//,/ }
+}
+if [ "${DRY_RUN:-0}" = 1 ]; then  # print each job's train command (shell-quoted), run nothing
+  for job in "${JOBS[@]}"; do
+    IFS=: read -r name gpu extra <<< "$job"; mapfile -t ARGS < <(train_args "$name" "$gpu" "$extra")
+    printf 'unipinrec train'; printf ' %q' "${ARGS[@]}"; echo
+  done
+  exit 0
+fi
 mkdir -p "$R"
 "$PY" -c "import torch, yaml, safetensors; print('torch', torch.__version__, torch.cuda.device_count(), 'x', torch.cuda.get_device_name(0))" || exit 1
 START=$(date +%s)
@@ -25,14 +52,11 @@ if [ "${BENCH:-0}" = 1 ]; then
 fi
 LEFT=$(( GUARD - ($(date +%s) - START) ))
 
-config_of() { local d; for d in ${CFG_DIR//:/ }; do [ -f "$d/$1.yaml" ] && { echo "$d/$1.yaml"; return; }; done; [ -f "configs/$1.yaml" ] && { echo "configs/$1.yaml"; return; }; case $1 in synthetic*) echo configs/synthetic.yaml;; ml1m-large*) echo configs/ml1m-large.yaml;; *) echo configs/ml1m.yaml;; esac; }
-examples_of() { case $1 in synthetic-imp*) echo "${SYN_IMP:-runs/syn_ex_imp}";; synthetic*) echo "$SYN";; *) echo "$ML";; esac; }
-
 for job in "${JOBS[@]}"; do
   IFS=: read -r name gpu extra <<< "$job"
   [ -f "$R/$name/meta.json" ] && continue
-  ( timeout "$LEFT" "${CLI[@]}" train --config "$(config_of "$name")" --examples "$(examples_of "$name")" \
-        --out "$R/$name" --device "cuda:$gpu" --no-progress ${extra//,/ } >> "$R/$name.log" 2>&1
+  mapfile -t ARGS < <(train_args "$name" "$gpu" "$extra")
+  ( timeout "$LEFT" "${CLI[@]}" train "${ARGS[@]}" >> "$R/$name.log" 2>&1
     echo "$name: exit $? after $(( $(date +%s) - START )) s" ) &
 done
 wait

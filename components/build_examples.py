@@ -12,6 +12,7 @@ def build_examples(
     report: Output[HTML],
     stats: Output[Metrics],
     config_yaml: str,
+    config_overrides: str = "",
     feature_env: str = "local",
 ):
     """Builds UnifiedExamples with histories read from Feast at each request_ts.
@@ -26,6 +27,7 @@ def build_examples(
         report: Output HTML report of the examples contract.
         stats: Output metrics: examples per split, histories that differ from the builder's rule.
         config_yaml: ExperimentConfig YAML text (data.max_history, data.slate_size).
+        config_overrides: Override lines for the config, `section.key=value` each (newline or `;` separated).
         feature_env: local | cluster.
     """
     import shutil
@@ -34,7 +36,8 @@ def build_examples(
     from unipinrec import steps
 
     with tempfile.TemporaryDirectory() as tmp:
-        out = steps.build_examples(raw.path, feature_repo.path, examples.path, config_yaml=config_yaml,
+        out = steps.build_examples(raw.path, feature_repo.path, examples.path,
+                                   config_yaml=steps.with_overrides(config_yaml, config_overrides),
                                    env=feature_env, report_dir=tmp)
         shutil.copyfile(out["html"], report.path)
     for split, n in out["splits"].items():

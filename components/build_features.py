@@ -10,6 +10,7 @@ def build_features(
     feature_repo: Output[Artifact],
     stats: Output[Metrics],
     config_yaml: str,
+    config_overrides: str = "",
     feature_env: str = "local",
 ):
     """Builds the Feast feature store: sources from RAW, `feast apply`, materialize.
@@ -19,11 +20,13 @@ def build_features(
         feature_repo: Output Feast repo (definitions, Parquet sources, registry, local online store).
         stats: Output metrics: history rows, users, items, seconds per stage.
         config_yaml: ExperimentConfig YAML text; data.max_history is the history length L.
+        config_overrides: Override lines for the config, `section.key=value` each (newline or `;` separated).
         feature_env: local (SQLite online store) | cluster (Redis; see feature_repo/environments).
     """
     from unipinrec import steps
 
-    meta = steps.build_features(raw.path, feature_repo.path, config_yaml=config_yaml, env=feature_env)
+    meta = steps.build_features(raw.path, feature_repo.path,
+                                config_yaml=steps.with_overrides(config_yaml, config_overrides), env=feature_env)
     for key, value in meta["sources"].items():
         stats.log_metric(key, value)
     for key, value in meta["seconds"].items():

@@ -10,6 +10,7 @@ def train(
     model: Output[Model],
     metrics: Output[Metrics],
     config_yaml: str,
+    config_overrides: str = "",
     seed: int = -1,
     epochs: float = 0.0,
     num_processes: int = 1,
@@ -21,14 +22,15 @@ def train(
         model: Output model folder (model.safetensors, config.yaml, items.parquet, meta.json, logs).
         metrics: Output metrics: steps, final losses, tokens/s, wall time.
         config_yaml: ExperimentConfig YAML text.
+        config_overrides: Override lines for the config, `section.key=value` each (newline or `;` separated).
         seed: Training seed; -1 keeps the config's.
         epochs: Epochs; 0 keeps the config's.
         num_processes: DDP worker processes in this pod (torchrun); see docs/pipeline.md for multi-node jobs.
     """
     from unipinrec import steps
 
-    summary = steps.train(examples.path, model.path, config_yaml=config_yaml, seed=seed, epochs=epochs,
-                          num_processes=num_processes)
+    summary = steps.train(examples.path, model.path, config_yaml=steps.with_overrides(config_yaml, config_overrides),
+                          seed=seed, epochs=epochs, num_processes=num_processes)
     model.metadata["model_version"] = summary["model_version"]
     model.metadata["framework"] = "pytorch"
     for key, value in summary.items():

@@ -47,6 +47,7 @@ def make_pipeline(*, cluster: bool = False, registry_pvc: str = "unipinrec-model
                               "model, index, package for TorchServe and deploy.")
     def unipinrec_pipeline(
         config_yaml: str = config_default,
+        config_overrides: str = "",
         source: str = "synthetic",
         data_path: str = "",
         num_users: int = 0,
@@ -65,14 +66,15 @@ def make_pipeline(*, cluster: bool = False, registry_pvc: str = "unipinrec-model
         registry_dir: str = REGISTRY_MOUNT if cluster else "",
         overlay_dir: str = "/opt/unipinrec/manifests/overlays/prod" if cluster else "",
     ):
-        raw = ingest(config_yaml=config_yaml, source=source, data_path=data_path, num_users=num_users,
+        cfg = dict(config_yaml=config_yaml, config_overrides=config_overrides)  # every step that reads the config
+        raw = ingest(**cfg, source=source, data_path=data_path, num_users=num_users,
                      num_items=num_items, num_requests_per_user=num_requests_per_user)
         check = validate_data(raw=raw.outputs["raw"])
         with dsl.If(check.outputs["passed"] == True, name="data-valid"):  # noqa: E712 (a pipeline condition)
-            feats = build_features(raw=raw.outputs["raw"], config_yaml=config_yaml, feature_env=feature_env)
+            feats = build_features(raw=raw.outputs["raw"], **cfg, feature_env=feature_env)
             ex = build_examples(raw=raw.outputs["raw"], feature_repo=feats.outputs["feature_repo"],
-                                config_yaml=config_yaml, feature_env=feature_env)
-            model = train(examples=ex.outputs["examples"], config_yaml=config_yaml, seed=seed, epochs=epochs,
+                                **cfg, feature_env=feature_env)
+            model = train(examples=ex.outputs["examples"], **cfg, seed=seed, epochs=epochs,
                           num_processes=num_processes)
             ev = evaluate(model=model.outputs["model"], examples=ex.outputs["examples"])
             decision = gate(evaluation=ev.outputs["evaluation"], examples=ex.outputs["examples"],

@@ -54,8 +54,8 @@ def train_tiny(tmp_path_factory):
         root = tmp_path_factory.mktemp("tiny")
         cfg = load_config(REPO / "configs" / "tiny.yaml")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model_overrides))
-        generate_synthetic(root / "raw", num_users=cfg.data.num_users, num_items=cfg.data.num_items,
-                           num_requests_per_user=cfg.data.num_requests_per_user, seed=cfg.data.seed, progress=False)
+        generate_synthetic(root / "raw", num_users=cfg.data.synthetic_users, num_items=cfg.data.synthetic_items,
+                           num_requests_per_user=cfg.data.synthetic_requests_per_user, seed=cfg.data.synthetic_seed, progress=False)
         build_examples(root / "raw", root / "ex", max_history=cfg.data.max_history, progress=False)
         torch.set_num_threads(1)
         train(cfg, root / "ex", root / "model", progress=False)

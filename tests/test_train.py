@@ -28,8 +28,8 @@ def tiny_examples(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("tiny")
     cfg = load_config(TINY).data
-    generate_synthetic(root / "raw", num_users=cfg.num_users, num_items=cfg.num_items,
-                       num_requests_per_user=cfg.num_requests_per_user, seed=cfg.seed, progress=False)
+    generate_synthetic(root / "raw", num_users=cfg.synthetic_users, num_items=cfg.synthetic_items,
+                       num_requests_per_user=cfg.synthetic_requests_per_user, seed=cfg.synthetic_seed, progress=False)
     build_examples(root / "raw", root / "ex", max_history=cfg.max_history, progress=False)
     return root / "ex"
 

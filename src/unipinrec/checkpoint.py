@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from .actions import vocab_for
 from .batches import ItemVocab
-from .config import ExperimentConfig, TaskConfig, from_dict, to_dict
+from .config import ExperimentConfig, TaskConfig, from_dict, to_dict, upgrade
 from .model import KINDS, ModelConfig, UniPinRec
 from .model_config import upgrade_config
 
@@ -115,7 +115,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", *, ver
         if not (directory / name).exists():
             raise FileNotFoundError(f"{directory / name} not found: is {directory} a unipinrec model folder?")
     config_bytes = (directory / CONFIG).read_bytes()
-    config = from_dict(ExperimentConfig, upgrade_config(yaml.safe_load(config_bytes) or {}, directory / CONFIG))
+    config = from_dict(ExperimentConfig, upgrade(upgrade_config(yaml.safe_load(config_bytes) or {}, directory / CONFIG)))  # older folders load
     meta = json.loads((directory / META).read_text())
     if verify:
         actual = _version((directory / WEIGHTS).read_bytes(), config_bytes)

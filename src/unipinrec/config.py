@@ -1,21 +1,32 @@
 """One config system: typed dataclasses loaded from YAML and validated once, at the edge.
 
-`load_config(path)` returns an `ExperimentConfig`; unknown keys, wrong types and bad values
-raise `ConfigError` naming the dotted field (e.g. `train.lr`). Sections are dataclasses that
+`load_config(path, overrides)` returns an `ExperimentConfig`; unknown keys, wrong types and bad
+values raise `ConfigError` naming the dotted field (e.g. `train.lr`). Overrides are
+`section.key=value` lines (`unipinrec train --set train.lr=2e-3`, the pipeline's
+`config_overrides`), their values YAML, checked by the same loader. Sections are dataclasses that
 live beside the code they configure (the model's `ModelConfig` in `model.py`, ...).
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Sequence, TypeVar
 
 import yaml
 
 T = TypeVar("T")
+
+# YAML 1.1 (PyYAML) reads `2e-3` as a string; a float field takes it as the number it spells
+_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+
+# fields renamed since configs were written (old dotted key -> new); an old key names its new one
+RENAMED = {"data.num_users": "data.synthetic_users", "data.num_items": "data.synthetic_items",
+           "data.num_requests_per_user": "data.synthetic_requests_per_user", "data.seed": "data.synthetic_seed",
+           "eval.max_users": "eval.max_examples", "model.mam_rate": "train.mam_rate"}
 
 
 class ConfigError(ValueError):
@@ -61,6 +72,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -90,7 +103,10 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     unknown = set(data) - names
     if unknown:
         key = sorted(unknown)[0]
-        raise ConfigError(f"{where + '.' if where else ''}{key}: unknown field (known: {sorted(names)})")
+        path = f"{where}.{key}" if where else key
+        if path in RENAMED:
+            raise ConfigError(f"{path}: renamed to {RENAMED[path]}")
+        raise ConfigError(f"{path}: unknown field (known: {sorted(names)})")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if not f.init:
@@ -107,6 +123,9 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
+        field_name = str(e).split(" ", 1)[0]  # "lr must be positive" reads as "train.lr must be positive"
+        if where and field_name in names:
+            raise ConfigError(f"{where}.{e}") from e
         raise ConfigError(f"{where or cls.__name__}: {e}") from e
     return obj
 
@@ -131,10 +150,11 @@ class DataConfig:
 
     source: str = "synthetic"  # synthetic | movielens-1m | movielens-100k
     path: str | None = None  # folder of the source files (MovieLens); unused for synthetic
-    num_users: int = 2_000  # synthetic sizes
-    num_items: int = 1_000
-    num_requests_per_user: int = 20
-    seed: int = 42
+    # the synthetic world's size and seed (`source: synthetic` only; MovieLens brings its own)
+    synthetic_users: int = 2_000
+    synthetic_items: int = 1_000  # catalog size; the model's `model.num_items` comes from the data
+    synthetic_requests_per_user: int = 20
+    synthetic_seed: int = 42
     max_history: int = 50  # L: the last L actions are kept
     slate_size: int = 10  # S: MovieLens next-action slates; synthetic slates have this many items
     # keep earlier impressions (shown, not engaged) in the history (`examples build --history-impressions`);
@@ -144,7 +164,7 @@ class DataConfig:
     def validate(self) -> None:
         if self.source not in ("synthetic", "movielens-1m", "movielens-100k"):
             raise ValueError(f"source '{self.source}' is not one of synthetic, movielens-1m, movielens-100k")
-        for name in ("num_users", "num_items", "num_requests_per_user", "max_history", "slate_size"):
+        for name in ("synthetic_users", "synthetic_items", "synthetic_requests_per_user", "max_history", "slate_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.history_impressions and self.source != "synthetic":
@@ -175,17 +195,95 @@ class TaskConfig:
                 raise ValueError(f"score_weights.{name}: no such task (tasks: {sorted(self.tasks)})")
 
 
+def parse_yaml(text: str, where: str) -> dict:
+    """A YAML mapping from text; `where` (a file, a parameter) names it in errors."""
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping")
+    return data
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
+    return parse_yaml(path.read_text(), str(path))
+
+
+def upgrade(data: dict) -> dict:
+    """A saved config mapping with the `RENAMED` keys under their new names, so that model
+    folders written before a rename still load (config files get an error naming the new key)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for old, new in RENAMED.items():
+        (old_section, old_key), (new_section, new_key) = old.split(".", 1), new.split(".", 1)
+        if isinstance(out.get(old_section), dict) and old_key in out[old_section]:
+            out.setdefault(new_section, {})[new_key] = out[old_section].pop(old_key)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides: `section.key=value` lines applied to a loaded config, checked by the same loader.
+
+def override_lines(overrides: str | Sequence[str]) -> list[str]:
+    """Override lines from a list, or from one string split at newlines and `;` (a pipeline
+    parameter); blank lines and `#` comments are dropped."""
+    lines = re.split(r"[\n;]", overrides) if isinstance(overrides, str) else list(overrides)
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def parse_override(line: str) -> tuple[str, Any]:
+    """`section.key=value` as (dotted key, value); the value is YAML: `2e-3`, `true`, `[10,50]`."""
+    key, sep, text = line.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {line!r}: expected section.key=value")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return key, yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    return data
+        raise ConfigError(f"{key}: {text.strip()!r} is not a YAML value ({e.problem})") from e
+
+
+def _set(data: dict, cls: type, key: str, value: Any) -> None:
+    """data[section][...][key] = value, after checking that each part names a field of `cls`."""
+    node, tp, parts = data, cls, key.split(".")
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[: depth + 1])
+        if dataclasses.is_dataclass(tp):
+            names = sorted(f.name for f in dataclasses.fields(tp) if f.init)
+            if part not in names:
+                if where in RENAMED:
+                    raise ConfigError(f"{key}: renamed to {RENAMED[where]}")
+                raise ConfigError(f"{key}: unknown field{' ' + where if where != key else ''} (known: {names})")
+            tp = typing.get_type_hints(tp)[part]
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1] if typing.get_args(tp) else Any
+        else:
+            raise ConfigError(f"{key}: {'.'.join(parts[:depth])} is a value, not a section")
+        if depth == len(parts) - 1:
+            node[part] = value
+        else:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+
+
+def with_overrides(cfg: T, overrides: str | Sequence[str]) -> T:
+    """`cfg` with the override lines applied in order, built and validated again by `from_dict`.
+
+    An overridden ExperimentConfig drops its `validated` note: its figures were for the file.
+    """
+    pairs = [parse_override(line) for line in override_lines(overrides)]
+    if not pairs:
+        return cfg
+    data = to_dict(cfg)
+    for key, value in pairs:
+        _set(data, type(cfg), key, value)
+    if "validated" in data and "validated" not in dict(pairs):
+        data["validated"] = None
+    return from_dict(type(cfg), data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +346,7 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [10, 50, 200])
     split: str = "test"
     batch_size: int = 256
-    max_users: int = 0  # 0 = all
+    max_examples: int = 0  # evaluate the first N examples of the split; 0 = all
     exclude_history: bool = True  # drop the items of the (truncated) history from full ranking
 
     def validate(self) -> None:
@@ -274,6 +372,12 @@ class ExperimentConfig:
                              f"({self.data.max_history})")
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
-    """Read and validate an ExperimentConfig YAML file (ConfigError names the bad field)."""
-    return from_dict(ExperimentConfig, load_yaml(path))
+def load_config(path: str | Path, overrides: str | Sequence[str] = ()) -> ExperimentConfig:
+    """Read and validate an ExperimentConfig YAML file, then apply `section.key=value` override
+    lines (ConfigError names the bad field)."""
+    return with_overrides(from_dict(ExperimentConfig, load_yaml(path)), overrides)
+
+
+def load_config_text(text: str, overrides: str | Sequence[str] = (), *, where: str = "config_yaml") -> ExperimentConfig:
+    """`load_config` for YAML text (a pipeline parameter); `where` names it in errors."""
+    return with_overrides(from_dict(ExperimentConfig, parse_yaml(text, where)), overrides)

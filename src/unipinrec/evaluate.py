@@ -295,7 +295,7 @@ def evaluate_with_predictions(model_dir: str | Path, examples_dir: str | Path, *
     result = evaluate_model_with_predictions(
         loaded.model, loaded.vocab, spec, examples_dir, split=split or ec.split, ks=ec.ks,
         batch_size=ec.batch_size, device=device, progress=progress, exclude_history=ec.exclude_history,
-        max_examples=ec.max_users if max_examples is None else max_examples, popularity=True)
+        max_examples=ec.max_examples if max_examples is None else max_examples, popularity=True)
     summary_path = Path(model_dir) / "train_summary.json"
     metrics = {"model_version": loaded.version, "kind": loaded.kind, "model_dir": str(model_dir),
                "examples": str(examples_dir), "source": ex_meta["source"], **result.metrics,

@@ -5,7 +5,7 @@ step runs the same in kfp's local runner, in a cluster pod, and in a test withou
 returns a JSON-able dict that the component logs as metrics or metadata.
 
 The config is the ExperimentConfig YAML *text* (a pipeline parameter, so a run in a cluster
-does not need the file); the pipeline's size parameters override its `data` section.
+does not need the file); the pipeline's `config_overrides` lines and size parameters override it.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 SOURCES = ("synthetic", "movielens-1m", "movielens-100k", "raw")
 DEPLOY_MODES = ("local", "kubernetes", "none")
@@ -29,35 +30,20 @@ class StepError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # Config
 
-def parse_config(config_yaml: str, *, num_users: int = 0, num_items: int = 0, num_requests_per_user: int = 0,
-                 seed: int = -1, epochs: float = 0.0):
-    """ExperimentConfig from YAML text with the pipeline's overrides (0 / -1 = keep the config's)."""
-    import yaml
+def parse_config(config_yaml: str, *, overrides: str | Sequence[str] = (), num_users: int = 0, num_items: int = 0,
+                 num_requests_per_user: int = 0, seed: int = -1, epochs: float = 0.0):
+    """ExperimentConfig from YAML text, then its `section.key=value` override lines (the pipeline's
+    `config_overrides`), then the pipeline's size/seed/epochs parameters (0 / -1 = keep the config's)."""
+    from .config import load_config_text, override_lines
 
-    from .config import ConfigError, ExperimentConfig, from_dict
-
-    try:
-        data = yaml.safe_load(config_yaml) if config_yaml.strip() else {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config_yaml: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError("config_yaml: the top level must be a mapping")
-    cfg = from_dict(ExperimentConfig, data)
-    sizes = {k: v for k, v in (("num_users", num_users), ("num_items", num_items),
-                               ("num_requests_per_user", num_requests_per_user)) if v > 0}
-    if sizes:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **sizes))
-    train = {}
+    sizes = {"data.synthetic_users": num_users, "data.synthetic_items": num_items,
+             "data.synthetic_requests_per_user": num_requests_per_user}
+    given = [f"{key}={n}" for key, n in sizes.items() if n > 0]
     if seed >= 0:
-        train["seed"] = seed
+        given.append(f"train.seed={seed}")
     if epochs > 0:
-        train["epochs"] = float(epochs)
-        train["max_steps"] = 0
-    if train:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))
-    cfg.data.validate()
-    cfg.train.validate()
-    return cfg
+        given += [f"train.epochs={float(epochs)}", "train.max_steps=0"]
+    return load_config_text(config_yaml, [*override_lines(overrides), *given])
 
 
 def config_yaml_text(cfg) -> str:
@@ -66,6 +52,16 @@ def config_yaml_text(cfg) -> str:
     from .config import to_dict
 
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def with_overrides(config_yaml: str, overrides: str | Sequence[str]) -> str:
+    """The config text with override lines applied and checked (unchanged when there are none):
+    what a component hands to the steps that take config text."""
+    from .config import override_lines
+
+    if not override_lines(overrides):
+        return config_yaml
+    return config_yaml_text(parse_config(config_yaml, overrides=overrides))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,9 +80,9 @@ def ingest(out_dir: str | Path, *, source: str, data_path: str = "", config_yaml
     if source == "synthetic":
         from .data import generate_synthetic
 
-        return generate_synthetic(out, num_users=cfg.data.num_users, num_items=cfg.data.num_items,
-                                  num_requests_per_user=cfg.data.num_requests_per_user,
-                                  slate_size=cfg.data.slate_size, seed=cfg.data.seed, progress=False)
+        return generate_synthetic(out, num_users=cfg.data.synthetic_users, num_items=cfg.data.synthetic_items,
+                                  num_requests_per_user=cfg.data.synthetic_requests_per_user,
+                                  slate_size=cfg.data.slate_size, seed=cfg.data.synthetic_seed, progress=False)
     if not data_path:
         raise StepError(f"data_path: source {source!r} reads its files from data_path, which is empty")
     src = Path(data_path)

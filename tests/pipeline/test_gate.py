@@ -52,8 +52,8 @@ def two_models(tmp_path_factory, tiny_config_text):
 
     root = tmp_path_factory.mktemp("gate")
     cfg = steps.parse_config(tiny_config_text)
-    generate_synthetic(root / "raw", num_users=cfg.data.num_users, num_items=cfg.data.num_items,
-                       num_requests_per_user=cfg.data.num_requests_per_user, seed=cfg.data.seed, progress=False)
+    generate_synthetic(root / "raw", num_users=cfg.data.synthetic_users, num_items=cfg.data.synthetic_items,
+                       num_requests_per_user=cfg.data.synthetic_requests_per_user, seed=cfg.data.synthetic_seed, progress=False)
     build_examples(root / "raw", root / "ex", max_history=cfg.data.max_history, progress=False)
     good = steps.train(root / "ex", root / "good", config_yaml=tiny_config_text, epochs=8)
     bad_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=1))

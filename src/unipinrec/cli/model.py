@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -14,17 +14,17 @@ KIND_HELP = "Model kind: unified (default), retrieval_only (SASRec-style), ranki
 
 def train_cmd(
     config: Path = typer.Option(..., "--config", help="Experiment YAML (configs/*.yaml)."),
+    overrides: List[str] = typer.Option([], "--set", help="Override a config field: section.key=value, "
+                                        "the value YAML (e.g. --set train.lr=2e-3 --set model.dropout=0.1); repeatable."),
     examples: Path = typer.Option(..., "--examples", help="Examples folder from `unipinrec examples build`."),
     out: Path = typer.Option(..., "--out", help="Model folder to write; re-running resumes from its checkpoint."),
     kind: Optional[str] = typer.Option(None, "--kind", help=KIND_HELP),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: the config's)."),
-    epochs: Optional[float] = typer.Option(None, "--epochs", help="Override train.epochs."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Override train.max_steps."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Same as --set train.epochs=E (applied last)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Same as --set train.max_steps=N (applied last)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Train one model in one stage (loss = retrieval + alpha * ranking); CPU, one GPU, or torchrun DDP."""
-    import dataclasses
-
     from ..config import load_config
     from ..model_config import KINDS
 
@@ -37,11 +37,8 @@ def train_cmd(
     if out.exists() and not out.is_dir():
         fail(f"--out: {out} exists and is not a folder")
     with user_errors(ValueError):
-        cfg = load_config(config)
-        overrides = {k: v for k, v in (("epochs", epochs), ("max_steps", max_steps)) if v is not None}
-        if overrides:
-            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
-            cfg.train.validate()
+        shortcuts = [f"train.{k}={v}" for k, v in (("epochs", epochs), ("max_steps", max_steps)) if v is not None]
+        cfg = load_config(config, [*overrides, *shortcuts])
         from ..train import train
 
         summary = train(cfg, examples, out, kind=kind, device=device, progress=progress)
