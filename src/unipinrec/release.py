@@ -42,13 +42,11 @@ def deploy_local(mar: str | Path, model_dir: str | Path, deploy_dir: str | Path,
     into the TorchServe running on that folder, if any."""
     t0 = time.perf_counter()
     record = DeploymentRecord(deploy_dir, model_name=model_name)
-    previous = record.current()
-    prev_v = previous["model_version"] if previous else None
     staged = record.stage(model_dir, mar, feature_repo=feature_repo)
     server = running_server(record.server_dir)
     if server is not None:
         hot_swap(server, model_name, staged.mar.name, staged.model_version, timeout_s=timeout_s)
-    record.commit(staged, target="local", evaluation=evaluation, hot_swapped=server is not None)
+    prev_v = record.commit(staged, target="local", evaluation=evaluation, hot_swapped=server is not None)["previous"]
     msg = (f"deployed {staged.model_version}" + (f" (was {prev_v})" if prev_v else "")
            + (f"; hot-swapped into TorchServe at {server['management']}" if server else "; no TorchServe running"))
     return DeployOutcome(staged.model_version, prev_v, server is not None, server["management"] if server else None,
