@@ -15,10 +15,10 @@ from kfp import dsl
 
 from components import (build_examples, build_features, build_index, deploy, evaluate, gate, ingest, package,
                         stop_run, train, validate_data)
+from unipinrec.kfp_client import PIPELINE_NAME  # the retraining CronJob submits the newest version of this name
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG_FILE = REPO / "configs" / "synthetic.yaml"
-PIPELINE_NAME = "unipinrec"  # the retraining CronJob submits the newest version of this name
 REGISTRY_MOUNT = "/registry"  # the model-registry volume in cluster mode (manifests/base)
 
 

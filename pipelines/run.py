@@ -1,23 +1,21 @@
-"""Compile, run locally, submit and schedule the UniPinRec pipeline (used by `unipinrec pipeline`).
+"""Compile and run locally the UniPinRec pipeline (used by `unipinrec pipeline`).
 
 - `compile_pipeline(out)`: IR YAML the Kubeflow UI accepts (Pipelines > Upload).
 - `run_local(...)`: kfp's SubprocessRunner in the current environment (use_venv=False), with
   kfp's file cache; a concise line per step on the terminal, everything else in a log file.
-- `submit(host, ...)`: one run through `kfp.Client`.
-- `schedule(host, cron, ...)`: upload the pipeline (a new version of pipeline `unipinrec` when
-  it exists), then a recurring run with max concurrency 1 that always uses the latest version.
+
+Submitting and scheduling runs on a KFP server is `unipinrec.kfp_client` (it takes the
+package compiled here).
 """
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import re
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
@@ -192,79 +190,3 @@ def run_local(arguments: dict[str, Any], *, pipeline_root: str | Path, log_file:
                 status, error = "FAILURE", _ANSI.sub("", str(e))
         tee.flush()
     return LocalRun(status, _newest_run_dir(root, before), log_path, time.perf_counter() - t0, tee.steps, error)
-
-
-# ---------------------------------------------------------------------------------------------
-# Kubeflow Pipelines server
-
-def client(host: str, namespace: str | None = None, existing_token: str | None = None):
-    import kfp
-
-    return kfp.Client(host=host, namespace=namespace, existing_token=existing_token)
-
-
-def submit(kfp_client, arguments: dict[str, Any], *, experiment: str = "unipinrec", run_name: str | None = None,
-           package: str | Path | None = None, namespace: str | None = None, enable_caching: bool = True) -> str:
-    """Submit one run of the compiled pipeline; returns the run id."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(package) if package else compile_pipeline(Path(tmp) / "unipinrec_pipeline.yaml", cluster=True)
-        run_name = run_name or f"{PIPELINE_NAME}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-        result = kfp_client.create_run_from_pipeline_package(
-            str(path), arguments=arguments, run_name=run_name, experiment_name=experiment, namespace=namespace,
-            enable_caching=enable_caching)
-    return result.run_id
-
-
-def upload_version(kfp_client, package: str | Path, *, name: str = PIPELINE_NAME,
-                   version: str | None = None) -> tuple[str, str]:
-    """Upload the package as pipeline `name` (first time) or as a new version of it.
-    Returns (pipeline_id, version_id)."""
-    version = version or f"{name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    pipeline_id = kfp_client.get_pipeline_id(name)
-    if pipeline_id is None:
-        p = kfp_client.upload_pipeline(str(package), pipeline_name=name,
-                                       description="UniPinRec: unified retrieval + ranking, retrained on a schedule")
-        pipeline_id = p.pipeline_id
-    v = kfp_client.upload_pipeline_version(str(package), pipeline_version_name=version, pipeline_id=pipeline_id)
-    return pipeline_id, v.pipeline_version_id
-
-
-def recurring_run_body(experiment_id: str, pipeline_id: str, cron: str, arguments: dict[str, Any], *,
-                       job_name: str = "unipinrec-retraining"):
-    """The KFP v2beta1 RecurringRun: cron trigger, max concurrency 1, no catch-up, and a pipeline
-    reference WITHOUT a version id, which the API resolves to the latest version at each run
-    (`kfp.Client.create_recurring_run` insists on a fixed version, hence the body by hand)."""
-    import kfp_server_api as api
-
-    fields = cron.split()
-    if len(fields) not in (5, 6):
-        raise ValueError(f"cron: {cron!r} must have 5 fields (minute hour day month weekday)")
-    kfp_cron = cron if len(fields) == 6 else f"0 {cron}"  # KFP's cron has a leading seconds field
-    return api.V2beta1RecurringRun(
-        experiment_id=experiment_id, display_name=job_name,
-        description="UniPinRec retraining: the latest pipeline version, one run at a time",
-        mode=api.RecurringRunMode.ENABLE,
-        pipeline_version_reference=api.V2beta1PipelineVersionReference(pipeline_id=pipeline_id),
-        runtime_config=api.V2beta1RuntimeConfig(parameters=dict(arguments)),
-        trigger=api.V2beta1Trigger(cron_schedule=api.V2beta1CronSchedule(cron=kfp_cron)),
-        max_concurrency=1, no_catchup=True)
-
-
-def schedule(kfp_client, cron: str, arguments: dict[str, Any], *, experiment: str = "unipinrec",
-             job_name: str = "unipinrec-retraining", package: str | Path | None = None,
-             namespace: str | None = None) -> dict:
-    """Upload the pipeline as a new version of `unipinrec`, then a recurring run on `cron` (UTC)
-    with max concurrency 1 that always runs the latest version."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(package) if package else compile_pipeline(Path(tmp) / "unipinrec_pipeline.yaml", cluster=True)
-        pipeline_id, version_id = upload_version(kfp_client, path)
-    exp = kfp_client.create_experiment(name=experiment, namespace=namespace)
-    body = recurring_run_body(exp.experiment_id, pipeline_id, cron, arguments, job_name=job_name)
-    job = kfp_client._recurring_run_api.recurring_run_service_create_recurring_run(recurring_run=body)
-    return {"recurring_run_id": job.recurring_run_id, "pipeline_id": pipeline_id, "uploaded_version_id": version_id,
-            "cron": body.trigger.cron_schedule.cron, "max_concurrency": body.max_concurrency,
-            "pipeline_version": "latest"}
-
-
-def dump(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=str)

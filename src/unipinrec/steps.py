@@ -238,28 +238,28 @@ def gate(candidate: dict, examples_dir: str | Path, deploy_dir: str | Path, *, m
          tolerance: float = 0.01, force: bool = False) -> dict:
     """Compare the candidate's evaluation with the deployed model's, evaluated here on the same
     examples. A deployed model that cannot be evaluated on them blocks (unless `force`)."""
+    from .deployment_record import DeploymentRecord
     from .evaluate import evaluate as run
-    from .release import DEFAULT_GATE_METRICS, GateDecision, deployed_model, gate as decide, log_event
+    from .gate import GateDecision, gate as decide, parse_metrics
 
-    patterns = tuple(m.strip() for m in metrics.split(",") if m.strip()) or DEFAULT_GATE_METRICS
-    current = deployed_model(deploy_dir) if deploy_dir else None
-    deployed_eval = None
-    if current is not None:
+    record = DeploymentRecord(deploy_dir) if deploy_dir else None
+    current = record.current() if record else None
+    patterns, deployed_eval = parse_metrics(metrics), None
+    if current is None:
+        decision = decide(candidate, None, metrics=patterns, tolerance=tolerance)
+    else:
         try:
             deployed_eval = run(current["model_dir"], examples_dir, progress=False)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             decision = GateDecision(False, f"the deployed model {current.get('model_version')} cannot be evaluated "
                                     f"on these examples ({type(e).__name__}: {e})", candidate.get("model_version"),
                                     current.get("model_version"), tolerance)
-            deployed_eval = None
         else:
             decision = decide(candidate, deployed_eval, metrics=patterns, tolerance=tolerance)
-    else:
-        decision = decide(candidate, None, metrics=patterns, tolerance=tolerance)
     if force and not decision.promote:
         decision.promote, decision.reason = True, f"forced ({decision.reason})"
-    if deploy_dir:
-        log_event(deploy_dir, {"event": "gate", **decision.to_dict()})
+    if record:
+        record.log("gate", **decision.to_dict())
     return {"decision": decision.to_dict(), "text": decision.render_text(), "deployed_evaluation": deployed_eval}
 
 
@@ -300,32 +300,32 @@ def deploy(mar: str | Path, model_dir: str | Path, *, mode: str, deploy_dir: str
            feature_repo: str | Path | None = None, evaluation: dict | None = None, registry_dir: str = "",
            overlay_dir: str = "", timeout_s: float = 600.0) -> dict:
     """local: hot-swap into the local TorchServe (unipinrec.release); kubernetes: publish the
-    archive to the model registry and roll the Deployment out (unipinrec.deploy); none: record."""
-    from .release import deploy_local, log_event
+    archive to the model registry and roll the Deployment out (unipinrec.deploy); none: record.
+    Every mode records what it did in `deploy_dir` (unipinrec.deployment_record) when given."""
+    from .deployment_record import DeploymentRecord, read_model_version
 
     if mode not in DEPLOY_MODES:
         raise StepError(f"deploy_mode: {mode!r} is not one of {', '.join(DEPLOY_MODES)}")
-    version = json.loads((Path(model_dir) / "meta.json").read_text())["model_version"]
+    record = DeploymentRecord(deploy_dir) if deploy_dir else None
     if mode == "local":
+        from .release import deploy_local
+
         if not deploy_dir:
             raise StepError("deploy_dir: the local deployment needs a folder")
         out = deploy_local(mar, model_dir, deploy_dir, feature_repo=feature_repo, evaluation=evaluation,
                            timeout_s=timeout_s)
         return dataclasses.asdict(out)
+    version = read_model_version(model_dir)
     if mode == "none":
-        if deploy_dir:
-            log_event(deploy_dir, {"event": "deploy skipped (deploy_mode none)", "model_version": version})
+        if record:
+            record.log("deploy skipped (deploy_mode none)", model_version=version)
         return {"model_version": version, "message": "deploy_mode none: nothing deployed"}
-    from .deploy import KubernetesApi, deploy_model, publish_model
+    from .deploy import KubernetesApi, release_model
 
     if not registry_dir or not overlay_dir:
         raise StepError("registry_dir and overlay_dir: the kubernetes deployment needs both")
-    publish_model(mar, registry_dir, version)
-    result = deploy_model(overlay_dir, version, KubernetesApi(), timeout_s=timeout_s)
-    if deploy_dir and result.status == "deployed":
-        from .release import deploy_local as record
-
-        record(mar, model_dir, deploy_dir, feature_repo=None, evaluation=evaluation, server_dir="/nonexistent")
+    result = release_model(mar, model_dir, registry_dir, overlay_dir, KubernetesApi(), record=record,
+                           evaluation=evaluation, timeout_s=timeout_s)
     if result.status != "deployed":
         raise StepError(f"kubernetes deploy of {version}: {result.status}: {result.message}")
     return {"model_version": version, "status": result.status, "message": result.message}

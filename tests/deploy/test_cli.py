@@ -1,4 +1,4 @@
-"""`unipinrec deploy | publish-model | submit-retraining` through the real typer app."""
+"""`unipinrec deploy | publish-model | pipeline submit --pipeline-name` through the real typer app."""
 from __future__ import annotations
 
 import shutil
@@ -9,12 +9,13 @@ import yaml
 from typer.testing import CliRunner
 
 import unipinrec.deploy as deploy_pkg
-import unipinrec.deploy.retrain as retrain_mod
+import unipinrec.cli.pipeline as cli_pipeline
+import unipinrec.kfp_client as kfp_client_mod
 from unipinrec.cli import app
 
 from .conftest import MANIFESTS
 from .fake_kube import FakeKube
-from .test_retrain import RecordingClient
+from .test_kfp_client import RecordingClient
 
 runner = CliRunner()
 needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl renders the overlays")
@@ -92,14 +93,16 @@ def test_submit_retraining(monkeypatch):
     client = RecordingClient(experiments={"unipinrec-retraining": "e1"}, pipelines={"unipinrec": ("p1", ["v9"])})
     seen = {}
 
-    def make_client(host, namespace):
+    def make_client(host, namespace, existing_token=None):
         seen.update(host=host, namespace=namespace)
         return client
-    monkeypatch.setattr(retrain_mod, "make_client", make_client)
-    r = invoke("submit-retraining", "--host", "http://ml-pipeline.kubeflow:8888", "--namespace", "team",
-               "--param", "epochs=2")
+    monkeypatch.setattr(kfp_client_mod, "make_client", make_client)
+    # the retraining CronJob's command: the newest uploaded version runs, the image's missing pipelines/ is not needed
+    monkeypatch.setattr(cli_pipeline, "_pipelines", lambda: pytest.fail("submit --pipeline-name imported pipelines/"))
+    r = invoke("pipeline", "submit", "--host", "http://ml-pipeline.kubeflow:8888", "--namespace", "team",
+               "--pipeline-name", "unipinrec", "--experiment", "unipinrec-retraining", "--param", "epochs=2")
     assert r.exit_code == 0 and "submitted run run-1" in r.output, r.output
     assert seen == {"host": "http://ml-pipeline.kubeflow:8888", "namespace": "team"}
     assert client.calls[-1][1]["params"] == {"epochs": 2} and client.calls[-1][1]["version_id"] == "v9"
-    r = invoke("submit-retraining", "--param", "nokey")
+    r = invoke("pipeline", "submit", "--pipeline-name", "unipinrec", "--param", "nokey")
     assert r.exit_code == 1 and "key=value" in r.output

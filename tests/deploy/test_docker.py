@@ -196,10 +196,15 @@ def test_manifest_commands_resolve_inside_their_images():
     cmd = dep["spec"]["template"]["spec"]["containers"][0]["command"]
     assert cmd[0] == "feast" and _in_image("pipeline", cmd[cmd.index("-f") + 1]).is_file()
     assert _in_image("pipeline", cmd[cmd.index("-c") + 1] + "/").is_dir()
-    # the retraining CronJob's command is a registered CLI command
+    # the retraining CronJob's command is a registered CLI command, and its options are that command's
     cron = next(yaml.safe_load_all((REPO / "manifests/retraining/cronjob.yaml").read_text()))
     c = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     from typer.main import get_command
 
     from unipinrec.cli import app
-    assert c["command"][1] in get_command(app).commands
+    command = get_command(app)
+    for word in c["command"][1:]:
+        assert word in command.commands, c["command"]
+        command = command.commands[word]
+    options = {o for p in command.params for o in p.opts}
+    assert {a.split("=", 1)[0] for a in c["args"]} <= options, c["args"]

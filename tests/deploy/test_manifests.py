@@ -166,7 +166,8 @@ def test_retraining_cronjob_submits_a_run_with_a_kfp_scoped_token(rendered):
     cron = objs[("CronJob", "unipinrec-retrain")]
     pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     (c,) = pod["containers"]
-    assert c["command"] == ["unipinrec", "submit-retraining"]
+    assert c["command"] == ["unipinrec", "pipeline", "submit"]
+    assert "--pipeline-name=unipinrec" in c["args"]  # the newest uploaded version: the image has no pipelines/
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     token = next(v for v in pod["volumes"] if v["name"] == "kfp-token")
     assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "pipelines.kubeflow.org"

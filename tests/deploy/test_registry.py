@@ -1,12 +1,14 @@
-"""Model registry: publish (pipeline side) and fetch (the serving pod's init container)."""
+"""Model registry: publish (pipeline side, unipinrec.deploy) and fetch (the serving pod's init
+container, unipinrec.serving.registry)."""
 from __future__ import annotations
 
 import hashlib
 
 import pytest
 
-from unipinrec.deploy import DeployError, fetch_model, publish_model
-from unipinrec.deploy.registry import main as fetch_main
+from unipinrec.deploy import DeployError, publish_model
+from unipinrec.serving.registry import RegistryError, fetch_model
+from unipinrec.serving.registry import main as fetch_main
 from unipinrec.deploy.torchserve_config import parse_properties
 
 
@@ -51,13 +53,13 @@ def test_fetch_copies_and_verifies(tmp_path, mar):
 def test_fetch_refuses_a_tampered_archive(tmp_path, mar):
     root = publish_model(mar, tmp_path / "reg", "v3")
     (root / "model-store" / "unipinrec.mar").write_bytes(b"swapped")
-    with pytest.raises(DeployError, match="does not match the published"):
+    with pytest.raises(RegistryError, match="does not match the published"):
         fetch_model(str(tmp_path / "reg"), "v3", tmp_path / "store")
     assert not (tmp_path / "store" / "unipinrec.mar").exists()
 
 
 def test_fetch_of_an_unpublished_version_names_it(tmp_path):
-    with pytest.raises(DeployError, match="model_version: v9 is not published"):
+    with pytest.raises(RegistryError, match="model_version: v9 is not published"):
         fetch_model(str(tmp_path), "v9", tmp_path / "store")
 
 
@@ -65,6 +67,8 @@ def test_fetch_of_an_unpublished_version_names_it(tmp_path):
 def test_bad_versions_are_refused(tmp_path, mar, bad):
     with pytest.raises(DeployError, match="model_version"):
         publish_model(mar, tmp_path, bad)
+    with pytest.raises(RegistryError, match="model_version"):
+        fetch_model(str(tmp_path), bad, tmp_path / "store")
 
 
 def test_publish_names_a_missing_archive(tmp_path):

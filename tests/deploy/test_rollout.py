@@ -234,3 +234,34 @@ def test_version_annotation_is_what_rollback_restores(objects):
     dep = api.objects[FakeKube._key(DEP)]
     assert result.status == "rolled_back" and result.live_version == "v2"
     assert dep["metadata"]["annotations"][VERSION_ANNOTATION] == "v2" and env_version(api) == ["v2", "v2"]
+
+
+def _model_dir(root: Path, version: str) -> Path:
+    d = root / f"model-{version}"
+    d.mkdir()
+    (d / "meta.json").write_text(json.dumps({"model_version": version}))
+    (root / f"{version}.mar").write_bytes(f"archive {version}".encode())
+    return d
+
+
+def test_release_model_publishes_rolls_out_and_records_only_what_went_live(objects, tmp_path):
+    from unipinrec.deploy import release_model
+    from unipinrec.deployment_record import DeploymentRecord
+
+    api, record, clock = FakeKube(crashing={"v2"}), DeploymentRecord(tmp_path / "deployment"), Clock()
+
+    def release(version):
+        return release_model(tmp_path / f"{version}.mar", _model_dir(tmp_path, version), tmp_path / "registry", None,
+                             api, record=record, evaluation={"model_version": version}, objects=objects,
+                             timeout_s=30, poll_s=2, clock=clock, sleep=clock.sleep)
+
+    assert release("v1").status == "deployed"
+    assert (tmp_path / "registry/unipinrec/v1/model-store/unipinrec.mar").read_bytes() == b"archive v1"
+    current = record.current()
+    assert current["model_version"] == "v1" and current["target"] == "kubernetes" and current["previous"] is None
+    assert Path(current["model_dir"], "meta.json").is_file()  # what the next gate evaluates
+    assert release("v2").status == "rolled_back" and live_version(api) == "v1"
+    assert record.current()["model_version"] == "v1"  # the failed version never became current
+    failed = record.last("deploy failed")
+    assert failed["model_version"] == "v2" and failed["status"] == "rolled_back" and failed["live_version"] == "v1"
+    assert [e["event"] for e in record.history()] == ["deploy", "deploy failed"]

@@ -1,16 +1,12 @@
-"""The pipeline lives in the repository's `pipelines/` and `components/` folders (not in the
-installed package): put the repository root on sys.path for these tests."""
+"""The pipeline lives in the repository's `pipelines/` and `components/` packages (pytest's
+`pythonpath` in pyproject.toml puts this checkout's first)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 
 

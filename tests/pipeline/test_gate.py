@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from unipinrec.release import deployed_model, gate, metric_values
+from unipinrec.deployment_record import DeploymentRecord
+from unipinrec.gate import gate, metric_values
 
 
 def ev(version, hr, aucs):
@@ -115,4 +116,4 @@ def test_gate_promotes_a_better_model(two_models):
     deploy_dir = _deploy(root, "bad", evals["bad"])
     promote, _, html = _run_gate(root, "good", deploy_dir, "retrieval.HR@10")
     assert promote is True and "PROMOTE" in html
-    assert deployed_model(deploy_dir)["model_version"] == evals["bad"]["model_version"]  # the gate deploys nothing
+    assert DeploymentRecord(deploy_dir).current()["model_version"] == evals["bad"]["model_version"]  # the gate deploys nothing

@@ -36,6 +36,7 @@ def archives(tmp_path_factory):
 
 def test_deploy_hot_swaps_without_dropping_requests(archives):
     from unipinrec import release
+    from unipinrec.deployment_record import DeploymentRecord
     from unipinrec.serving.synthetic import random_history
     from unipinrec.serving.torchserve import free_port
 
@@ -75,7 +76,9 @@ def test_deploy_hot_swaps_without_dropping_requests(archives):
             assert set(versions[first_new:]) == {a["v2"][0]}  # once a client sees v2, never v1 again
         server = release.running_server(deploy_dir / "server")
         assert [v["modelVersion"] for v in release.versions(server)] == [a["v2"][0]]
-        assert release.deployed_model(deploy_dir)["model_version"] == a["v2"][0]
+        record = DeploymentRecord(deploy_dir)
+        assert record.current()["model_version"] == a["v2"][0] and record.current()["previous"] == a["v1"][0]
+        assert record.last("deploy")["hot_swapped"] is True
     finally:
         release.stop_deployed(deploy_dir)
     assert release.running_server(deploy_dir / "server") is None

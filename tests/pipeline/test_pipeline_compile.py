@@ -1,5 +1,6 @@
 """The compiled pipeline: valid IR YAML that kfp loads back, naming every component; the
-cluster settings; the recurring-run request; submit/schedule through a stand-in kfp client."""
+cluster settings; the recurring-run request; submit/schedule (unipinrec.kfp_client, and the CLI
+that compiles first) through a stand-in kfp client."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -95,7 +96,7 @@ def test_cluster_variant_mounts_the_registry_and_asks_for_a_gpu(compiled):
 
 
 def test_recurring_run_uses_the_latest_version_one_at_a_time():
-    from pipelines.run import recurring_run_body
+    from unipinrec.kfp_client import recurring_run_body
 
     body = recurring_run_body("exp-1", "pipe-1", "0 3 * * *", {"seed": 1})
     assert body.max_concurrency == 1 and body.no_catchup is True
@@ -115,10 +116,13 @@ class FakeClient:
         self.existing = existing_pipeline
         self._recurring_run_api = SimpleNamespace(recurring_run_service_create_recurring_run=self._create_rr)
 
-    def create_run_from_pipeline_package(self, path, **kw):
-        self.calls.append(("run", path, kw))
-        assert next(yaml.safe_load_all(open(path)))["pipelineInfo"]["name"] == "unipinrec"
+    def run_pipeline(self, experiment_id, job_name, pipeline_package_path=None, **kw):
+        self.calls.append(("run", pipeline_package_path, {"experiment_id": experiment_id, **kw}))
+        assert next(yaml.safe_load_all(open(pipeline_package_path)))["pipelineInfo"]["name"] == "unipinrec"
         return SimpleNamespace(run_id="run-1")
+
+    def get_experiment(self, experiment_name=None, namespace=None):
+        raise ValueError(f"No experiment is found with name {experiment_name}.")
 
     def get_pipeline_id(self, name):
         self.calls.append(("get_pipeline_id", name))
@@ -133,7 +137,8 @@ class FakeClient:
         return SimpleNamespace(pipeline_version_id="ver-2")
 
     def create_experiment(self, name, namespace=None):
-        return SimpleNamespace(experiment_id="exp-1")
+        self.calls.append(("create_experiment", name))
+        return SimpleNamespace(experiment_id=f"exp-{name}")
 
     def _create_rr(self, recurring_run):
         self.calls.append(("recurring_run", recurring_run))
@@ -141,24 +146,41 @@ class FakeClient:
 
 
 def test_submit_and_schedule_through_a_kfp_client(compiled):
-    from pipelines.run import schedule, submit
+    from unipinrec.kfp_client import RunRequest, schedule, submit_run
 
     c = FakeClient()
-    assert submit(c, {"seed": 3}, package=compiled["cluster"]) == "run-1"
-    assert c.calls[0][2]["arguments"] == {"seed": 3} and c.calls[0][2]["experiment_name"] == "unipinrec"
+    assert submit_run(c, RunRequest(package_path=str(compiled["cluster"]), params={"seed": 3})) == "run-1"
+    assert c.calls[-1][2]["params"] == {"seed": 3} and c.calls[-1][2]["experiment_id"] == "exp-unipinrec"
 
     c = FakeClient(existing_pipeline="pipe-old")
-    out = schedule(c, "0 3 * * *", {}, package=compiled["cluster"])
+    out = schedule(c, compiled["cluster"], "0 3 * * *", {})
     kinds = [k[0] for k in c.calls]
-    assert kinds == ["get_pipeline_id", "upload_version", "recurring_run"]  # a new version of the same pipeline
+    assert kinds == ["get_pipeline_id", "upload_version", "create_experiment", "recurring_run"]  # a new version
     rr = c.calls[-1][1]
     assert rr.pipeline_version_reference.pipeline_id == "pipe-old"
     assert rr.pipeline_version_reference.pipeline_version_id is None and rr.max_concurrency == 1
     assert out["recurring_run_id"] == "rr-1" and out["pipeline_version"] == "latest"
 
     c = FakeClient(existing_pipeline=None)
-    schedule(c, "0 3 * * *", {}, package=compiled["cluster"])
+    schedule(c, compiled["cluster"], "0 3 * * *", {})
     assert [k[0] for k in c.calls][:3] == ["get_pipeline_id", "upload_pipeline", "upload_version"]
+
+
+def test_cli_submit_compiles_the_cluster_pipeline_and_submits_it(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import unipinrec.kfp_client as kfp_client
+    from unipinrec.cli import app
+
+    c = FakeClient()
+    monkeypatch.setattr(kfp_client, "make_client", lambda host, namespace=None, existing_token=None: c)
+    r = CliRunner().invoke(app, ["pipeline", "submit", "--host", "http://127.0.0.1:9", "--param", "seed=4",
+                                 "--run-name", "r1"])
+    assert r.exit_code == 0 and "submitted run run-1" in r.output, r.output
+    (_, path, kw), = [call for call in c.calls if call[0] == "run"]  # the package was read during the call
+    assert kw["params"] == {"seed": 4} and kw["enable_caching"] is None
+    r = CliRunner().invoke(app, ["pipeline", "submit", "--package", str(tmp_path / "x.yaml"), "--pipeline-name", "p"])
+    assert r.exit_code == 1 and "not both" in r.output
 
 
 def test_cli_compile_and_bad_options(tmp_path):

@@ -1,9 +1,10 @@
-"""CLI commands: `deploy`, `publish-model`, `submit-retraining`. Thin glue over unipinrec.deploy."""
+"""CLI commands: `deploy`, `publish-model`. Thin glue over unipinrec.deploy (a retraining run is
+`unipinrec pipeline submit`)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
@@ -69,38 +70,13 @@ def publish_model(
     """Publish an archive to the model registry: model-store/unipinrec.mar (+ SHA-256) and the
     KServe config/config.properties under REGISTRY/unipinrec/VERSION/."""
     from ..deploy import DeployError
-    from ..deploy.registry import publish_model as publish
+    from ..deploy import publish_model as publish
 
     with user_errors(DeployError):
         out = publish(mar, registry, model_version)
     typer.echo(f"published {model_version} at {out}")
 
 
-def submit_retraining(
-    host: Optional[str] = typer.Option(None, "--host", help="KFP API, e.g. http://ml-pipeline.kubeflow:8888 (default: kfp's in-cluster default)."),
-    namespace: Optional[str] = typer.Option(None, "--namespace", help="Kubeflow profile namespace (multi-user)."),
-    experiment: str = typer.Option("unipinrec-retraining", "--experiment", help="Experiment (created when missing)."),
-    pipeline_name: Optional[str] = typer.Option(None, "--pipeline-name", help="Run the newest version of this uploaded pipeline."),
-    package: Optional[Path] = typer.Option(None, "--package", help="Or run this compiled pipeline YAML."),
-    param: List[str] = typer.Option([], "--param", help="Pipeline parameter key=value (repeatable; JSON values)."),
-    service_account: Optional[str] = typer.Option(None, "--service-account", help="Runner service account for the run's pods."),
-) -> None:
-    """Submit one pipeline run (the retraining CronJob's command); prints the run id."""
-    from ..deploy import DeployError
-    from ..deploy.retrain import RetrainRequest, make_client, parse_params, submit_run
-
-    if package is not None and not package.is_file():
-        fail(f"--package: {package} is not a file")
-    with user_errors(DeployError):
-        req = RetrainRequest(experiment=experiment, namespace=namespace,
-                             pipeline_name=None if package else (pipeline_name or "unipinrec"),
-                             package_path=str(package) if package else None, params=parse_params(param),
-                             service_account=service_account)
-        run_id = submit_run(make_client(host, namespace), req)
-    typer.echo(f"submitted run {run_id}")
-
-
 def register(app: typer.Typer) -> None:
     app.command("deploy")(deploy)
     app.command("publish-model")(publish_model)
-    app.command("submit-retraining")(submit_retraining)

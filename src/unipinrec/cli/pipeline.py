@@ -1,13 +1,15 @@
 """CLI commands: `unipinrec pipeline compile | run --local | submit | schedule | serve | request`.
 
-The pipeline itself lives in the repository's `pipelines/` and `components/` folders (beside
-`src/`); these commands put the repository on sys.path to import them. kfp is imported inside
-the commands only.
+The pipeline itself lives in the repository's `pipelines/` and `components/` packages (beside
+`src/`, installed with the project by `pip install -e .`); only compile, run and a submit or
+schedule without --package/--pipeline-name import them, so `submit --pipeline-name` (the
+retraining CronJob's command) runs on the project image, which has the library only. Talking
+to KFP is `unipinrec.kfp_client`; kfp is imported inside the commands only.
 """
 from __future__ import annotations
 
 import json
-import sys
+import tempfile
 from pathlib import Path
 from typing import List, Optional
 
@@ -18,19 +20,19 @@ from .common import fail, user_errors
 pipeline_app = typer.Typer(help="The Kubeflow pipeline: compile, run locally, submit, schedule; serve what it deployed.",
                            no_args_is_help=True)
 
-REPO = Path(__file__).resolve().parents[3]
 DEFAULT_ROOT = Path("runs/pipeline")
 DEFAULT_DEPLOY = Path("runs/deploy")
 
 
 def _pipelines():
-    """Import `pipelines.run` from the repository (it is not part of the installed package)."""
-    if not (REPO / "pipelines" / "pipeline.py").exists():
-        fail(f"{REPO / 'pipelines'} not found: the pipeline commands run from a checkout of the repository")
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from pipelines import pipeline, run
-
+    """The repository's `pipelines` package (pipeline definition, compile, local run)."""
+    try:
+        from pipelines import pipeline, run
+    except ModuleNotFoundError as e:
+        if e.name not in ("pipelines", "components"):
+            raise
+        fail(f"{e.name}/ is not installed: the pipeline commands run from a checkout of the repository, "
+             "installed with `pip install -e .` (make setup)")
     return pipeline, run
 
 
@@ -47,19 +49,6 @@ def _config_text(config: Optional[Path]) -> Optional[str]:
     with user_errors(ConfigError):
         parse_config(text)  # a bad config fails here, naming the field, not in the third step
     return text
-
-
-def _params(items: List[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            fail(f"--param: expected NAME=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
-    return out
 
 
 @pipeline_app.command("compile")
@@ -128,7 +117,7 @@ def run_cmd(
         if value < 0:
             fail(f"{option} must be >= 0, got {value}")
     pipeline, run = _pipelines()
-    text = _config_text(config if config is not None else REPO / "pipelines" / "demo.yaml")
+    text = _config_text(config if config is not None else Path(pipeline.__file__).with_name("demo.yaml"))
     args = {"source": source, "data_path": str(data_path.resolve()) if data_path else "",
             "num_users": users, "num_items": items, "num_requests_per_user": requests_per_user, "seed": seed,
             "epochs": float(epochs), "deploy_mode": deploy_mode, "deploy_dir": str(deploy_dir.resolve()),
@@ -149,8 +138,9 @@ def run_cmd(
 
 
 def _summary(result, deploy_dir: Path) -> dict:
-    from ..release import deployed_model
+    from ..deployment_record import DeploymentRecord
 
+    record = DeploymentRecord(deploy_dir)
     s = result.to_dict()
     reports = {}
     for task, output in (("validate-data", "report"), ("build-examples", "report"), ("evaluate", "report"),
@@ -160,19 +150,12 @@ def _summary(result, deploy_dir: Path) -> dict:
             reports[task] = str(p.resolve())
     s["reports"] = reports
     if result.steps.get("gate") and result.steps["gate"].status == "SUCCESS":
-        s["gate"] = _last_gate(deploy_dir)
-    current = deployed_model(deploy_dir)
+        gate = record.last("gate")
+        s["gate"] = {"promote": gate["promote"], "reason": gate["reason"]} if gate else None
+    current = record.current()
     s["deployed"] = {k: current.get(k) for k in ("model_version", "deployed_at", "mar")} if current else None
     s["deploy_dir"] = str(deploy_dir.resolve())
     return s
-
-
-def _last_gate(deploy_dir: Path) -> dict | None:
-    path = deploy_dir / "history.jsonl"
-    if not path.exists():
-        return None
-    gates = [json.loads(line) for line in path.read_text().splitlines() if '"event": "gate"' in line]
-    return {"promote": gates[-1]["promote"], "reason": gates[-1]["reason"]} if gates else None
 
 
 def _print_summary(s: dict) -> None:
@@ -189,7 +172,10 @@ def _print_summary(s: dict) -> None:
 
 def _run_arguments(params: List[str], config: Optional[Path], package: Optional[Path]) -> dict:
     """Pipeline arguments of a submitted or scheduled run, checked before anything is sent."""
-    args = _params(params)
+    from ..kfp_client import KfpError, parse_params
+
+    with user_errors(KfpError):
+        args = parse_params(params)
     text = _config_text(config)
     if text is not None:
         args["config_yaml"] = text
@@ -198,48 +184,70 @@ def _run_arguments(params: List[str], config: Optional[Path], package: Optional[
     return args
 
 
+def _compiled(package: Optional[Path], tmp: str) -> Path:
+    """The given package, or the pipeline compiled now for a cluster."""
+    if package is not None:
+        return package
+    _, run = _pipelines()
+    return run.compile_pipeline(Path(tmp) / "unipinrec_pipeline.yaml", cluster=True)
+
+
+HOST_HELP = "Kubeflow Pipelines API, e.g. http://localhost:8888 or https://kubeflow.example.com/pipeline."
+TOKEN_HELP = "Bearer token (or KFP_TOKEN; in a pod, the token at KF_PIPELINES_SA_TOKEN_PATH)."
+
+
 @pipeline_app.command("submit")
 def submit_cmd(
-    host: str = typer.Option(..., "--host", help="Kubeflow Pipelines API, e.g. http://localhost:8888 or https://kubeflow.example.com/pipeline."),
+    host: Optional[str] = typer.Option(None, "--host", help=HOST_HELP + " Default: kfp's in-cluster default."),
     namespace: Optional[str] = typer.Option(None, "--namespace", help="Kubeflow profile namespace (multi-user)."),
-    experiment: str = typer.Option("unipinrec", "--experiment", help="Experiment to file the run under."),
+    experiment: str = typer.Option("unipinrec", "--experiment", help="Experiment to file the run under (created when missing)."),
     package: Optional[Path] = typer.Option(None, "--package", help="Compiled YAML (default: compile now, target cluster)."),
+    pipeline_name: Optional[str] = typer.Option(None, "--pipeline-name", help="Or run the newest version of this "
+                                                "pipeline uploaded to KFP (what the retraining CronJob does)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Experiment config for this run."),
-    params: List[str] = typer.Option([], "--param", help="Pipeline parameter NAME=VALUE (repeatable)."),
-    run_name: Optional[str] = typer.Option(None, "--run-name", help="Run name (default: unipinrec-<UTC time>)."),
-    token: Optional[str] = typer.Option(None, "--token", envvar="KFP_TOKEN", help="Bearer token (or KFP_TOKEN)."),
+    params: List[str] = typer.Option([], "--param", help="Pipeline parameter key=value (repeatable; JSON values)."),
+    run_name: Optional[str] = typer.Option(None, "--run-name", help="Run name (default: <experiment>-<UTC time>)."),
+    service_account: Optional[str] = typer.Option(None, "--service-account", help="Runner service account for the run's pods."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="KFP_TOKEN", help=TOKEN_HELP),
 ) -> None:
-    """Submit one run to a Kubeflow Pipelines server."""
-    _, run = _pipelines()
+    """Submit one run to a Kubeflow Pipelines server; prints the run id."""
+    from ..kfp_client import RunRequest, make_client, submit_run
+
+    if package is not None and pipeline_name:
+        fail("give --package or --pipeline-name, not both")
     args = _run_arguments(params, config, package)
-    with user_errors(ConnectionError, OSError, ValueError):
-        client = run.client(host, namespace, token)
-        run_id = run.submit(client, args, experiment=experiment, run_name=run_name, package=package,
-                            namespace=namespace)
-    typer.echo(f"submitted run {run_id} to {host} (experiment {experiment})")
+    with tempfile.TemporaryDirectory() as tmp, user_errors(ValueError, ConnectionError, OSError):
+        path = None if pipeline_name else _compiled(package, tmp)
+        req = RunRequest(experiment=experiment, namespace=namespace, pipeline_name=pipeline_name,
+                         package_path=str(path) if path else None, params=args, run_name=run_name,
+                         service_account=service_account)
+        run_id = submit_run(make_client(host, namespace, token), req)
+    typer.echo(f"submitted run {run_id} to {host or 'the in-cluster KFP'} (experiment {experiment})")
 
 
 @pipeline_app.command("schedule")
 def schedule_cmd(
-    host: str = typer.Option(..., "--host", help="Kubeflow Pipelines API URL."),
+    host: Optional[str] = typer.Option(None, "--host", help=HOST_HELP + " Default: kfp's in-cluster default."),
     cron: str = typer.Option("0 3 * * *", "--cron", help="When to retrain, 5-field cron in UTC (default: daily 03:00)."),
     namespace: Optional[str] = typer.Option(None, "--namespace", help="Kubeflow profile namespace (multi-user)."),
     experiment: str = typer.Option("unipinrec", "--experiment", help="Experiment of the recurring runs."),
     job_name: str = typer.Option("unipinrec-retraining", "--name", help="Recurring run name."),
     package: Optional[Path] = typer.Option(None, "--package", help="Compiled YAML to upload as the newest version."),
     config: Optional[Path] = typer.Option(None, "--config", help="Experiment config for the scheduled runs."),
-    params: List[str] = typer.Option([], "--param", help="Pipeline parameter NAME=VALUE (repeatable)."),
-    token: Optional[str] = typer.Option(None, "--token", envvar="KFP_TOKEN", help="Bearer token (or KFP_TOKEN)."),
+    params: List[str] = typer.Option([], "--param", help="Pipeline parameter key=value (repeatable; JSON values)."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="KFP_TOKEN", help=TOKEN_HELP),
 ) -> None:
     """Upload the pipeline as a new version and create a recurring run (max concurrency 1, latest version)."""
-    _, run = _pipelines()
+    from ..kfp_client import KfpError, check_cron, make_client, schedule
+
+    with user_errors(KfpError):
+        check_cron(cron)  # a bad cron fails before anything is compiled or uploaded
     args = _run_arguments(params, config, package)
-    with user_errors(ConnectionError, OSError, ValueError):
-        run.recurring_run_body("x", "x", cron, {})  # a bad cron fails before anything is uploaded
-        client = run.client(host, namespace, token)
-        out = run.schedule(client, cron, args, experiment=experiment, job_name=job_name, package=package,
-                           namespace=namespace)
-    typer.echo(f"scheduled '{job_name}' on {host}: cron '{out['cron']}', max concurrency 1, latest pipeline version")
+    with tempfile.TemporaryDirectory() as tmp, user_errors(ValueError, ConnectionError, OSError):
+        out = schedule(make_client(host, namespace, token), _compiled(package, tmp), cron, args,
+                       experiment=experiment, job_name=job_name, namespace=namespace)
+    typer.echo(f"scheduled '{job_name}' on {host or 'the in-cluster KFP'}: cron '{out['cron']}', max concurrency 1, "
+               "latest pipeline version")
     typer.echo(json.dumps(out))
 
 
@@ -252,6 +260,7 @@ def serve_cmd(
 ) -> None:
     """Start TorchServe on the deployed model (the pipeline's deploy step then hot-swaps new
     versions into it), or stop it."""
+    from ..deployment_record import RecordError
     from ..release import ReleaseError, serve_deployed, stop_deployed
     from ..serving.torchserve import ServeError
 
@@ -260,7 +269,7 @@ def serve_cmd(
         return
     if not 0 < port < 65534:
         fail(f"--port must be a TCP port, got {port}")
-    with user_errors(ReleaseError, ServeError):
+    with user_errors(ReleaseError, RecordError, ServeError):
         info = serve_deployed(deploy_dir, ports=(port, port + 1, port + 2), token_auth=token_auth)
     typer.echo(f"serving {deploy_dir}: POST {info['inference']}/predictions/unipinrec; management {info['management']}")
     typer.echo(f"stop with `unipinrec pipeline serve --stop --deploy-dir {deploy_dir}`")

@@ -4,18 +4,21 @@
     result = deploy_model("manifests/overlays/prod", "3f2a9c1e", KubernetesApi())
     result.status   # "deployed" | "rolled_back" | "failed" | "planned"
 
+    result = release_model(mar, model_dir, "/registry", "manifests/overlays/prod", KubernetesApi(),
+                           record=DeploymentRecord("/registry/deployment"))  # publish, deploy, record
+
 The cluster sits behind the small `KubeApi` protocol (`api.py`); `KubernetesApi` (`kube.py`)
-imports the `kubernetes` client lazily, tests use an in-memory fake. The serving pod's
-pieces live here too: `gateway` (token gateway + TorchServe supervisor), `registry` (publish
-and fetch model versions), `torchserve_config` (the in-cluster config.properties), and
-`retrain` (submit a pipeline run from the retraining CronJob).
+imports the `kubernetes` client lazily, tests use an in-memory fake. `publish` writes model
+versions into the registry (the serving pod fetches them: `unipinrec.serving.registry`),
+`torchserve_config` renders the in-cluster config.properties. The retraining CronJob submits
+its runs through `unipinrec.kfp_client`.
 """
 from __future__ import annotations
 
 from .api import DeployError, HttpReply, KubeApi, Obj, ObjectRef
-from .registry import fetch_model, publish_model
+from .publish import publish_model
 from .render import check_model_version, dump_objects, render, with_model_version
-from .rollout import DeployResult, Plan, SmokeRequest, deploy_model, plan_deploy, rollout_state
+from .rollout import DeployResult, Plan, SmokeRequest, deploy_model, plan_deploy, release_model, rollout_state
 
 
 def KubernetesApi(**kwargs):  # noqa: N802 - a factory that keeps `kubernetes` out of package import
@@ -25,5 +28,5 @@ def KubernetesApi(**kwargs):  # noqa: N802 - a factory that keeps `kubernetes` o
 
 
 __all__ = ["DeployError", "DeployResult", "HttpReply", "KubeApi", "KubernetesApi", "Obj", "ObjectRef", "Plan",
-           "SmokeRequest", "check_model_version", "deploy_model", "dump_objects", "fetch_model", "plan_deploy",
-           "publish_model", "render", "rollout_state", "with_model_version"]
+           "SmokeRequest", "check_model_version", "deploy_model", "dump_objects", "plan_deploy", "publish_model",
+           "release_model", "render", "rollout_state", "with_model_version"]

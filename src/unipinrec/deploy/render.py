@@ -10,7 +10,6 @@ container (the init container fetches that version's archive from the model regi
 from __future__ import annotations
 
 import copy
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Iterable
 
 import yaml
 
+from ..serving import registry
 from .api import DeployError, Obj
 
 TARGET_ANNOTATION = "unipinrec.io/deploy-target"
@@ -27,16 +27,14 @@ TOKEN_SECRET_ANNOTATION = "unipinrec.io/token-secret"
 VERSION_LABEL = "app.kubernetes.io/version"
 VERSION_ENV = "MODEL_VERSION"
 UNSET = "unset"  # the placeholder version in the committed manifests (never deployed)
-# A label value: the version also becomes a pod label, so it obeys the label rules.
-_VERSION_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
 
 
 def check_model_version(version: str) -> str:
-    if not isinstance(version, str) or not _VERSION_RE.match(version):
-        raise DeployError(
-            f"model_version: {version!r} is not a valid version (1-63 characters of letters, digits, "
-            "'-', '_' or '.', starting and ending with a letter or digit)")
-    return version
+    """The registry's version rule (a label value), as a DeployError."""
+    try:
+        return registry.check_model_version(version)
+    except registry.RegistryError as e:
+        raise DeployError(str(e)) from None
 
 
 def kustomize_binary() -> list[str]:

@@ -1,7 +1,8 @@
 """Plan, apply, wait, smoke-test and roll back one model version of the serving Deployment.
 
-`deploy_model` is the deploy step: the CLI (`unipinrec deploy`) and the Kubeflow `deploy`
-component both call it. Decisions, in order:
+`deploy_model` is the rollout: the CLI (`unipinrec deploy`) calls it, and `release_model`, the
+Kubeflow `deploy` step in kubernetes mode, publishes the archive, calls it and records the
+result in the deployment record (`unipinrec.deployment_record`). Decisions, in order:
 
 1. plan: render the overlay, stamp the version, compare with the live objects, and remember
    the live serving pod template (the rollback target) and its model version;
@@ -22,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from ..deployment_record import DeploymentRecord, read_model_version
 from .api import DeployError, KubeApi, Obj, ObjectRef
+from .publish import publish_model
 from .render import (SERVICE_ANNOTATION, TOKEN_SECRET_ANNOTATION, UNSET, VERSION_ANNOTATION, find_target,
                      model_version_of, render, with_model_version)
 
@@ -249,3 +252,20 @@ def deploy_model(overlay_dir: str | Path | None, model_version: str, api: KubeAp
         return result("rolled_back", plan.previous_version, f"{model_version} failed ({why}); {rb}")
     live = model_version_of(api.get(plan.target) or {})
     return result("failed", live, f"{model_version} failed ({why}); {rb}")
+
+
+def release_model(mar: str | Path, model_dir: str | Path, registry_dir: str | Path, overlay_dir: str | Path | None,
+                  api: KubeApi, *, record: DeploymentRecord | None = None, evaluation: dict | None = None,
+                  **deploy_kw) -> DeployResult:
+    """The pipeline's kubernetes deploy: publish the archive to the model registry, roll it out
+    (`deploy_model`, keywords passed on) and, once it is live, make it current in the
+    deployment `record` (the next gate evaluates it); a failed rollout is logged there."""
+    version = read_model_version(model_dir)
+    publish_model(mar, registry_dir, version)
+    result = deploy_model(overlay_dir, version, api, **deploy_kw)
+    if record is not None and result.status == "deployed":
+        record.commit(record.stage(model_dir, mar), target="kubernetes", evaluation=evaluation)
+    elif record is not None:
+        record.log("deploy failed", model_version=version, target="kubernetes", status=result.status,
+                   live_version=result.live_version, message=result.message)
+    return result

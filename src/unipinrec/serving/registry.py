@@ -1,30 +1,42 @@
-"""The model registry layout shared by the TorchServe Deployment and the KServe InferenceService.
+"""The model registry as the serving pod reads it; the layout shared by the TorchServe
+Deployment and the KServe InferenceService:
 
     REGISTRY/unipinrec/<model_version>/model-store/unipinrec.mar
     REGISTRY/unipinrec/<model_version>/model-store/unipinrec.mar.sha256
     REGISTRY/unipinrec/<model_version>/config/config.properties   (KServe's storageUri layout)
 
-`publish_model` writes a version (the pipeline's deploy component, with the registry PVC
-mounted); versions are immutable: publishing different bytes under an existing version is an
-error. `fetch_model` is the serving pod's init container: it copies one version into the pod's
-model store and checks the SHA-256, so a pod never serves a half-written or swapped archive.
-REGISTRY is a directory (a PVC) or, with the matching fsspec filesystem installed, a URL
-(`gs://bucket/models`, `s3://...`).
+`fetch_model` is the serving pod's init container (`python -m unipinrec.serving.registry`): it
+copies one version into the pod's model store and checks the SHA-256, so a pod never serves a
+half-written or swapped archive. The pipeline side writes versions (immutable) with
+`unipinrec.deploy.publish.publish_model`. REGISTRY is a directory (a PVC) or, with the
+matching fsspec filesystem installed, a URL (`gs://bucket/models`, `s3://...`).
+Standard library only: the init container imports nothing else.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from .api import DeployError
-from .render import check_model_version
-from .torchserve_config import MODEL_NAME, torchserve_config
+MODEL_NAME = "unipinrec"  # TorchServe's model name: POST /predictions/unipinrec
+# A label value: the version also becomes a pod label, so it obeys the label rules.
+_VERSION_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
 
-KSERVE_MODEL_STORE = "/mnt/models/model-store"  # where KServe's storage initializer puts storageUri
+
+class RegistryError(ValueError):
+    """A version that is not valid, not published, or not what was published."""
+
+
+def check_model_version(version: str) -> str:
+    if not isinstance(version, str) or not _VERSION_RE.match(version):
+        raise RegistryError(
+            f"model_version: {version!r} is not a valid version (1-63 characters of letters, digits, "
+            "'-', '_' or '.', starting and ending with a letter or digit)")
+    return version
 
 
 def sha256_of(path: Path) -> str:
@@ -40,7 +52,7 @@ def version_dir(registry: str | Path, model_version: str, model_name: str = MODE
     return f"{str(registry).rstrip('/')}/{model_name}/{model_version}"
 
 
-def _atomic_write(dest: Path, write) -> None:
+def atomic_write(dest: Path, write) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
     try:
@@ -52,39 +64,17 @@ def _atomic_write(dest: Path, write) -> None:
         raise
 
 
-def publish_model(mar_path: str | Path, registry_dir: str | Path, model_version: str,
-                  model_name: str = MODEL_NAME) -> Path:
-    """Copy an archive into the registry under `model_version`; returns the version directory."""
-    mar = Path(mar_path)
-    if not mar.is_file():
-        raise DeployError(f"mar_path: {mar} is not a file (build it with `unipinrec package`)")
-    root = Path(version_dir(registry_dir, model_version, model_name))
-    dest = root / "model-store" / f"{model_name}.mar"
-    digest = sha256_of(mar)
-    if dest.exists():
-        if sha256_of(dest) != digest:
-            raise DeployError(f"model_version: {model_version} is already published with a different archive "
-                              f"({dest}); versions are immutable, publish under a new version")
-    else:
-        with open(mar, "rb") as src:
-            _atomic_write(dest, lambda f: shutil.copyfileobj(src, f, 1 << 20))
-    _atomic_write(dest.with_name(dest.name + ".sha256"), lambda f: f.write(f"{digest}  {dest.name}\n".encode()))
-    config = torchserve_config(KSERVE_MODEL_STORE, model_name=model_name)
-    _atomic_write(root / "config" / "config.properties", lambda f: f.write(config.encode()))
-    return root
-
-
 def _open(url: str, mode: str = "rb"):
     if "://" not in url or url.startswith("file://"):
         return open(url.removeprefix("file://"), mode)
     try:
         import fsspec
     except ImportError as e:  # pragma: no cover - fsspec ships with the platform extras
-        raise DeployError(f"registry: {url} needs fsspec and its filesystem package") from e
+        raise RegistryError(f"registry: {url} needs fsspec and its filesystem package") from e
     try:
         return fsspec.open(url, mode).open()
     except (ImportError, ValueError) as e:
-        raise DeployError(f"registry: cannot open {url}: {e} (install the fsspec filesystem for this scheme)") from e
+        raise RegistryError(f"registry: cannot open {url}: {e} (install the fsspec filesystem for this scheme)") from e
 
 
 def fetch_model(registry: str, model_version: str, dest_dir: str | Path, model_name: str = MODEL_NAME) -> Path:
@@ -95,13 +85,13 @@ def fetch_model(registry: str, model_version: str, dest_dir: str | Path, model_n
         with _open(src + ".sha256", "rb") as f:
             expected = f.read().decode().split()[0]
         with _open(src, "rb") as f:
-            _atomic_write(dest, lambda out: shutil.copyfileobj(f, out, 1 << 20))
+            atomic_write(dest, lambda out: shutil.copyfileobj(f, out, 1 << 20))
     except FileNotFoundError as e:
-        raise DeployError(f"model_version: {model_version} is not published in {registry} ({e.filename or src})") from e
+        raise RegistryError(f"model_version: {model_version} is not published in {registry} ({e.filename or src})") from e
     got = sha256_of(dest)
     if got != expected:
         dest.unlink()
-        raise DeployError(f"{src}: SHA-256 {got} does not match the published {expected}")
+        raise RegistryError(f"{src}: SHA-256 {got} does not match the published {expected}")
     return dest
 
 
@@ -109,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     """Init-container entry point: fetch MODEL_VERSION from the registry into the model store."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m unipinrec.deploy.registry",
+    p = argparse.ArgumentParser(prog="python -m unipinrec.serving.registry",
                                 description="Copy one published model version into a TorchServe model store.")
     p.add_argument("--registry", required=True, help="registry directory (PVC mount) or URL")
     p.add_argument("--model-version", required=True)
@@ -117,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         out = fetch_model(args.registry, args.model_version, args.dest)
-    except DeployError as e:
+    except RegistryError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"fetched {out} ({out.stat().st_size} bytes, SHA-256 verified)")

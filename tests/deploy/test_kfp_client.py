@@ -1,4 +1,5 @@
-"""Submitting a retraining run (the CronJob's command) against a recording stand-in for kfp.Client.
+"""unipinrec.kfp_client's submit_run (the CLI's `pipeline submit` and the retraining CronJob's
+command) against a recording stand-in for kfp.Client.
 
 The stand-in mirrors the kfp 2.17 Client methods submit_run uses, with their signatures, and a
 test checks those signatures against the installed kfp so the two cannot drift apart.
@@ -12,8 +13,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from unipinrec.deploy import DeployError
-from unipinrec.deploy.retrain import RetrainRequest, parse_params, submit_run
+from unipinrec.kfp_client import KfpError, RunRequest, parse_params, submit_run
+
+
+def RetrainRequest(**kw) -> RunRequest:  # noqa: N802 - what the CronJob's arguments ask for
+    return RunRequest(**{"experiment": "unipinrec-retraining", "pipeline_name": "unipinrec", **kw})
 
 
 class RecordingClient:
@@ -50,7 +54,7 @@ class RecordingClient:
         self.calls.append(("run_pipeline", dict(experiment_id=experiment_id, job_name=job_name,
                                                pipeline_package_path=pipeline_package_path, params=params,
                                                pipeline_id=pipeline_id, version_id=version_id,
-                                               service_account=service_account)))
+                                               enable_caching=enable_caching, service_account=service_account)))
         return SimpleNamespace(run_id="run-1")
 
 
@@ -73,8 +77,9 @@ def test_runs_the_newest_version_of_the_uploaded_pipeline():
     assert ("list_pipeline_versions", "pipe-1", 1, "created_at desc") in client.calls
     run = [c for c in client.calls if c[0] == "run_pipeline"][0][1]
     assert run["experiment_id"] == "exp-9" and run["pipeline_id"] == "pipe-1" and run["version_id"] == "ver-newest"
-    assert run["job_name"] == "unipinrec-retrain-20260302-030000" and run["params"] == {"epochs": 3}
+    assert run["job_name"] == "unipinrec-retraining-20260302-030000" and run["params"] == {"epochs": 3}
     assert run["pipeline_package_path"] is None
+    assert run["enable_caching"] is None  # each step keeps its own caching setting (gate, deploy: off)
 
 
 def test_creates_the_experiment_when_missing_and_runs_a_package(tmp_path):
@@ -99,19 +104,19 @@ def test_finds_a_pipeline_uploaded_into_the_profile_namespace_or_shared():
 
 
 def test_missing_pipeline_is_a_clear_error():
-    with pytest.raises(DeployError, match="no pipeline named 'unipinrec'"):
+    with pytest.raises(KfpError, match="no pipeline named 'unipinrec'"):
         submit_run(RecordingClient(experiments={"unipinrec-retraining": "e"}), RetrainRequest(), now=NOW)
 
 
 def test_exactly_one_source():
-    with pytest.raises(DeployError, match="exactly one"):
+    with pytest.raises(KfpError, match="exactly one"):
         submit_run(RecordingClient(), RetrainRequest(pipeline_name="a", package_path="b.yaml"))
-    with pytest.raises(DeployError, match="exactly one"):
+    with pytest.raises(KfpError, match="exactly one"):
         submit_run(RecordingClient(), RetrainRequest(pipeline_name=None))
 
 
 def test_params_parse_json_values_and_name_bad_ones():
     assert parse_params(["epochs=3", "lr=0.001", "source=synthetic", "dry=true", "tags=[1,2]"]) == \
         {"epochs": 3, "lr": 0.001, "source": "synthetic", "dry": True, "tags": [1, 2]}
-    with pytest.raises(DeployError, match="param: expected key=value"):
+    with pytest.raises(KfpError, match="param: expected key=value"):
         parse_params(["oops"])
