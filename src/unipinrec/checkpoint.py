@@ -108,8 +108,10 @@ def save_model(directory: str | Path, model: UniPinRec, config: ExperimentConfig
     return version
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu", *, verify: bool = True) -> LoadedModel:
-    """Read a model folder written by `save_model`; the model comes back in eval mode."""
+def load_model(directory: str | Path, device: str | torch.device = "cpu", *, verify: bool = True,
+               model_cls: type[UniPinRec] = UniPinRec) -> LoadedModel:
+    """Read a model folder written by `save_model`; the model comes back in eval mode.
+    `model_cls`: the UniPinRec subclass it was trained as (docs/extending.md)."""
     directory = Path(directory)
     for name in (WEIGHTS, CONFIG, ITEMS, META):
         if not (directory / name).exists():
@@ -123,7 +125,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", *, ver
             raise ValueError(f"{directory}: model_version {meta.get('model_version')} in meta.json does not match "
                              f"the content hash {actual} of the weights and config")
     mcfg: ModelConfig = config.model
-    model = UniPinRec(mcfg)
+    model = model_cls(mcfg)
     state = load_file(str(directory / WEIGHTS), device="cpu")
     model.load_state_dict(state, strict=True)
     model.to(device).eval()

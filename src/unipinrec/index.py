@@ -349,7 +349,7 @@ def _example_queries_and_popularity(loaded, examples_dir: Path, num_queries: int
     test = read_sharded(examples_dir / "test", columns=["request_ts", "history"]).slice(0, num_queries)
     hists, rts = [], []
     for h, r in zip(test.column("history").to_pylist(), test.column("request_ts").to_pylist()):
-        hist = History.from_actions(h)
+        hist = History.from_actions(h, type(loaded.model).actions_type)
         known = hist.take(vocab.lookup(hist.items, unknown=0) > 0)
         if len(known):
             hists.append(known)
@@ -371,8 +371,9 @@ def _example_queries_and_popularity(loaded, examples_dir: Path, num_queries: int
 
 def build_index_for_model(model_dir: str | Path, out_dir: str | Path, *, examples_dir: str | Path | None = None,
                           kind: str = "auto", k: int = 100, target_recall: float = 0.97, num_queries: int = 1000,
-                          seed: int = 0, progress: bool = False) -> BuildReport:
-    """Export a model folder's item vectors and build its index in `out_dir`.
+                          seed: int = 0, progress: bool = False, model_cls=None) -> BuildReport:
+    """Export a model folder's item vectors and build its index in `out_dir` (`model_cls`: the
+    UniPinRec subclass it was trained as, docs/extending.md).
 
     With `examples_dir`, held-out queries are real user vectors (test-split histories) and
     `popularity.npy` (train-split counts, aligned with ids.npy) is written for cold starts;
@@ -381,7 +382,7 @@ def build_index_for_model(model_dir: str | Path, out_dir: str | Path, *, example
 
     from .checkpoint import load_model
 
-    loaded = load_model(model_dir)
+    loaded = load_model(model_dir, **({"model_cls": model_cls} if model_cls else {}))
     if not loaded.model.config.has_retrieval_head:
         raise ValueError(f"{model_dir} is a ranking_only model: it has no retrieval head to index")
     with torch.inference_mode():

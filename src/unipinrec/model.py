@@ -235,6 +235,10 @@ def blended_mask(valid: torch.Tensor, num_slate: int) -> torch.Tensor:
 
 
 class UniPinRec(nn.Module):
+    # the per-action fields it reads; a subclass over an `Actions` subclass embeds the added
+    # fields in `_action_features` (docs/extending.md)
+    actions_type: type = None  # set below: sequences.Actions
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
@@ -512,6 +516,15 @@ def _last_row(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     idx = (lengths - 1).clamp(min=0)
     last = x[torch.arange(x.shape[0], device=x.device), idx]
     return torch.where((lengths > 0)[:, None], last, torch.zeros_like(last))
+
+
+def _default_actions_type() -> type:
+    from .sequences import Actions
+
+    return Actions
+
+
+UniPinRec.actions_type = _default_actions_type()
 
 
 def resolve(cfg: ModelConfig, *, num_items: int, num_actions: int, num_tasks: int, kind: str | None = None,

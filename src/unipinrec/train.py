@@ -128,7 +128,7 @@ def check_examples(config: ExperimentConfig, examples_dir: Path, ex_meta: dict) 
 
 
 def read_examples(config: ExperimentConfig, examples_dir: Path, *, kind: str | None,
-                  device: torch.device) -> tuple[ExperimentConfig, TrainData]:
+                  device: torch.device, actions_type: type | None = None) -> tuple[ExperimentConfig, TrainData]:
     """Check EX/ against the config, fill the model's data-dependent sizes, collate the rows."""
     ex_meta = fmt.read_meta(examples_dir)
     actions = check_examples(config, examples_dir, ex_meta)
@@ -139,9 +139,11 @@ def read_examples(config: ExperimentConfig, examples_dir: Path, *, kind: str | N
                    num_categories=max(1, int(categories.max()) + 1) if categories is not None and len(categories) else 1)
     mcfg.validate()
     tc = config.train
-    rows = load_split(examples_dir, "train", vocab, spec, mcfg.max_history, tc.max_slate)
+    split = lambda name: load_split(examples_dir, name, vocab, spec, mcfg.max_history, tc.max_slate,  # noqa: E731
+                                    actions_type=actions_type)
+    rows = split("train")
     if tc.include_valid:
-        rows = cat_batches([rows, load_split(examples_dir, "valid", vocab, spec, mcfg.max_history, tc.max_slate)])
+        rows = cat_batches([rows, split("valid")])
     data = TrainData(examples_dir=examples_dir, rows=rows.to(device), vocab=vocab, spec=spec, ex_meta=ex_meta,
                      categories=categories)
     return dataclasses.replace(config, model=mcfg), data
@@ -198,7 +200,7 @@ class Trainer:
     and negatives of a step are functions of it, the seed and the rank)."""
 
     def __init__(self, *, config: ExperimentConfig, data: TrainData, out_dir: Path, dist: Dist,
-                 device: torch.device, progress: bool = True):
+                 device: torch.device, progress: bool = True, model_cls: type[UniPinRec] = UniPinRec):
         tc = config.train
         self.config, self.data, self.out_dir, self.dist, self.device = config, data, Path(out_dir), dist, device
         self.progress = progress and dist.main
@@ -206,7 +208,7 @@ class Trainer:
         self.steps_per_epoch = max(1, math.ceil(data.num_rows / self.global_batch))
         self.total_steps = tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(tc.epochs * self.steps_per_epoch))
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
-        model = UniPinRec(config.model)
+        model = model_cls(config.model)
         if data.categories is not None:
             model.set_item_categories(data.categories)  # before the checkpoint: a resume overwrites it with the same
         self.model = model.to(device)
@@ -222,14 +224,16 @@ class Trainer:
 
     @classmethod
     def build(cls, config: ExperimentConfig, examples_dir: str | Path, out_dir: str | Path, *, kind: str | None = None,
-              device: str | None = None, progress: bool | None = None) -> "Trainer":
-        """Processes and device, then the examples checked against the config, then the trainer."""
+              device: str | None = None, progress: bool | None = None,
+              model_cls: type[UniPinRec] = UniPinRec) -> "Trainer":
+        """Processes and device, then the examples checked against the config, then the trainer.
+        `model_cls`: a UniPinRec subclass (e.g. one with more per-action fields, docs/extending.md)."""
         tc = config.train
         dist = init_distributed(device or tc.device)
         dev = pick_device(device or tc.device, dist)
-        config, data = read_examples(config, Path(examples_dir), kind=kind, device=dev)
+        config, data = read_examples(config, Path(examples_dir), kind=kind, device=dev, actions_type=model_cls.actions_type)
         return cls(config=config, data=data, out_dir=Path(out_dir), dist=dist, device=dev,
-                   progress=tc.progress if progress is None else progress)
+                   progress=tc.progress if progress is None else progress, model_cls=model_cls)
 
     def _wrap(self, module: TrainingModule) -> torch.nn.Module:
         if self.dist.world <= 1:
@@ -366,9 +370,10 @@ class Trainer:
 
 
 def train(config: ExperimentConfig, examples_dir: str | Path, out_dir: str | Path, *, kind: str | None = None,
-          device: str | None = None, progress: bool | None = None) -> dict:
+          device: str | None = None, progress: bool | None = None, model_cls: type[UniPinRec] = UniPinRec) -> dict:
     """Train one model; returns the summary written into MODEL/meta.json under "train"."""
-    return Trainer.build(config, examples_dir, out_dir, kind=kind, device=device, progress=progress).fit()
+    return Trainer.build(config, examples_dir, out_dir, kind=kind, device=device, progress=progress,
+                         model_cls=model_cls).fit()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,8 +436,8 @@ def _write_param_digest(model: UniPinRec, out_dir: Path, d: Dist) -> None:
 
 
 def load_split(examples_dir: str | Path, split: str, vocab: ItemVocab, spec: TaskSpec, max_history: int,
-               max_slate: int, batch_rows: int = 65_536) -> TrainBatch:
-    parts = [collate_examples(rb, vocab, spec, max_history, max_slate)
+               max_slate: int, batch_rows: int = 65_536, actions_type: type | None = None) -> TrainBatch:
+    parts = [collate_examples(rb, vocab, spec, max_history, max_slate, actions_type=actions_type or UniPinRec.actions_type)
              for rb in fmt.iter_batches(Path(examples_dir) / split, batch_size=batch_rows) if rb.num_rows]
     if not parts:
         raise ValueError(f"{examples_dir}/{split}: no examples")

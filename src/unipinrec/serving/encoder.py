@@ -14,14 +14,15 @@ from .timing import StageTimer
 
 
 class HistoryEncoder:
-    def __init__(self, device: torch.device, user_cache: UserKVCache):
+    def __init__(self, device: torch.device, user_cache: UserKVCache, actions_type: type[Actions] = Actions):
         self.device = device
         self.user_cache = user_cache
+        self.actions_type = actions_type
 
     def batch(self, preps: Sequence[Resolved], max_history: int, start: Sequence[int] | None = None) -> Actions:
         """Right-padded batch of each prep's last `max_history` actions (from `start[i]` of those)."""
         windows = [p.window(max_history, 0 if start is None else start[i]) for i, p in enumerate(preps)]
-        return Actions.from_histories(windows, [p.request_ts for p in preps], device=self.device)
+        return self.actions_type.from_histories(windows, [p.request_ts for p in preps], device=self.device)
 
     def encode(self, loaded, preps: Sequence[Resolved], timer: StageTimer, stage: str, use_cache: bool):
         """-> (kv_cache of the batch in prep order, cache status per prep)."""

@@ -30,7 +30,7 @@ import torch
 from .encoder import HistoryEncoder
 from .kv_cache import HandleState, HandleStore, UserKVCache
 from .ranking import Ranker
-from .request import Limits, Request, ServingError, parse_request
+from .request import ActionIn, Limits, Request, ServingError, parse_request
 from .resolve import HistoryResolver, Resolved
 from .retrieval import ItemIndex, Popularity, Retriever
 from .store import OnlineStore
@@ -64,10 +64,12 @@ class EngineConfig:
         if self.deadline_ms < 0:
             raise ValueError("deadline_ms must be >= 0 (0 = none)")
 
-    def limits(self, max_history: int) -> Limits:
+    def limits(self, max_history: int, actions_type=None) -> Limits:
+        extra = () if actions_type is None else tuple(
+            rec for rec, _ in actions_type.record_names().values() if rec not in ActionIn.model_fields)
         return Limits(max_k=self.max_k, max_candidates=self.max_candidates,
                       max_history_request=self.max_history_request, max_body_bytes=self.max_body_bytes,
-                      max_rank_candidates=self.max_candidates, keep_history=max_history)
+                      max_rank_candidates=self.max_candidates, keep_history=max_history, extra_action_fields=extra)
 
 
 class Engine:
@@ -87,15 +89,16 @@ class Engine:
         self.share_kv = self.config.share_kv and not self.two_models
         self.vocab = self.ret.vocab
         self.model_version = self.ret.version if not self.two_models else f"{self.ret.version}+{self.rnk.version}"
-        self.limits = self.config.limits(self.ret.model.config.max_history)
+        self.limits = self.config.limits(self.ret.model.config.max_history, type(self.ret.model).actions_type)
         with torch.inference_mode():
             self.item_vectors = self.ret.model.item_vectors().to(self.device)  # (N+1, D)
         self.user_cache = UserKVCache(self.config.kv_cache_bytes, max_entries=self.config.kv_cache_entries,
                                       request_dependent=self.ret.model.config.time_gap == "request")
         self.handles = HandleStore(self.config.handle_bytes, self.config.handle_ttl_s,
                                    max_entries=self.config.handle_entries)
-        self.resolver = HistoryResolver(self.vocab, self.ret.model.config.num_actions, store)
-        self.encoder = HistoryEncoder(self.device, self.user_cache)
+        actions_type = type(self.ret.model).actions_type
+        self.resolver = HistoryResolver(self.vocab, self.ret.model.config.num_actions, store, actions_type)
+        self.encoder = HistoryEncoder(self.device, self.user_cache, actions_type)
         self.retriever = Retriever(index, Popularity(self.vocab.item_ids, popularity))
         self.ranker = Ranker(self.vocab, list(self.rnk.tasks.tasks), self.rnk.tasks.score_weights, self.device)
         self.counts = {"degraded": 0, "isolated_errors": 0}
@@ -134,14 +137,15 @@ class Engine:
     @classmethod
     def from_dirs(cls, model_dir: str | Path, index_dir: str | Path | None = None, *,
                   ranking_dir: str | Path | None = None, config: EngineConfig | None = None,
-                  store: OnlineStore | None = None) -> "Engine":
+                  store: OnlineStore | None = None, model_cls=None) -> "Engine":
         """Load a model folder (+ a ranking model folder for the two-model baseline) and the
-        index built for the retrieval model; the index must carry the model's version."""
+        index built for the retrieval model; the index must carry the model's version.
+        `model_cls`: the UniPinRec subclass the model was trained as (docs/extending.md)."""
         from ..checkpoint import load_model
         from ..index import ItemIndex as FaissIndex
 
         config = config or EngineConfig()
-        retrieval = load_model(model_dir, device=config.device)
+        retrieval = load_model(model_dir, device=config.device, **({"model_cls": model_cls} if model_cls else {}))
         ranking = load_model(ranking_dir, device=config.device) if ranking_dir else None
         if index_dir is None:
             raise ValueError("an index folder is needed (`unipinrec index build`)")

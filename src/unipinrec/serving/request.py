@@ -21,7 +21,9 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, StrictStr, ValidationError,
+                      ValidationInfo, model_validator)
+from pydantic_core import PydanticCustomError
 
 INT64_MAX = 2**63 - 1
 
@@ -39,6 +41,8 @@ class Limits:
     # per-action validation (the dropped part is only counted), so a long body costs its JSON
     # decode and not L-independent validation work; None = keep all
     keep_history: int | None = None
+    # per-action fields the model reads beyond ActionIn's (an `Actions` subclass): integers >= 0
+    extra_action_fields: tuple[str, ...] = ()
 
 
 class ServingError(Exception):
@@ -57,12 +61,25 @@ class ServingError(Exception):
 Int64 = StrictInt  # range-checked below: Field(ge=..., le=INT64_MAX)
 
 
-class ActionIn(BaseModel):  # one per-action field per `sequences.Actions` field, by its record name
-    model_config = ConfigDict(extra="forbid")
+class ActionIn(BaseModel):
+    """One action: the per-action fields of `sequences.Actions` by their record names, plus
+    those a model's `Actions` subclass adds (named in the validation context; integers >= 0)."""
+
+    model_config = ConfigDict(extra="allow")
     item_id: Int64 = Field(ge=0, le=INT64_MAX)
     action: Int64 = Field(ge=0, le=127)
     ts: Int64 = Field(ge=0, le=INT64_MAX)
     surface: Int64 = Field(default=0, ge=0, le=127)
+
+    @model_validator(mode="after")
+    def _extra_fields(self, info: ValidationInfo) -> "ActionIn":
+        allowed = (info.context or {}).get("extra_action_fields", ())
+        for name, value in (self.model_extra or {}).items():
+            if name not in allowed:
+                raise PydanticCustomError("extra_forbidden", "unknown field", {"field": name})
+            if type(value) is not int or not 0 <= value <= INT64_MAX:
+                raise PydanticCustomError("extra_value", "must be an integer in 0..2^63-1", {"field": name})
+        return self
 
 
 class Request(BaseModel):
@@ -147,11 +164,13 @@ def parse_request(body: Any, limits: Limits = Limits()) -> Request:
                                               f"{limits.max_rank_candidates}")
     data, offset = _cut_history(data, limits.keep_history)
     try:
-        req = Request.model_validate(data)
+        req = Request.model_validate(data, context={"extra_action_fields": limits.extra_action_fields})
         req._history_offset = offset
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         loc = tuple(err["loc"])
+        if err["type"] in ("extra_forbidden", "extra_value") and "field" in (err.get("ctx") or {}):
+            loc = (*loc, err["ctx"]["field"])  # raised by ActionIn for one of its extra fields
         if offset and len(loc) > 1 and loc[0] == "history" and isinstance(loc[1], int):
             loc = ("history", loc[1] + offset, *loc[2:])  # name the position the client sent
         msg = err["msg"]

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..sequences import ActionError, History, check_history
+from ..sequences import ActionError, Actions, History, check_history
 from .request import Request, ServingError
 from .store import OnlineStore
 from .timing import StageTimer
@@ -31,10 +31,11 @@ class Resolved:
 
 
 class HistoryResolver:
-    def __init__(self, vocab, num_actions: int, store: OnlineStore | None = None):
+    def __init__(self, vocab, num_actions: int, store: OnlineStore | None = None, actions_type: type[Actions] = Actions):
         self.vocab = vocab
         self.num_actions = num_actions
         self.store = store
+        self.actions_type = actions_type  # the model's per-action fields
 
     def resolve(self, reqs: Sequence[Request], timer: StageTimer) -> list[Resolved | ServingError]:
         need = [i for i, r in enumerate(reqs) if r.history is None]
@@ -49,13 +50,13 @@ class HistoryResolver:
 
     def resolve_one(self, req: Request, from_store: History | None) -> Resolved | ServingError:
         if req.history is not None:
-            h, source = History.from_actions(req.history), "request"
+            h, source = History.from_actions(req.history, self.actions_type), "request"
             try:
                 rows = check_history(h, self.vocab, self.num_actions, offset=req.history_offset)
             except ActionError as e:
                 return ServingError(422, e.field, e.message)
         else:
-            h, source = (from_store if from_store is not None else History.empty()), "store"
+            h, source = (from_store if from_store is not None else History.empty(self.actions_type)), "store"
             h, rows = self._clean(h)
         last_ts = int(h.ts[-1]) if len(h) else 0
         if req.request_ts is None:
