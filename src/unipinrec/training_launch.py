@@ -158,7 +158,7 @@ def _torchrun(cfg, examples_dir, out_dir, procs: int) -> dict:
 
 
 def _trainjob(cfg, examples_dir, out_dir, cluster: ClusterContext, api, echo, wait) -> dict:
-    from .deploy.trainjob import TrainJobSpec, job_name, render_trainjob, run_trainjob
+    from .deploy.trainjob import KFP_RUN_LABEL, RUN_LABEL, TrainJobSpec, job_name, render_trainjob, run_trainjob
 
     tc = cfg.train
     for field, value in (("image", cluster.image), ("registry_dir", cluster.registry_dir),
@@ -178,7 +178,7 @@ def _trainjob(cfg, examples_dir, out_dir, cluster: ClusterContext, api, echo, wa
         cpu=tc.cpu_per_node, memory=tc.memory_per_node, timeout_s=tc.job_timeout_s, runtime=tc.trainjob_runtime,
         env={"UNIPINREC_RUN_ID": cluster.run_id, "UNIPINREC_SEED": str(tc.seed), "HOME": "/tmp", "TMPDIR": "/tmp",
              "MPLCONFIGDIR": "/tmp/matplotlib"},
-        labels={"unipinrec.io/run-id": cluster.run_id, "pipeline/runid": cluster.run_id}, owner=owner)
+        labels={RUN_LABEL: cluster.run_id, KFP_RUN_LABEL: cluster.run_id}, owner=owner)
     outcome = run_trainjob(api, render_trainjob(spec), timeout_s=tc.job_timeout_s, keep=tc.keep_job, echo=echo,
                            **wait)
     if not outcome.ok:  # the work folder stays: a retry of the step resumes from its checkpoint

@@ -24,7 +24,8 @@ def _spec(**kw) -> TrainJobSpec:
                          "--examples", "/registry/trainjobs/j/examples", "--out", "/registry/trainjobs/j/model",
                          "--no-progress"],
                 pvc="unipinrec-model-registry", num_nodes=2, procs_per_node=4, gpus_per_node=4, timeout_s=3600,
-                env={"UNIPINREC_SEED": "7", "UNIPINREC_RUN_ID": RUN_ID}, labels={"unipinrec.io/run-id": RUN_ID},
+                env={"UNIPINREC_SEED": "7", "UNIPINREC_RUN_ID": RUN_ID},
+                labels={"unipinrec.io/run-id": RUN_ID, "pipeline/runid": RUN_ID},
                 owner={"name": "unipinrec-abc-system-container-impl-123", "uid": "0d9e-uid"})
     return TrainJobSpec(**{**base, **kw})
 
@@ -89,6 +90,9 @@ def test_the_trainjob_carries_image_nodes_resources_volume_env_and_owner():
     (rj,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
     pod = rj["template"]["spec"]["template"]["spec"]
     assert rj["name"] == "node" and pod["containers"][0]["name"] == "node"
+    pod_labels = rj["template"]["spec"]["template"]["metadata"]["labels"]
+    assert pod_labels["unipinrec.io/run-id"] == RUN_ID and "pipeline/runid" not in pod_labels  # KFP's pods only
+    assert pod_labels["app.kubernetes.io/component"] == "training"  # what the training NetworkPolicy selects
     assert {"name": "registry", "persistentVolumeClaim": {"claimName": "unipinrec-model-registry"}} in pod["volumes"]
     assert {"name": "registry", "mountPath": "/registry"} in pod["containers"][0]["volumeMounts"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["serviceAccountName"] == "unipinrec-trainer"
@@ -144,8 +148,9 @@ def test_a_job_that_does_not_finish_times_out_cleanly():
     api = FakeKube(trainjob_outcome=None)
     outcome, lines, ref, clock = _run(api, timeout_s=45.0)
     assert outcome.status == "TimedOut" and outcome.reason == "Timeout"
-    assert "not finished within 45 s" in outcome.describe() and "Pending" in outcome.message
-    assert 45.0 <= clock.t < 60.0  # stopped at the first poll past the timeout
+    assert "timed out after 50 s (Timeout: not finished within 45 s" in outcome.describe()
+    assert "Pending" in outcome.message
+    assert clock.t == 50.0  # stopped at the first poll past the timeout
     assert api.get(ref) is None and outcome.deleted
 
 
@@ -222,5 +227,14 @@ def test_the_pinned_runtime_component_validates_and_uses_the_project_image(rende
 
     assert c["name"] == "node" and c["image"] == PROJECT_IMAGE
     assert rt["spec"]["template"]["spec"]["failurePolicy"]["maxRestarts"] >= 1
-    spec = _spec(runtime=f"TrainingRuntime/{rt['metadata']['name']}")
-    assert render_trainjob(spec)["spec"]["runtimeRef"]["kind"] == "TrainingRuntime"
+    job = render_trainjob(_spec(runtime=f"TrainingRuntime/{rt['metadata']['name']}"))
+    assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
+                                         "name": "unipinrec-torch-distributed"}
+    # the NetworkPolicy covers the training pods, from this runtime or from the TrainJob's patch
+    (netpol,) = [o for o in rendered["training/runtime"] if o["kind"] == "NetworkPolicy"]
+    selector = netpol["spec"]["podSelector"]["matchLabels"]
+    (patch_rj,) = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    for labels in (rj["template"]["spec"]["template"]["metadata"]["labels"],
+                   patch_rj["template"]["spec"]["template"]["metadata"]["labels"]):
+        assert selector.items() <= labels.items()
+    assert [p["from"] for p in netpol["spec"]["ingress"]] == [[{"podSelector": {"matchLabels": selector}}]]

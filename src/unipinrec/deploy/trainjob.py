@@ -110,7 +110,8 @@ def _pod_patch(spec: TrainJobSpec, labels: dict[str, str]) -> Obj:
     pod = {"serviceAccountName": spec.service_account, "volumes": volumes, "containers": [container],
            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
                                "seccompProfile": {"type": "RuntimeDefault"}}}
-    job = {"name": NODE, "template": {"spec": {"template": {"metadata": {"labels": labels}, "spec": pod}}}}
+    pod_labels = {k: v for k, v in labels.items() if k != KFP_RUN_LABEL}  # KFP's own pods keep that one
+    job = {"name": NODE, "template": {"spec": {"template": {"metadata": {"labels": pod_labels}, "spec": pod}}}}
     return {"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [job]}}}}
 
 
@@ -156,7 +157,8 @@ class JobOutcome:
 
     def describe(self) -> str:
         why = f"{self.reason}: {self.message}" if self.reason or self.message else "no reason given"
-        return f"TrainJob {self.name} {self.status.lower()} after {self.seconds:.0f} s ({why})"
+        verb = {"Complete": "completed", "Failed": "failed", "TimedOut": "timed out"}[self.status]
+        return f"TrainJob {self.name} {verb} after {self.seconds:.0f} s ({why})"
 
 
 # ---------------------------------------------------------------------------------------------
