@@ -39,9 +39,16 @@ def train(
         registry_dir: Where this step mounts the model-registry PVC (cluster mode).
         registry_pvc: The model-registry PVC the TrainJob's nodes mount.
     """
+    import signal
+    import sys
+    import threading
+
     from unipinrec import steps
     from unipinrec.training_launch import ClusterContext
 
+    # a cancelled run stops this pod with SIGTERM: exit through the launcher's cleanup (the TrainJob is deleted)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cluster = ClusterContext.from_env(image=image, registry_dir=registry_dir, pvc=registry_pvc, run_id=run_id) \
         if registry_dir else None
     summary = steps.train(examples.path, model.path, config_yaml=config_yaml, seed=seed, epochs=epochs,

@@ -238,3 +238,57 @@ def test_the_pinned_runtime_component_validates_and_uses_the_project_image(rende
                    patch_rj["template"]["spec"]["template"]["metadata"]["labels"]):
         assert selector.items() <= labels.items()
     assert [p["from"] for p in netpol["spec"]["ingress"]] == [[{"podSelector": {"matchLabels": selector}}]]
+
+
+def test_a_cancelled_step_still_deletes_its_job():
+    """SIGTERM (a cancelled run) exits through the wait loop: the train component turns it into SystemExit."""
+    api = FakeKube(trainjob_outcome=None)
+
+    def cancelled(_):
+        raise SystemExit(143)
+
+    job = render_trainjob(_spec())
+    with pytest.raises(SystemExit):
+        run_trainjob(api, job, timeout_s=600.0, echo=lambda _: None, sleep=cancelled)
+    assert api.get(ObjectRef.of(job)) is None
+
+
+def test_the_kubernetes_adapter_maps_delete_list_and_logs_to_the_client():
+    """KubernetesJobApi over stand-ins for the dynamic and core clients: foreground delete, a label-selected
+    pod list, timestamped container logs; a container that has not started yet reads as no log."""
+    from types import SimpleNamespace
+
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.dynamic.exceptions import NotFoundError
+
+    from unipinrec.deploy.kube_jobs import KubernetesJobApi
+
+    calls = []
+
+    class Resource:
+        def delete(self, **kw):
+            calls.append(("delete", kw))
+            if kw["name"] == "gone":
+                raise NotFoundError(ApiException(status=404))
+
+        def get(self, **kw):
+            calls.append(("list", kw))
+            return SimpleNamespace(items=[SimpleNamespace(to_dict=lambda: {"metadata": {"name": "p0"}})])
+
+    class Core:
+        def read_namespaced_pod_log(self, name, namespace, **kw):
+            calls.append(("log", name, namespace, kw))
+            if name == "pending":
+                raise ApiException(status=400, reason="container is waiting to start")
+            return "2026-12-01T00:00:01Z step 1"
+
+    api = object.__new__(KubernetesJobApi)
+    api._resource, api._core, api._api_exception = (lambda v, k: Resource()), Core(), ApiException
+    assert api.delete(ObjectRef("trainer.kubeflow.org/v1alpha1", "TrainJob", "j", "ns")) is True
+    assert api.delete(ObjectRef("trainer.kubeflow.org/v1alpha1", "TrainJob", "gone", "ns")) is False
+    assert calls[0] == ("delete", {"name": "j", "namespace": "ns", "propagation_policy": "Foreground"})
+    assert api.list("v1", "Pod", "ns", "a=b") == [{"metadata": {"name": "p0"}}]
+    assert calls[2] == ("list", {"namespace": "ns", "label_selector": "a=b"})
+    assert api.pod_log("ns", "p0", container="node", tail_lines=5) == "2026-12-01T00:00:01Z step 1"
+    assert calls[3] == ("log", "p0", "ns", {"container": "node", "timestamps": True, "tail_lines": 5})
+    assert api.pod_log("ns", "pending", container="node", tail_lines=5) == ""
