@@ -217,10 +217,12 @@ def run_trainjob(api: JobApi, job: Obj, *, timeout_s: float, poll_s: float = 10.
             sleep(poll_s)
     finally:
         deleted = not keep and api.delete(ref)
-    status = state.phase if state.finished else "TimedOut"
-    reason, message = (state.reason, state.message) if state.finished else \
-        ("Timeout", f"not finished within {timeout_s:.0f} s, last state {state}")
-    outcome = JobOutcome(status, ref.name, reason, message, clock() - start, logs.pod, deleted)
+    if state.finished:
+        outcome = JobOutcome("Complete" if state.phase == "Complete" else "Failed", ref.name, state.reason,
+                             state.message, clock() - start, logs.pod, deleted)
+    else:
+        outcome = JobOutcome("TimedOut", ref.name, "Timeout", f"not finished within {timeout_s:.0f} s, last state "
+                             f"{state}", clock() - start, logs.pod, deleted)
     echo(outcome.describe() + ("; deleted" if deleted else "; kept"))
     return outcome
 
