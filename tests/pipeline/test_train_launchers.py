@@ -48,14 +48,15 @@ def _cluster(registry: Path) -> ClusterContext:
 
 @pytest.fixture(scope="module")
 def trained(tiny_examples, tmp_path_factory):
-    """The same config trained by the local launcher and by a 2-node TrainJob on the stand-in."""
+    """The same config trained by each launcher: here, 2 torchrun workers here, a 2-node TrainJob on the stand-in."""
     root = tmp_path_factory.mktemp("launchers")
     local = steps.train(tiny_examples, root / "local", config_yaml=_config())
+    torchrun = steps.train(tiny_examples, root / "torchrun", config_yaml=_config(launcher="torchrun"), num_processes=2)
     executor = LocalTrainJobExecutor({PVC: root / "registry"})
     api = FakeKube(trainjob_executor=executor)
     job = steps.train(tiny_examples, root / "trainjob", config_yaml=_config(seed=7), launcher="trainjob",
                       num_nodes=2, num_processes=1, cluster=_cluster(root / "registry"), api=api)
-    return {"root": root, "local": local, "trainjob": job, "api": api, "executor": executor}
+    return {"root": root, "local": local, "torchrun": torchrun, "trainjob": job, "api": api, "executor": executor}
 
 
 @pytest.mark.slow
@@ -81,11 +82,14 @@ def test_a_two_node_trainjob_gives_a_model_the_evaluate_step_accepts(trained, ti
 
 @pytest.mark.slow
 def test_every_launcher_leaves_the_same_outputs(trained):
-    root, local, job = trained["root"], trained["local"], trained["trainjob"]
-    assert set(job) - set(local) == {"trainjob"} and set(local) <= set(job)
-    assert local["launcher"] == "local" and local["num_processes"] == 1
-    files = {n: {p.name for p in (root / n).iterdir() if not p.name.startswith("ddp_rank")} for n in ("local", "trainjob")}
-    assert files["local"] == files["trainjob"] and {"model.safetensors", "meta.json", "config.yaml"} <= files["local"]
+    root, local, torchrun, job = trained["root"], trained["local"], trained["torchrun"], trained["trainjob"]
+    assert set(job) - set(local) == {"trainjob"} and set(torchrun) == set(local)
+    assert (local["launcher"], local["num_processes"]) == ("local", 1)
+    assert (torchrun["launcher"], torchrun["num_processes"], torchrun["world_size"]) == ("torchrun", 2, 2)
+    files = {n: {p.name for p in (root / n).iterdir() if not p.name.startswith("ddp_rank")}
+             for n in ("local", "torchrun", "trainjob")}
+    assert files["local"] == files["torchrun"] == files["trainjob"]
+    assert {"model.safetensors", "meta.json", "config.yaml", "checkpoint"} <= files["local"]
 
 
 def test_a_failed_trainjob_fails_the_step_with_its_reason_and_keeps_the_checkpoint_folder(tiny_examples, tmp_path):
