@@ -37,8 +37,11 @@ def _default_config() -> str:
 
 
 def make_pipeline(*, cluster: bool = False, registry_pvc: str = "unipinrec-model-registry", gpus: int = 0,
-                  default_config: "str | None" = None):
-    """The pipeline function. Parameters of the returned function are the run's parameters."""
+                  default_config: "str | None" = None, image: "str | None" = None):
+    """The pipeline function. Parameters of the returned function are the run's parameters.
+    `image` is the project image every step runs on; a TrainJob's nodes run it too."""
+    from components._image import PROJECT_IMAGE
+
     config_default = _default_config() if default_config is None else default_config
 
     @dsl.pipeline(name=PIPELINE_NAME,
@@ -55,7 +58,10 @@ def make_pipeline(*, cluster: bool = False, registry_pvc: str = "unipinrec-model
         num_requests_per_user: int = 0,
         seed: int = -1,
         epochs: float = 0.0,
-        num_processes: int = 1,
+        num_processes: int = 0,
+        launcher: str = "",
+        num_nodes: int = 0,
+        keep_train_job: bool = False,
         feature_env: str = "cluster" if cluster else "local",
         gate_metrics: str = "retrieval.HR@10,ranking.*.auc",
         gate_tolerance: float = 0.01,
@@ -75,7 +81,10 @@ def make_pipeline(*, cluster: bool = False, registry_pvc: str = "unipinrec-model
             ex = build_examples(raw=raw.outputs["raw"], feature_repo=feats.outputs["feature_repo"],
                                 **cfg, feature_env=feature_env)
             model = train(examples=ex.outputs["examples"], **cfg, seed=seed, epochs=epochs,
-                          num_processes=num_processes)
+                          num_processes=num_processes, launcher=launcher, num_nodes=num_nodes,
+                          keep_job=keep_train_job, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                          image=image or PROJECT_IMAGE, registry_dir=REGISTRY_MOUNT if cluster else "",
+                          registry_pvc=registry_pvc if cluster else "")
             ev = evaluate(model=model.outputs["model"], examples=ex.outputs["examples"])
             decision = gate(evaluation=ev.outputs["evaluation"], examples=ex.outputs["examples"],
                             deploy_dir=deploy_dir, metrics=gate_metrics, tolerance=gate_tolerance,
@@ -102,8 +111,12 @@ def make_pipeline(*, cluster: bool = False, registry_pvc: str = "unipinrec-model
         if cluster:
             from kfp import kubernetes
 
-            for task in (feats, ex, decision, release):
+            for task in (feats, ex, model, decision, release):
                 kubernetes.mount_pvc(task, pvc_name=registry_pvc, mount_path=REGISTRY_MOUNT)
+            # launcher trainjob: the TrainJob is owned by this pod and created in its namespace
+            for env, path in (("UNIPINREC_POD_NAME", "metadata.name"), ("UNIPINREC_POD_UID", "metadata.uid"),
+                              ("UNIPINREC_NAMESPACE", "metadata.namespace")):
+                kubernetes.use_field_path_as_env(model, env_name=env, field_path=path)
             for task in (feats, ex):
                 task.set_env_variable("FEAST_REGISTRY_PATH", f"{REGISTRY_MOUNT}/feast/registry.db")
                 kubernetes.use_secret_as_env(task, secret_name="feast-redis",

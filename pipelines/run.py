@@ -36,7 +36,8 @@ def compile_pipeline(out: str | Path, *, cluster: bool = False, image: str | Non
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    func = make_pipeline(cluster=cluster, gpus=gpus, registry_pvc=registry_pvc, default_config=config_yaml)
+    func = make_pipeline(cluster=cluster, gpus=gpus, registry_pvc=registry_pvc, default_config=config_yaml,
+                         image=image)
     compiler.Compiler().compile(func, str(out))
     if image and image != PROJECT_IMAGE:
         text = out.read_text()

@@ -34,6 +34,11 @@ def ml100k_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def trainer_dir() -> Path:
+    return _require(SHARED / "kubeflow-trainer" / "trainer.kubeflow.org_trainjobs.yaml", "Kubeflow Trainer CRD test data").parent
+
+
+@pytest.fixture(scope="session")
 def kserve_crd() -> Path:
     return _require(SHARED / "kserve" / "serving.kserve.io_inferenceservices.yaml", "KServe CRD test data")
 

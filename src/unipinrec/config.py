@@ -320,8 +320,22 @@ class TrainConfig:
     bf16: bool = True  # autocast on CUDA
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True
+    # Where training runs (unipinrec.training_launch): local (this process) | torchrun (DDP workers
+    # in this pod) | trainjob (a Kubeflow Trainer TrainJob across num_nodes pods; docs/pipeline.md).
+    launcher: str = "local"
+    num_nodes: int = 1  # trainjob only
+    procs_per_node: int = 0  # 0 = one per GPU, else 1
+    gpus_per_node: int = 0
+    cpu_per_node: str = "4"  # trainjob: requests = limits per node
+    memory_per_node: str = "16Gi"
+    job_timeout_s: float = 86400.0  # trainjob: the step's wait, and the job's activeDeadlineSeconds
+    keep_job: bool = False  # trainjob: keep the TrainJob and its PVC work folder after the step
+    trainjob_runtime: str = "ClusterTrainingRuntime/torch-distributed"  # KIND/NAME of the runtimeRef
 
     def validate(self) -> None:
+        from .training_launch import validate_launch
+
+        validate_launch(self)
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ValueError("one of epochs or max_steps must be positive")
         for name in ("batch_size", "log_every", "checkpoint_every", "max_slate"):

@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -171,31 +169,20 @@ def build_examples(raw_dir: str | Path, repo_dir: str | Path, out_dir: str | Pat
 # Model
 
 def train(examples_dir: str | Path, out_dir: str | Path, *, config_yaml: str, seed: int = -1, epochs: float = 0.0,
-          num_processes: int = 1) -> dict:
-    """Train one model. num_processes > 1 runs DDP workers in this pod with torchrun (one per GPU,
-    or gloo on CPU); a multi-node job is a Kubeflow Trainer job (docs/pipeline.md)."""
-    cfg = parse_config(config_yaml, seed=seed, epochs=epochs)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
-    if num_processes <= 1:
-        from .train import train as run
+          num_processes: int = 0, launcher: str = "", num_nodes: int = 0, keep_job: bool = False,
+          cluster=None, api=None) -> dict:
+    """Train one model with the config's launcher (or the `launcher` given): local, torchrun (DDP
+    workers in this pod) or trainjob (a Kubeflow Trainer TrainJob; `cluster` is its
+    training_launch.ClusterContext). num_processes / num_nodes: per node / nodes, 0 keeps the config's."""
+    from .training_launch import LaunchError, launch, with_overrides
 
-        return run(cfg, examples_dir, out_dir, progress=False)
-    if num_processes > 64:
-        raise StepError(f"num_processes: {num_processes} is more than one pod should run")
-    exe = Path(sys.executable).parent / "unipinrec"
-    if not exe.exists():
-        raise StepError(f"{exe} not found: the `unipinrec` command must be installed beside {sys.executable}")
-    with tempfile.TemporaryDirectory(prefix="unipinrec-cfg-") as tmp:
-        cfg_file = Path(tmp) / "config.yaml"
-        cfg_file.write_text(config_yaml_text(cfg))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={num_processes}",
-               str(exe), "train", "--config", str(cfg_file), "--examples", str(examples_dir), "--out", str(out_dir),
-               "--no-progress"]
-        res = subprocess.run(cmd)
-        if res.returncode != 0:
-            raise StepError(f"distributed training failed (exit {res.returncode}): {' '.join(cmd)}")
-    meta = json.loads((Path(out_dir) / "meta.json").read_text())
-    return {**(meta.get("train") or {}), "model_version": meta["model_version"], "num_processes": num_processes}
+    cfg = parse_config(config_yaml, seed=seed, epochs=epochs)
+    tc = with_overrides(dataclasses.replace(cfg.train, progress=False), launcher=launcher, num_nodes=num_nodes,
+                        num_processes=num_processes, keep_job=keep_job)
+    try:
+        return launch(dataclasses.replace(cfg, train=tc), examples_dir, out_dir, cluster=cluster, api=api)
+    except LaunchError as e:
+        raise StepError(str(e)) from e
 
 
 def evaluate(model_dir: str | Path, examples_dir: str | Path, out_dir: str | Path) -> dict:

@@ -11,7 +11,7 @@ import yaml
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "manifests"
 # Every kustomization in the project; a test checks this list is complete.
-KUSTOMIZATIONS = ["base", "feast", "retraining", "rbac", "kserve",
+KUSTOMIZATIONS = ["base", "feast", "retraining", "rbac", "kserve", "training", "training/runtime",
                   "overlays/dev", "overlays/prod", "overlays/dev/admin", "overlays/prod/admin"]
 
 
@@ -31,7 +31,7 @@ def rendered() -> dict[str, list[dict]]:
 
 
 def pod_specs(obj: dict) -> list[dict]:
-    """The pod spec(s) inside a workload object (Deployment, StatefulSet, Job, CronJob)."""
+    """The pod spec(s) inside a workload object (Deployment, StatefulSet, Job, CronJob, a Trainer runtime)."""
     kind, spec = obj["kind"], obj.get("spec", {})
     if kind in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"):
         return [spec["template"]["spec"]]
@@ -39,6 +39,8 @@ def pod_specs(obj: dict) -> list[dict]:
         return [spec["jobTemplate"]["spec"]["template"]["spec"]]
     if kind == "Pod":
         return [spec]
+    if kind in ("TrainingRuntime", "ClusterTrainingRuntime"):
+        return [rj["template"]["spec"]["template"]["spec"] for rj in spec["template"]["spec"]["replicatedJobs"]]
     return []
 
 

@@ -11,7 +11,7 @@ from kubernetes_validate import utils as kv
 from .conftest import KUSTOMIZATIONS, MANIFESTS
 
 K8S = "1.30.0"
-CRD_KINDS = {"InferenceService", "ServingRuntime"}
+CRD_KINDS = {"InferenceService", "ServingRuntime", "TrainingRuntime"}
 
 
 def test_every_kustomization_is_rendered():

@@ -63,7 +63,7 @@ def test_every_container_has_requests_and_limits(rendered):
 def test_long_running_containers_have_probes(rendered):
     checked = 0
     for name, obj, role, c, _ in _workload_containers(rendered):
-        if role == "init" or obj["kind"] in ("Job", "CronJob"):
+        if role == "init" or obj["kind"] in ("Job", "CronJob", "TrainingRuntime"):
             continue  # run to completion: no probes
         assert "readinessProbe" in c and "livenessProbe" in c, _where(name, obj, c)
         checked += 1

@@ -87,7 +87,7 @@ def test_cluster_variant_mounts_the_registry_and_asks_for_a_gpu(compiled):
     assert len(docs) == 2  # the pipeline spec and the kubernetes platform spec
     platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     mounted = {n for n, e in platform.items() if e.get("pvcMount")}
-    assert mounted == {"exec-build-features", "exec-build-examples", "exec-gate", "exec-deploy"}
+    assert mounted == {"exec-build-features", "exec-build-examples", "exec-train", "exec-gate", "exec-deploy"}
     train = docs[0]["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
     assert train["accelerator"]["resourceCount"] == "1"
     root = docs[0]["root"]["inputDefinitions"]["parameters"]
