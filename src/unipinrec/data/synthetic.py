@@ -35,20 +35,13 @@ BASE_TS = 1_700_000_000  # 2023-11-14; request times are seconds after this
 SURFACE_FEED, SURFACE_ORGANIC = 0, 1
 CLICK, SAVE, SHARE, HIDE = SYNTHETIC.ids(("click", "save", "share", "hide"))
 
-ORACLE_SCHEMA = pa.schema(
-    [
-        pa.field("user_id", pa.int64(), nullable=False),
-        pa.field("request_id", pa.int64(), nullable=False),
-        pa.field("request_ts", pa.int64(), nullable=False),
-        pa.field("item_id", pa.int64(), nullable=False),
-        pa.field("position", pa.int16(), nullable=False),
-        pa.field("relevance", pa.float32(), nullable=False),  # position-free utility (a logit)
-        pa.field("p_engaged", pa.float32(), nullable=False),  # click, save or share; position included
-        pa.field("p_saved", pa.float32(), nullable=False),
-        pa.field("p_shared", pa.float32(), nullable=False),
-        pa.field("p_hidden", pa.float32(), nullable=False),
-    ]
-)
+ORACLE_SCHEMA = pa.schema([pa.field(name, type_, nullable=False) for name, type_ in (
+    ("user_id", pa.int64()), ("request_id", pa.int64()), ("request_ts", pa.int64()), ("item_id", pa.int64()),
+    ("position", pa.int16()),
+    ("relevance", pa.float32()),  # position-free utility (a logit)
+    ("p_engaged", pa.float32()),  # click, save or share; position included
+    ("p_saved", pa.float32()), ("p_shared", pa.float32()), ("p_hidden", pa.float32()),
+)])
 
 ITEMS_SCHEMA = pa.schema(list(fmt.ITEMS_SCHEMA) + [pa.field("popularity", pa.float32(), nullable=False)])
 
@@ -160,12 +153,25 @@ class _Catalog:
         )
 
 
-def _chunk(cfg: SyntheticConfig, cat: _Catalog, chunk_index: int, first_user: int, num_users: int,
-           first_request: int) -> tuple[pa.Table, pa.Table, int]:
-    """Events and oracle rows of users [first_user, first_user + num_users)."""
-    rng = np.random.default_rng([cfg.seed, chunk_index])
-    T, K, S = cfg.topics, min(cfg.interests_per_user, max(1, cfg.topics - 1)), cfg.slate_size
+@dataclass
+class _Requests:
+    """The users of a chunk and their requests: times, drifting interest weights."""
 
+    user_topics: np.ndarray  # (U, K+1) topic ids
+    user_bias: np.ndarray  # (U,)
+    req_user: np.ndarray  # (R,) user of each request
+    req_first: np.ndarray  # (U,) index of each user's first request
+    req_ts: np.ndarray  # (R,)
+    w_req: np.ndarray  # (R, K+1) interest weights at each request
+    w_cum: np.ndarray  # (R, K+1) their cumulative sums
+
+    @property
+    def num(self) -> int:
+        return len(self.req_user)
+
+
+def _requests(cfg: SyntheticConfig, rng: np.random.Generator, num_users: int, K: int) -> _Requests:
+    T = cfg.topics
     # users: K+1 distinct topics; interests start on the first K and drift to the last K
     user_topics = np.argsort(rng.random((num_users, T)), axis=1)[:, : K + 1]
     w_start = np.zeros((num_users, K + 1))
@@ -174,7 +180,6 @@ def _chunk(cfg: SyntheticConfig, cat: _Catalog, chunk_index: int, first_user: in
     w_end[:, 1:] = rng.dirichlet(np.ones(K), num_users)
     user_bias = rng.normal(0.0, 0.3, num_users)
     n_req = 3 + rng.poisson(cfg.num_requests_per_user - 3, num_users)
-
     # requests: per-user times, drift fraction, current interest weights
     R = int(n_req.sum())
     req_user = np.repeat(np.arange(num_users), n_req)
@@ -188,36 +193,38 @@ def _chunk(cfg: SyntheticConfig, cat: _Catalog, chunk_index: int, first_user: in
     w_req = (1 - frac)[:, None] * w_start[req_user] + frac[:, None] * w_end[req_user]
     w_cum = np.cumsum(w_req, axis=1)
     w_cum[:, -1] = 1.0 + 1e-9
+    return _Requests(user_topics, user_bias, req_user, req_first, req_ts, w_req, w_cum)
 
-    def interest_items(rows: np.ndarray, u_slot: np.ndarray, u_item: np.ndarray) -> np.ndarray:
-        """Items of the users' current interests: a topic from the mixture, then by popularity."""
-        topics = user_topics[req_user[rows]]
-        if u_slot.ndim == 2:  # (requests, candidates)
-            slot = np.minimum((u_slot[:, :, None] > w_cum[rows][:, None, :]).sum(-1), K)
-            topic = np.take_along_axis(topics, slot, axis=1)
-        else:
-            slot = np.minimum((u_slot[:, None] > w_cum[rows]).sum(-1), K)
-            topic = topics[np.arange(len(rows)), slot]
-        return cat.in_topic(topic, u_item)
 
-    # slates: 3S candidates per request, duplicates dropped, the first S kept (random order);
-    # a slate is shorter than S only when 3S draws hold fewer than S distinct items (rare)
+def _interest_items(q: _Requests, cat: _Catalog, K: int, rows: np.ndarray, u_slot: np.ndarray,
+                    u_item: np.ndarray) -> np.ndarray:
+    """Items of the users' current interests: a topic from the mixture, then by popularity."""
+    topics = q.user_topics[q.req_user[rows]]
+    if u_slot.ndim == 2:  # (requests, candidates)
+        slot = np.minimum((u_slot[:, :, None] > q.w_cum[rows][:, None, :]).sum(-1), K)
+        topic = np.take_along_axis(topics, slot, axis=1)
+    else:
+        slot = np.minimum((u_slot[:, None] > q.w_cum[rows]).sum(-1), K)
+        topic = topics[np.arange(len(rows)), slot]
+    return cat.in_topic(topic, u_item)
+
+
+def _slates(cfg: SyntheticConfig, rng: np.random.Generator, q: _Requests, cat: _Catalog, K: int):
+    """-> (request of each impression, item, position): 3S candidates per request, duplicates
+    dropped, the first S kept (random order); a slate is shorter than S only when 3S draws hold
+    fewer than S distinct items (rare)."""
+    S, R = cfg.slate_size, q.num
     M = 3 * S
-    rows = np.arange(R)
     relevant = rng.random((R, M)) < cfg.relevant_share
-    cand = np.where(
-        relevant,
-        interest_items(rows, rng.random((R, M)), rng.random((R, M))),
-        cat.popular(rng.random((R, M))),
-    )
+    cand = np.where(relevant, _interest_items(q, cat, K, np.arange(R), rng.random((R, M)), rng.random((R, M))),
+                    cat.popular(rng.random((R, M))))
     order = np.argsort(cand, axis=1, kind="stable")
     sorted_c = np.take_along_axis(cand, order, axis=1)
     first = np.ones_like(cand, dtype=bool)
     first[:, 1:] = sorted_c[:, 1:] != sorted_c[:, :-1]
     keep = np.empty_like(first)
     np.put_along_axis(keep, order, first, axis=1)
-    rank = np.cumsum(keep, axis=1)
-    keep &= rank <= S
+    keep &= np.cumsum(keep, axis=1) <= S
     imp_req, _ = np.nonzero(keep)
     # random order within the slate, so position is independent of relevance (the dedup above
     # drops repeats of interest items more often, which would otherwise push them to the front)
@@ -225,12 +232,16 @@ def _chunk(cfg: SyntheticConfig, cat: _Catalog, chunk_index: int, first_user: in
     imp_item = cand[keep][shuffle]
     slate_len = np.bincount(imp_req, minlength=R)
     imp_pos = (np.arange(len(imp_req)) - np.repeat(np.cumsum(slate_len) - slate_len, slate_len)).astype(np.int16)
+    return imp_req, imp_item, imp_pos
 
-    # utility and the action probabilities
-    u_of = req_user[imp_req]
-    match = user_topics[u_of] == cat.topic[imp_item][:, None]
-    affinity = (match * w_req[imp_req]).sum(1)
-    relevance = -2.5 + 4.0 * affinity + 0.3 * cat.popz[imp_item] + cat.quality[imp_item] + user_bias[u_of]
+
+def _responses(cfg: SyntheticConfig, rng: np.random.Generator, q: _Requests, cat: _Catalog, imp_req, imp_item,
+               imp_pos) -> dict[str, np.ndarray]:
+    """Utility, the action probabilities and the drawn action of each impression."""
+    u_of = q.req_user[imp_req]
+    match = q.user_topics[u_of] == cat.topic[imp_item][:, None]
+    affinity = (match * q.w_req[imp_req]).sum(1)
+    relevance = -2.5 + 4.0 * affinity + 0.3 * cat.popz[imp_item] + cat.quality[imp_item] + q.user_bias[u_of]
     examined = (1.0 + imp_pos) ** -cfg.position_decay
     appeal = _sigmoid(relevance)
     p_engaged = examined * appeal
@@ -243,52 +254,61 @@ def _chunk(cfg: SyntheticConfig, cat: _Catalog, chunk_index: int, first_user: in
     action[u < p_hidden + p_saved + p_shared] = SHARE
     action[u < p_hidden + p_saved] = SAVE
     action[u < p_hidden] = HIDE
+    return {"relevance": relevance, "p_engaged": p_engaged, "p_saved": p_saved, "p_shared": p_shared,
+            "p_hidden": p_hidden, "action": action}
 
-    # organic actions: Poisson(organic_rate) in the gap before each request but the first
-    n_org = rng.poisson(cfg.organic_rate, R)
-    n_org[req_first] = 0
-    org_req = np.repeat(rows, n_org)
-    gap = req_ts[org_req] - req_ts[org_req - 1] if len(org_req) else np.zeros(0, np.int64)
-    org_ts = req_ts[org_req] - gap + 1 + (rng.random(len(org_req)) * (gap - 1)).astype(np.int64)
-    org_item = interest_items(org_req, rng.random(len(org_req)), rng.random(len(org_req)))
+
+def _organic(cfg: SyntheticConfig, rng: np.random.Generator, q: _Requests, cat: _Catalog, K: int):
+    """Organic actions: Poisson(organic_rate) in the gap before each request but the first.
+    -> (request they precede, ts, item, action)."""
+    n_org = rng.poisson(cfg.organic_rate, q.num)
+    n_org[q.req_first] = 0
+    org_req = np.repeat(np.arange(q.num), n_org)
+    gap = q.req_ts[org_req] - q.req_ts[org_req - 1] if len(org_req) else np.zeros(0, np.int64)
+    org_ts = q.req_ts[org_req] - gap + 1 + (rng.random(len(org_req)) * (gap - 1)).astype(np.int64)
+    org_item = _interest_items(q, cat, K, org_req, rng.random(len(org_req)), rng.random(len(org_req)))
     org_action = np.where(rng.random(len(org_req)) < 0.2, SAVE, CLICK).astype(np.int8)
+    return org_req, org_ts, org_item, org_action
 
+
+def _events_table(q: _Requests, first_user: int, first_request: int, imp_req, imp_item, imp_pos, action,
+                  organic) -> pa.Table:
+    org_req, org_ts, org_item, org_action = organic
     n_imp, n_o = len(imp_item), len(org_req)
-    user_id = first_user + 1 + np.concatenate([u_of, req_user[org_req]]).astype(np.int64)
-    ts = np.concatenate([req_ts[imp_req], org_ts])
+    user_id = first_user + 1 + np.concatenate([q.req_user[imp_req], q.req_user[org_req]]).astype(np.int64)
+    ts = np.concatenate([q.req_ts[imp_req], org_ts])
     position = np.concatenate([imp_pos, np.full(n_o, -1, np.int16)])
     srt = np.lexsort((position, ts, user_id))
     is_org = (np.arange(n_imp + n_o) >= n_imp)[srt]
     request_id = np.concatenate([first_request + 1 + imp_req, np.zeros(n_o, np.int64)])[srt]
-    events = pa.table(
-        {
-            "user_id": user_id[srt],
-            "item_id": np.concatenate([imp_item, org_item]).astype(np.int64)[srt] + 1,
-            "action": np.concatenate([action, org_action])[srt],
-            "ts": ts[srt],
-            "surface": np.where(is_org, SURFACE_ORGANIC, SURFACE_FEED).astype(np.int8),
-            "request_id": pa.array(request_id, pa.int64(), mask=is_org),
-            "position": pa.array(position[srt], pa.int16(), mask=is_org),
-        },
-        schema=fmt.EVENTS_SCHEMA,
-    )
-    f32 = np.float32
-    oracle = pa.table(  # impressions are already in (user, ts, position) order
-        {
-            "user_id": first_user + 1 + u_of.astype(np.int64),
-            "request_id": first_request + 1 + imp_req.astype(np.int64),
-            "request_ts": req_ts[imp_req],
-            "item_id": imp_item.astype(np.int64) + 1,
-            "position": imp_pos,
-            "relevance": relevance.astype(f32),
-            "p_engaged": p_engaged.astype(f32),
-            "p_saved": p_saved.astype(f32),
-            "p_shared": p_shared.astype(f32),
-            "p_hidden": p_hidden.astype(f32),
-        },
-        schema=ORACLE_SCHEMA,
-    )
-    return events, oracle, R
+    return pa.table({
+        "user_id": user_id[srt],
+        "item_id": np.concatenate([imp_item, org_item]).astype(np.int64)[srt] + 1,
+        "action": np.concatenate([action, org_action])[srt],
+        "ts": ts[srt],
+        "surface": np.where(is_org, SURFACE_ORGANIC, SURFACE_FEED).astype(np.int8),
+        "request_id": pa.array(request_id, pa.int64(), mask=is_org),
+        "position": pa.array(position[srt], pa.int16(), mask=is_org),
+    }, schema=fmt.EVENTS_SCHEMA)
+
+
+def _chunk(cfg: SyntheticConfig, cat: _Catalog, chunk_index: int, first_user: int, num_users: int,
+           first_request: int) -> tuple[pa.Table, pa.Table, int]:
+    """Events and oracle rows of users [first_user, first_user + num_users)."""
+    rng = np.random.default_rng([cfg.seed, chunk_index])
+    K = min(cfg.interests_per_user, max(1, cfg.topics - 1))
+    q = _requests(cfg, rng, num_users, K)
+    imp_req, imp_item, imp_pos = _slates(cfg, rng, q, cat, K)
+    resp = _responses(cfg, rng, q, cat, imp_req, imp_item, imp_pos)
+    events = _events_table(q, first_user, first_request, imp_req, imp_item, imp_pos, resp["action"],
+                           _organic(cfg, rng, q, cat, K))
+    oracle = pa.table({  # impressions are already in (user, ts, position) order
+        "user_id": first_user + 1 + q.req_user[imp_req].astype(np.int64),
+        "request_id": first_request + 1 + imp_req.astype(np.int64),
+        "request_ts": q.req_ts[imp_req], "item_id": imp_item.astype(np.int64) + 1, "position": imp_pos,
+        **{name: resp[name].astype(np.float32) for name in ("relevance", "p_engaged", "p_saved", "p_shared", "p_hidden")},
+    }, schema=ORACLE_SCHEMA)
+    return events, oracle, q.num
 
 
 def generate_synthetic(out_dir: str | Path, config: SyntheticConfig | None = None, *, progress: bool = True,
