@@ -144,23 +144,7 @@ def build_index(
     k = min(k, n)
     factory = factory or factory_string(kind, n, d)
     t0 = time.perf_counter()
-    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        rng = np.random.default_rng(seed)
-        sample = vectors[rng.choice(n, size=min(n, 100_000), replace=False)]
-        index.train(sample)
-    step = 100_000
-    bar = None
-    if progress and n > step:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n, desc=f"index add ({factory})", unit="vec")
-    for s in range(0, n, step):
-        index.add(vectors[s : s + step])
-        if bar is not None:
-            bar.update(min(step, n - s))
-    if bar is not None:
-        bar.close()
+    index = _filled_index(faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT), vectors, seed, progress, factory)
     build_s = time.perf_counter() - t0
 
     if queries is None:
@@ -174,7 +158,43 @@ def build_index(
     t = time.perf_counter()
     _, eval_truth = exact.search(eval_q, k)
     exact_ms = (time.perf_counter() - t) * 1000 / len(eval_q)
+    params, tuning = _tune(index, kind, factory, tune_q, tune_truth, k, target_recall)
 
+    t = time.perf_counter()
+    _, got = index.search(eval_q, k)
+    query_ms = (time.perf_counter() - t) * 1000 / len(eval_q)
+    recall = recall_at_k(got, eval_truth)
+    report = BuildReport(kind, factory, params, n, d, k, round(recall, 4), round(query_ms, 4),
+                         round(exact_ms, 4), round(build_s, 2), tuning)
+    item_index = ItemIndex(index, item_ids, model_version, meta=_meta(report, model_version))
+    if out_dir is not None:
+        item_index.save(out_dir)
+    return item_index, report
+
+
+def _filled_index(index, vectors: np.ndarray, seed: int, progress: bool, factory: str):
+    """Train the faiss index on a sample (when it needs training) and add every vector."""
+    n = len(vectors)
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        index.train(vectors[rng.choice(n, size=min(n, 100_000), replace=False)])
+    step = 100_000
+    bar = None
+    if progress and n > step:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, desc=f"index add ({factory})", unit="vec")
+    for s in range(0, n, step):
+        index.add(vectors[s : s + step])
+        if bar is not None:
+            bar.update(min(step, n - s))
+    if bar is not None:
+        bar.close()
+    return index
+
+
+def _tune(index, kind: str, factory: str, tune_q, tune_truth, k: int, target_recall: float) -> tuple[dict, list]:
+    """The smallest search parameter of the kind's ladder that reaches `target_recall`."""
     params: dict = {}
     tuning: list = []
     if kind == "ivfpq":
@@ -192,17 +212,7 @@ def build_index(
             params[name] = value
             if r >= target_recall:
                 break
-
-    t = time.perf_counter()
-    _, got = index.search(eval_q, k)
-    query_ms = (time.perf_counter() - t) * 1000 / len(eval_q)
-    recall = recall_at_k(got, eval_truth)
-    report = BuildReport(kind, factory, params, n, d, k, round(recall, 4), round(query_ms, 4),
-                         round(exact_ms, 4), round(build_s, 2), tuning)
-    item_index = ItemIndex(index, item_ids, model_version, meta=_meta(report, model_version))
-    if out_dir is not None:
-        item_index.save(out_dir)
-    return item_index, report
+    return params, tuning
 
 
 def _meta(report: BuildReport, model_version: str) -> dict:

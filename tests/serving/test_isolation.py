@@ -90,7 +90,8 @@ def test_long_histories_are_cut_to_L_before_validation(engine):
     assert parse_s < 5.0  # generous: only the last L actions are validated
 
 
-def test_deadline_degrades_to_the_retrieval_order(engine, monkeypatch):
+def test_deadline_degrades_to_the_retrieval_order(tiny, monkeypatch):
+    engine = Engine.from_dirs(tiny.unified, tiny.unified_index)  # its own ranking-time estimate
     real = engine.ranker.rank
 
     def slow(*args, **kw):  # a deliberately slow ranking stage
