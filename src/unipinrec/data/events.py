@@ -106,7 +106,7 @@ def _read(path: Path) -> pa.Table:
 
 
 def _show(values) -> str:
-    values = list(values)
+    values = [v.item() if isinstance(v, np.generic) else v for v in values]
     shown = ", ".join(repr(v) for v in values[:_SHOW])
     return shown + (f" ... ({len(values)} in all)" if len(values) > _SHOW else "")
 
@@ -175,10 +175,18 @@ class _File:
             return pc.cast(pc.cast(c, pa.timestamp("s"), safe=False), pa.int64()).to_numpy()
         if pa.types.is_integer(c.type):
             return c.to_numpy().astype(np.int64) // TS_UNITS[unit]
-        if not (pa.types.is_floating(c.type) or pa.types.is_string(c.type) or pa.types.is_large_string(c.type)):
+        if pa.types.is_floating(c.type):
+            x = self._numbers(c, col, "ts", "is not numeric (seconds since the epoch, or a timestamp)", integral=False)
+            return np.floor(x / TS_UNITS[unit]).astype(np.int64)
+        if not (pa.types.is_string(c.type) or pa.types.is_large_string(c.type)):
             raise self.error(col, "ts", f"must be numeric (seconds since the epoch) or a timestamp, got {c.type}")
-        x = self._numbers(c, col, "ts", "is not numeric (seconds since the epoch, or a timestamp)", integral=False)
-        return np.floor(x / TS_UNITS[unit]).astype(np.int64)
+        text = c.to_numpy(zero_copy_only=False)  # numbers in `unit`, or ISO timestamps (a CSV column of both)
+        x = np.array([_ts_seconds(t, TS_UNITS[unit]) for t in text], np.float64)
+        bad = np.isnan(x)
+        if bad.any():
+            raise self.error(col, "ts", f"is not numeric (seconds since the epoch) or a timestamp; found "
+                             f"{_show(text[bad])} ({_rows(bad)})")
+        return x.astype(np.int64)
 
     def coded(self, col: str, role: str, codes: dict[str, int], what: str, *, ids: int | None = None) -> np.ndarray:
         """Values mapped through `codes` (name -> id); integer columns are ids when no mapping
@@ -194,8 +202,20 @@ class _File:
         known = np.array([u in codes for u in uniq])
         if not known.all():
             bad = ~known[inv]
-            raise self.error(col, role, f"has values that are not {what}: {_show(uniq[~known])} ({_rows(bad)})")
+            raise self.error(col, role, f"has values that are {'neither' if ' nor ' in what else 'not'} {what}: "
+                             f"{_show(uniq[~known])} ({_rows(bad)})")
         return np.array([codes[u] for u in uniq], np.int64)[inv]
+
+
+def _ts_seconds(text: str, per_second: int) -> float:
+    """Seconds of a number in 1/per_second units or an ISO timestamp (UTC); NaN when neither."""
+    x = _number(text, integral=False)
+    if not np.isnan(x):
+        return float(np.floor(x / per_second))
+    try:
+        return float(np.datetime64(text.strip().rstrip("Z").replace(" ", "T"), "s").astype(np.int64))
+    except ValueError:
+        return float("nan")
 
 
 def _number(text: str | None, integral: bool) -> float:
@@ -250,7 +270,7 @@ def _events_of(f: _File, m: EventsMapping, vocab: ActionVocab, item_ids: np.ndar
     if unknown.any():
         raise f.error(e.item, "item", f"has ids missing from {items_name}: {_show(np.unique(item[unknown]))} "
                       f"({_rows(unknown)})")
-    what = f"actions of the vocabulary {list(vocab.names)}" + (" or values mapped under actions:" if m.actions else "")
+    what = f"actions of the vocabulary {list(vocab.names)}" + (" nor mapped under `actions`" if m.actions else "")
     action = f.coded(e.action, "action", _action_codes(m, vocab), what, ids=None if m.actions else vocab.size)
     ts = f.ts(e.ts, m.ts_unit)
     req_col, pos_col = _optional(f, e.request_id, "request_id"), _optional(f, e.position, "position")
@@ -333,6 +353,7 @@ def read_events(path: str | Path, mapping: EventsMapping, vocab: ActionVocab) ->
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"events: folder {root} not found")
+    _action_codes(mapping, vocab)  # the mapping is checked before any file is read
     items_path = _files(root, mapping.items_file, ("items.csv", "items.csv.gz", "items.parquet"), "items")[0]
     items = _items_of(_File(items_path, _read(items_path)), mapping.items)
     item_ids = items.column("item_id").to_numpy()
