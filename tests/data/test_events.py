@@ -120,7 +120,7 @@ MALFORMED = [
     ("null user", _replace(2, "11,", ",", ), ["events.csv", "column 'visitor_id' (user)", "1 null values",
                                               "data rows 2"]),
     ("unknown action name", _replace(5, "clicked", "liked"), ["events.csv", "column 'event_type' (action)", "'liked'",
-                                                               "not actions of the vocabulary"]),
+                                                               "neither actions of the vocabulary"]),
     ("non-numeric ts", _replace(1, "2026-03-02 21:04:00", "yesterday"), ["events.csv", "column 'event_time' (ts)",
                                                                           "not numeric", "'yesterday'"]),
     ("duplicate event", lambda ls: ls + [ls[7]], ["events.csv", "1 duplicate events", "user 11, item 106"]),
