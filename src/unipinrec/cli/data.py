@@ -145,6 +145,10 @@ def build(
     chunk_events: int = typer.Option(500_000, "--chunk-events", help="Events per streamed chunk (bounds memory)."),
     history_impressions: bool = typer.Option(False, "--history-impressions/--no-history-impressions",
                                              help="Keep earlier impressions (shown, not engaged) in the history."),
+    layout: str = typer.Option("examples", "--layout", help="examples: one UnifiedExample per row; sequences: each "
+                               "user's actions stored once (bucketed by user hash) + request rows, histories cut "
+                               "when read (docs/data.md)."),
+    buckets: int = typer.Option(16, "--buckets", help="sequences layout: number of user-hash buckets."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Build UnifiedExamples (history + slate per request) with train/valid/test splits."""
@@ -157,12 +161,17 @@ def build(
     _positive("--max-history", max_history)
     _positive("--slate-size", slate_size)
     _positive("--chunk-events", chunk_events)
+    _positive("--buckets", buckets)
+    if layout not in ("examples", "sequences"):
+        fail(f"--layout must be examples or sequences, got '{layout}'")
     with user_errors(ValueError):
         meta = build_examples(raw, _out_dir("--out", out), max_history=max_history, slate_size=slate_size,
-                              chunk_events=chunk_events, progress=progress, history_impressions=history_impressions)
+                              chunk_events=chunk_events, progress=progress, history_impressions=history_impressions,
+                              layout=layout, buckets=buckets)
     s = meta["splits"]
+    where = f"; {meta['sequence_rows']:,} sequence rows in {buckets} buckets" if layout == "sequences" else ""
     typer.echo(f"wrote {out}: train {s['train']:,}, valid {s['valid']:,}, test {s['test']:,} examples "
-               f"(L={meta['max_history']}, S={meta['slate_size']})")
+               f"(L={meta['max_history']}, S={meta['slate_size']}{where})")
 
 
 @examples_app.command("stats")
