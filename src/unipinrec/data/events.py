@@ -6,8 +6,8 @@ mismatch raises FormatError naming the file, the column and a few offending valu
 anything is written; the RAW folder is written to a temporary folder beside the output, checked
 with the `events` data contract, and renamed into place only when everything passed.
 
-The events are held in memory to be checked and sorted (about 300 bytes per event at the peak,
-measured on 1M events; docs/data.md).
+Events are read a file at a time and spilled into user-id ranges that are checked and sorted
+one at a time, so memory follows the largest file or range (`partition_rows`), not the export.
 """
 from __future__ import annotations
 
@@ -94,11 +94,17 @@ def _files(root: Path, pattern: str, defaults: tuple[str, ...], what: str) -> li
                             f"CSV or Parquet)")
 
 
-def _read(path: Path) -> pa.Table:
+def _read(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """The file's table (only `columns`, when given and all present)."""
     try:
         if path.name.endswith(".parquet"):
-            return pq.read_table(path)
-        return pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(strings_can_be_null=True))
+            if columns and not set(columns) <= set(pq.read_schema(path).names):
+                columns = None  # read it all: the error names the missing column and the file's columns
+            return pq.read_table(path, columns=columns)
+        opts = pcsv.ConvertOptions(strings_can_be_null=True)
+        if columns and set(columns) <= set(pcsv.open_csv(path).schema.names):
+            opts.include_columns = columns
+        return pcsv.read_csv(path, convert_options=opts)
     except pa.ArrowInvalid as e:
         if "Empty CSV file" in str(e):
             return pa.table({})
@@ -349,34 +355,90 @@ def _check_tasks(tasks, vocab: ActionVocab) -> None:
             raise fmt.FormatError(f"config {where}: '{a}' is not an action of the vocabulary {list(vocab.names)}")
 
 
-def read_events(path: str | Path, mapping: EventsMapping, vocab: ActionVocab) -> tuple[pa.Table, pa.Table, dict]:
-    """(events, items, info) in the RAW schemas, checked; FormatError names the file and column."""
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"events: folder {root} not found")
-    _action_codes(mapping, vocab)  # the mapping is checked before any file is read
-    items_path = _files(root, mapping.items_file, ("items.csv", "items.csv.gz", "items.parquet"), "items")[0]
-    items = _items_of(_File(items_path, _read(items_path)), mapping.items)
-    item_ids = items.column("item_id").to_numpy()
-    paths = _files(root, mapping.events_files, ("events/*", "events.csv", "events.csv.gz", "events.parquet"), "events")
-    parts, files = [], []
-    for i, p in enumerate(paths):
-        f = _File(p, _read(p))
-        if f.table.num_rows:
-            parts.append(_events_of(f, mapping, vocab, item_ids, items_path.name))
-            files.append(np.full(f.table.num_rows, i))
-    names = [str(p.relative_to(root)) for p in paths]
-    if not parts:
-        raise fmt.FormatError(f"{', '.join(names)}: no event rows (the file{'s are' if len(names) > 1 else ' is'} empty)")
-    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    file_of = np.concatenate(files)
-    _check_duplicates(cols, file_of, names, vocab)
-    _check_requests(cols, file_of, names)
-    info = {"files": names, "items_file": items_path.name,
-            "num_requests": int(len(np.unique(cols["request_id"][cols["request_id"] >= 0])))}
-    if info["num_requests"]:  # the builder's default slate size: the whole slate
-        info["config"] = {"slate_size": int(cols["position"].max()) + 1}
-    return _events_table(cols), items, info
+class _Export:
+    """The files of an export, the mapping that reads them and the checked item table.
+
+    Events are read one file at a time, checked, and spilled into user-id ranges of about
+    `partition_rows` events; each range is then checked across files (duplicates, requests),
+    sorted and written, so memory follows the largest file or range, not the export."""
+
+    def __init__(self, path: str | Path, mapping: EventsMapping, vocab: ActionVocab):
+        self.root, self.mapping, self.vocab = Path(path), mapping, vocab
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"events: folder {self.root} not found")
+        _action_codes(mapping, vocab)  # the mapping is checked before any file is read
+        items_path = _files(self.root, mapping.items_file, ("items.csv", "items.csv.gz", "items.parquet"), "items")[0]
+        self.items = _items_of(_File(items_path, _read(items_path)), mapping.items)
+        self.items_name = items_path.name
+        self.paths = _files(self.root, mapping.events_files,
+                            ("events/*", "events.csv", "events.csv.gz", "events.parquet"), "events")
+        self.names = [str(p.relative_to(self.root)) for p in self.paths]
+
+    def _edges(self, partition_rows: int) -> np.ndarray:
+        """User-id range bounds of the partitions (first pass: the user column only)."""
+        lows, highs, rows = [], [], 0
+        for p in self.paths:
+            f = _File(p, _read(p, [self.mapping.events.user]))
+            if f.table.num_rows:
+                user = f.ints(self.mapping.events.user, "user")
+                lows.append(int(user.min()))
+                highs.append(int(user.max()))
+                rows += len(user)
+        if not rows:
+            many = len(self.names) > 1
+            raise fmt.FormatError(f"{', '.join(self.names)}: no event rows (the file{'s are' if many else ' is'} empty)")
+        n = max(1, -(-rows // partition_rows))
+        lo, span = min(lows), max(highs) + 1 - min(lows)
+        return np.array([lo + span * k // n for k in range(1, n)], np.int64)  # inner bounds: n ranges
+
+    def _spill(self, spill: Path, edges: np.ndarray) -> None:
+        item_ids = self.items.column("item_id").to_numpy()
+        for i, p in enumerate(self.paths):
+            f = _File(p, _read(p))
+            if not f.table.num_rows:
+                continue
+            cols = _events_of(f, self.mapping, self.vocab, item_ids, self.items_name)
+            cols["file"], cols["row"] = np.full(f.table.num_rows, i), np.arange(f.table.num_rows)
+            part = np.searchsorted(edges, cols["user_id"], side="right")
+            order = np.argsort(part, kind="stable")
+            bounds = np.searchsorted(part[order], np.arange(len(edges) + 2))
+            for k in np.flatnonzero(np.diff(bounds)):
+                sel = order[bounds[k]:bounds[k + 1]]
+                (spill / f"p{k:05d}").mkdir(parents=True, exist_ok=True)
+                pq.write_table(pa.table({c: v[sel] for c, v in cols.items()}), spill / f"p{k:05d}" / f"f{i:05d}.parquet")
+
+    def write_events(self, events_dir: Path, spill: Path, *, partition_rows: int, rows_per_shard: int) -> dict:
+        """Check, sort and write every event to events_dir; returns the counts for meta.json."""
+        edges = self._edges(partition_rows)
+        self._spill(spill, edges)
+        stats = {"num_events": 0, "num_users": 0, "num_requests": 0, "partitions": len(edges) + 1}
+        max_position = -1
+        with fmt.ShardedWriter(events_dir, fmt.EVENTS_SCHEMA, rows_per_shard) as w:
+            for d in sorted(spill.iterdir()):
+                t = pa.concat_tables([pq.read_table(p) for p in sorted(d.iterdir())])
+                cols = {c: t.column(c).to_numpy() for c in t.column_names}
+                _check_duplicates(cols, cols["file"], self.names, self.vocab)
+                _check_requests(cols, cols["file"], self.names)
+                w.write(_events_table(cols))
+                feed = cols["request_id"] >= 0
+                stats["num_events"] += len(cols["user_id"])
+                stats["num_users"] += len(np.unique(cols["user_id"]))
+                stats["num_requests"] += len(np.unique(cols["request_id"][feed]))
+                max_position = max(max_position, int(cols["position"].max()))
+        info = {**stats, "files": self.names, "items_file": self.items_name}
+        if stats["num_requests"]:  # the builder's default slate size: the whole slate
+            info["config"] = {"slate_size": max_position + 1}
+        return info
+
+
+def read_events(path: str | Path, mapping: EventsMapping, vocab: ActionVocab, *,
+                partition_rows: int = 2_000_000) -> tuple[pa.Table, pa.Table, dict]:
+    """(events, items, info) as load_events would write them, in memory (for tests and small data)."""
+    export = _Export(path, mapping, vocab)
+    with tempfile.TemporaryDirectory(prefix="unipinrec-events-") as tmp:
+        info = export.write_events(Path(tmp) / "events", Path(tmp) / "spill", partition_rows=partition_rows,
+                                   rows_per_shard=2**62)
+        return fmt.read_sharded(Path(tmp) / "events"), export.items, info
 
 
 def _contract(raw: Path, vocab: ActionVocab) -> None:
@@ -412,26 +474,28 @@ def _replace_dir(out: Path, write) -> None:
 
 def load_events(path: str | Path, out_dir: str | Path, *, vocab: ActionVocab, vocab_source: str,
                 mapping: EventsMapping | None = None, tasks=None, rows_per_shard: int = 1_000_000,
-                contract: bool = True) -> dict:
+                partition_rows: int = 2_000_000, contract: bool = True) -> dict:
     """Read the export at `path`, check it, write RAW to `out_dir`; returns the meta it wrote.
 
     vocab_source: the config's data.source whose vocabulary the actions use; it is RAW's
     `source`, so examples and training resolve the same vocabulary. tasks: a TaskConfig to check.
+    partition_rows: events per user-id range that is sorted and checked in memory at once.
     """
+    from ..config import to_dict
+
     mapping = mapping or EventsMapping()
     if tasks is not None:
         _check_tasks(tasks, vocab)
-    events, items, info = read_events(path, mapping, vocab)
-    from ..config import to_dict
-
-    users = events.column("user_id").to_numpy()
+    export = _Export(path, mapping, vocab)
     meta = {"source": vocab_source, "loaded_from": "events", "path": str(path), "actions": list(vocab.names),
-            "num_users": int(len(np.unique(users))), "num_items": items.num_rows, "num_events": events.num_rows,
-            "has_impressions": info["num_requests"] > 0, "ts_unit": "seconds", "mapping": to_dict(mapping), **info}
+            "num_items": export.items.num_rows, "ts_unit": "seconds", "mapping": to_dict(mapping)}
 
     def write(tmp: Path) -> None:
-        fmt.write_sharded(tmp / "events", events, fmt.EVENTS_SCHEMA, rows_per_shard)
-        fmt.write_sharded(tmp / "items", items, fmt.ITEMS_SCHEMA, rows_per_shard)
+        info = export.write_events(tmp / "events", tmp / ".spill", partition_rows=partition_rows,
+                                   rows_per_shard=rows_per_shard)
+        shutil.rmtree(tmp / ".spill")
+        meta.update(info, has_impressions=info["num_requests"] > 0)
+        fmt.write_sharded(tmp / "items", export.items, fmt.ITEMS_SCHEMA, rows_per_shard)
         fmt.write_meta(tmp, meta)
         if contract:
             _contract(tmp, vocab)
