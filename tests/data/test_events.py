@@ -199,3 +199,31 @@ def test_user_ranges_give_the_same_events_and_checks_span_files(tmp_path):
     shutil.copy(EXAMPLE / "items.csv", tmp_path / "items.csv")
     with pytest.raises(fmt.FormatError, match=r"^events/b.csv: 1 duplicate events"):
         read_events(tmp_path, mapping, SYNTHETIC, partition_rows=5)
+
+
+# more checks, through the library: (edit of events.csv lines, regex of the error)
+MORE = [
+    (_replace(2, "9005,1,", "9005,,"), r"events.csv: column 'slot' is null on rows where .* data rows 2"),
+    (_replace(2, "2026-03-03 06:51:00", "2026-03-03 06:52:00"), r"events.csv: request_id 9005 has rows of different"),
+    (_replace(2, ",home_feed", ",app"), r"column 'surface_name' \(surface\) has values that are not surfaces .*'app'"),
+    (_replace(2, "9005,1,", "9005,-1,"), r"column 'slot' \(position\) must be in 0..32767; found -1"),
+]
+
+
+@pytest.mark.parametrize("edit,message", MORE)
+def test_feed_rows_and_values_are_checked(tmp_path, edit, message):
+    _edit_events(EXAMPLE, tmp_path / "export", edit)
+    with pytest.raises(fmt.FormatError, match=message):
+        read_events(tmp_path / "export", load_mapping(EXAMPLE / "mapping.yaml"), SYNTHETIC)
+
+
+def test_numeric_ts_in_milliseconds_and_integer_action_ids(tmp_path):
+    (tmp_path / "events.csv").write_text("user_id,item_id,action,ts\n1,100,1,1700000000123\n1,101,2,1700000005999\n")
+    (tmp_path / "items.csv").write_text("item_id\n100\n101\n")
+    events, items, info = read_events(tmp_path, EventsMapping(ts_unit="ms"), SYNTHETIC)
+    assert events.column("ts").to_pylist() == [1700000000, 1700000005]
+    assert events.column("action").to_pylist() == [1, 2] and not info["num_requests"]
+    assert items.column("category").to_pylist() == [0, 0]
+    (tmp_path / "events.csv").write_text("user_id,item_id,action,ts\n1,100,7,1700000000\n")
+    with pytest.raises(fmt.FormatError, match=r"column 'action' \(action\) must be in 0..4; found 7"):
+        read_events(tmp_path, EventsMapping(), SYNTHETIC)

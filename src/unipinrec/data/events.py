@@ -2,9 +2,9 @@
 
 A column mapping (`EventsMapping`, from flags or a small YAML file) names the columns of the
 export; action values are names of the config's action vocabulary (or mapped onto them). Every
-mismatch raises FormatError naming the file, the column and a few offending values, before
-anything is written; the RAW folder is written to a temporary folder beside the output, checked
-with the `events` data contract, and renamed into place only when everything passed.
+mismatch raises FormatError naming the file, the column and a few offending values; RAW is
+written to a temporary folder beside the output, checked with the `events` data contract, and
+renamed into place only when everything passed, so a failed load leaves nothing behind.
 
 Events are read a file at a time and spilled into user-id ranges that are checked and sorted
 one at a time, so memory follows the largest file or range (`partition_rows`), not the export.
@@ -199,9 +199,7 @@ class _File:
         """Values mapped through `codes` (name -> id); integer columns are ids when no mapping
         renames them (range-checked against `ids`)."""
         c = self.column(col, role)
-        nulls = c.is_null().to_numpy(zero_copy_only=False)
-        if nulls.any():
-            raise self.error(col, role, f"has {int(nulls.sum())} null values ({_rows(nulls)})")
+        self._nulls(c, col, role, nullable=False)
         if pa.types.is_integer(c.type) and ids is not None:
             return self.ints(col, role, lo=0, hi=ids - 1)
         enc = pc.cast(c, pa.string()).combine_chunks().dictionary_encode()  # Arrow's hash: fast on text
@@ -292,7 +290,7 @@ def _events_of(f: _File, m: EventsMapping, vocab: ActionVocab, item_ids: np.ndar
     if surf_col is None:
         surface = np.zeros(n, np.int64)
     elif m.surfaces:
-        surface = f.coded(surf_col, "surface", dict(m.surfaces), "surfaces mapped under surfaces:")
+        surface = f.coded(surf_col, "surface", dict(m.surfaces), "surfaces mapped under `surfaces`")
     else:
         surface = f.ints(surf_col, "surface", hi=127)
     return {"user_id": user, "item_id": item, "action": action, "ts": ts, "surface": surface, "request_id": req,
