@@ -81,7 +81,8 @@ def layouts(args) -> None:
 
     try:
         raw = child_run("--_layout", "generate", "0")
-        rows = [child_run("--_layout", layout, str(L)) for L in args.max_history for layout in ("examples", "sequences")]
+        rows = [child_run("--_layout", layout, str(L)) for L in args.max_history
+                for layout in ("examples", "sequences")]
     finally:
         if args.workdir is None:
             shutil.rmtree(base, ignore_errors=True)

@@ -45,7 +45,8 @@ def test_worked_example_csv(tmp_path):
     items = fmt.read_sharded(tmp_path / "raw" / "items")
     assert items.num_rows == 12 and items.column("category").to_pylist()[:4] == [0, 1, 2, 3]
     # the rest of the pipeline reads it: examples build, data validate
-    r = run("examples", "build", "--raw", tmp_path / "raw", "--out", tmp_path / "ex", "--max-history", 4, "--no-progress")
+    r = run("examples", "build", "--raw", tmp_path / "raw", "--out", tmp_path / "ex", "--max-history", 4,
+            "--no-progress")
     assert r.exit_code == 0, r.output
     assert fmt.read_meta(tmp_path / "ex")["splits"] == {"train": 5, "valid": 4, "test": 4}
     test = fmt.read_sharded(tmp_path / "ex" / "test")

@@ -128,8 +128,8 @@ def _load_events(path: Path, out: Path, mapping: Optional[Path], config: Optiona
     with user_errors(ValueError, FileExistsError):
         cfg = load_config(config) if config else ExperimentConfig()
         vocab = vocab_for(cfg.data.source)
-        meta = load_events(path, out, vocab=vocab, vocab_source=cfg.data.source, mapping=load_mapping(mapping, **columns),
-                           tasks=cfg.tasks)
+        meta = load_events(path, out, vocab=vocab, vocab_source=cfg.data.source,
+                           mapping=load_mapping(mapping, **columns), tasks=cfg.tasks)
     typer.echo(f"wrote {out}: {meta['num_events']:,} events ({meta['num_requests']:,} feed requests), "
                f"{meta['num_users']:,} users, {meta['num_items']:,} items ({', '.join(meta['files'])}, "
                f"{meta['items_file']}; actions of '{cfg.data.source}'; events contract passed)")

@@ -384,7 +384,8 @@ class _Export:
                 rows += len(user)
         if not rows:
             many = len(self.names) > 1
-            raise fmt.FormatError(f"{', '.join(self.names)}: no event rows (the file{'s are' if many else ' is'} empty)")
+            raise fmt.FormatError(f"{', '.join(self.names)}: no event rows "
+                                  f"(the file{'s are' if many else ' is'} empty)")
         n = max(1, -(-rows // partition_rows))
         lo, span = min(lows), max(highs) + 1 - min(lows)
         return np.array([lo + span * k // n for k in range(1, n)], np.int64)  # inner bounds: n ranges
@@ -402,8 +403,9 @@ class _Export:
             bounds = np.searchsorted(part[order], np.arange(len(edges) + 2))
             for k in np.flatnonzero(np.diff(bounds)):
                 sel = order[bounds[k]:bounds[k + 1]]
-                (spill / f"p{k:05d}").mkdir(parents=True, exist_ok=True)
-                pq.write_table(pa.table({c: v[sel] for c, v in cols.items()}), spill / f"p{k:05d}" / f"f{i:05d}.parquet")
+                part_dir = spill / f"p{k:05d}"
+                part_dir.mkdir(parents=True, exist_ok=True)
+                pq.write_table(pa.table({c: v[sel] for c, v in cols.items()}), part_dir / f"f{i:05d}.parquet")
 
     def write_events(self, events_dir: Path, spill: Path, *, partition_rows: int, rows_per_shard: int) -> dict:
         """Check, sort and write every event to events_dir; returns the counts for meta.json."""
