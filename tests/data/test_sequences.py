@@ -8,23 +8,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from test_examples import write_sequences
+from test_examples import synthetic_raw, write_sequences  # noqa: F401 (synthetic_raw: a fixture)
 
 from unipinrec import format as fmt
 from unipinrec.actions import SYNTHETIC
 from unipinrec.batches import ItemVocab, TaskSpec, collate_examples
 from unipinrec.config import TaskConfig
-from unipinrec.data import build_examples, generate_synthetic
+from unipinrec.data import build_examples
 from unipinrec.data.sequences import iter_examples, iter_split, user_bucket
 from unipinrec.data.stats import examples_stats
-
-
-@pytest.fixture(scope="module")
-def synthetic_raw(tmp_path_factory):
-    raw = tmp_path_factory.mktemp("syn") / "raw"
-    generate_synthetic(raw, num_users=70, num_items=150, num_requests_per_user=9, slate_size=6, organic_rate=1.5,
-                       chunk_users=25, seed=5, progress=False)
-    return raw
 
 
 def _by_user(rows: list[dict]) -> list[dict]:
@@ -72,8 +64,8 @@ def test_histories_stored_once_per_user_and_bucketed_by_hash(synthetic_raw, tmp_
             req = fmt.read_sharded(tmp_path / "seq" / "requests" / split / f"bucket={k}")
             assert set(user_bucket(req.column("user_id").to_numpy(), 5)) <= {k}
     assert seen == set(events.column("user_id").to_numpy())
-    # 70 users: several per bucket, none empty
-    assert len({int(b) for b in user_bucket(np.arange(1, 71), 5)}) == 5
+    # 60 users: several per bucket, none empty
+    assert len({int(b) for b in user_bucket(np.arange(1, 61), 5)}) == 5
 
 
 def test_reader_takes_a_shorter_L_and_a_part_of_the_buckets(synthetic_raw, tmp_path):
@@ -114,7 +106,7 @@ def test_collate_and_stats_read_the_sequence_layout(synthetic_raw, tmp_path):
     assert len(a) == len(b) > 5 and all(torch.equal(x, y) for x, y in zip(a, b))
     stats_seq, stats_ex = examples_stats(tmp_path / "seq"), examples_stats(tmp_path / "ex")
     assert stats_seq["splits"] == stats_ex["splits"]
-    assert sum(b.num_rows for b in iter_split(tmp_path / "seq", "test", columns=["slate"])) == 70
+    assert sum(b.num_rows for b in iter_split(tmp_path / "seq", "test", columns=["slate"])) == 60
 
 
 def test_cli_builds_the_sequence_layout(synthetic_raw, tmp_path):
@@ -133,4 +125,4 @@ def test_cli_builds_the_sequence_layout(synthetic_raw, tmp_path):
     assert r.exit_code == 1 and "--buckets must be positive" in r.output
     # rebuilt in the per-example layout, the folder drops the sequence one
     assert CliRunner().invoke(app, args + ["--out", str(tmp_path / "seq")]).exit_code == 0
-    assert not (tmp_path / "seq" / "sequences").exists() and fmt.count_rows(tmp_path / "seq" / "test") == 70
+    assert not (tmp_path / "seq" / "sequences").exists() and fmt.count_rows(tmp_path / "seq" / "test") == 60
