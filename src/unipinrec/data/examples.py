@@ -20,7 +20,7 @@ request_ts is the time of the first slate action.
 The rules are computed once per chunk as a plan (row indices: which rows are history material,
 where each example's history ends, which rows are its slate); a writer renders the plan as one
 UnifiedExample per row (layout "examples") or as sequences stored once plus request rows
-(layout "sequences", sequences.py).
+(layout "sequences", sequence_table.py).
 """
 from __future__ import annotations
 
@@ -324,7 +324,7 @@ def build_examples(raw_dir: str | Path, out_dir: str | Path, *, max_history: int
     impressions only; MovieLens has none).
     layout: "examples" writes one UnifiedExample per row (EX/{train,valid,test}/); "sequences"
     stores each user's history material once, in `buckets` user-hash buckets, and request rows
-    that reference it (unipinrec.data.sequences; read back as UnifiedExamples by iter_examples).
+    that reference it (unipinrec.data.sequence_table; read back as UnifiedExamples by iter_examples).
     """
     raw, out = Path(raw_dir), Path(out_dir)
     raw_meta = fmt.read_meta(raw)
@@ -332,7 +332,7 @@ def build_examples(raw_dir: str | Path, out_dir: str | Path, *, max_history: int
     has_imp = bool(raw_meta.get("has_impressions", False))
     total = raw_meta.get("num_events") or fmt.count_rows(raw / "events")
     if layout == "sequences":
-        from .sequences import SequenceWriter
+        from .sequence_table import SequenceWriter
 
         writer = SequenceWriter(out, buckets, rows_per_shard)
     else:

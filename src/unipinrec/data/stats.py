@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from .. import format as fmt
-from .sequences import iter_split
+from .sequence_table import iter_split
 
 # Positive actions when none are given: engagement for synthetic, "liked" (4-5 stars) for MovieLens.
 DEFAULT_POSITIVES = {"synthetic": ("click", "save", "share"), "movielens": ("rating_4", "rating_5")}

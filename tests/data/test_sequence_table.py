@@ -15,7 +15,7 @@ from unipinrec.actions import SYNTHETIC
 from unipinrec.batches import ItemVocab, TaskSpec, collate_examples
 from unipinrec.config import TaskConfig
 from unipinrec.data import build_examples
-from unipinrec.data.sequences import iter_examples, iter_split, user_bucket
+from unipinrec.data.sequence_table import iter_examples, iter_split, user_bucket
 from unipinrec.data.stats import examples_stats
 
 
