@@ -206,7 +206,7 @@ def test_user_ranges_give_the_same_events_and_checks_span_files(tmp_path):
 MORE = [
     (_replace(2, "9005,1,", "9005,,"), r"events.csv: column 'slot' is null on rows where .* data rows 2"),
     (_replace(2, "2026-03-03 06:51:00", "2026-03-03 06:52:00"), r"events.csv: request_id 9005 has rows of different"),
-    (_replace(2, ",home_feed", ",app"), r"column 'surface_name' \(surface\) has values that are not surfaces .*'app'"),
+    (_replace(2, ",home_feed", ",app"), r"column 'surface_name' \(surface\) has values that are not surface names .*'app'"),
     (_replace(2, "9005,1,", "9005,-1,"), r"column 'slot' \(position\) must be in 0..32767; found -1"),
 ]
 

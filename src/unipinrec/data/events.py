@@ -275,7 +275,8 @@ def _events_of(f: _File, m: EventsMapping, vocab: ActionVocab, item_ids: np.ndar
     if unknown.any():
         raise f.error(e.item, "item", f"has ids missing from {items_name}: {_show(np.unique(item[unknown]))} "
                       f"({_rows(unknown)})")
-    what = f"actions of the vocabulary {list(vocab.names)}" + (" nor mapped under `actions`" if m.actions else "")
+    what = f"actions of the vocabulary {list(vocab.names)}"
+    what += " nor renamed in the mapping's actions" if m.actions else ""
     action = f.coded(e.action, "action", _action_codes(m, vocab), what, ids=None if m.actions else vocab.size)
     ts = f.ts(e.ts, m.ts_unit)
     req_col, pos_col = _optional(f, e.request_id, "request_id"), _optional(f, e.position, "position")
@@ -290,7 +291,7 @@ def _events_of(f: _File, m: EventsMapping, vocab: ActionVocab, item_ids: np.ndar
     if surf_col is None:
         surface = np.zeros(n, np.int64)
     elif m.surfaces:
-        surface = f.coded(surf_col, "surface", dict(m.surfaces), "surfaces mapped under `surfaces`")
+        surface = f.coded(surf_col, "surface", dict(m.surfaces), "surface names of the mapping's surfaces")
     else:
         surface = f.ints(surf_col, "surface", hi=127)
     return {"user_id": user, "item_id": item, "action": action, "ts": ts, "surface": surface, "request_id": req,
