@@ -215,9 +215,9 @@ def _plan_impressions(c: _Chunk, L: int, S: int, history_impressions: bool = Fal
     for code, name in enumerate(fmt.SPLITS):
         sel = np.flatnonzero(split == code)
         slate_rows = shown[_ranges(slate_start[sel], s_len[sel])]
-        plans[name] = _Plan(req_first[sel], h_user_start[sel], h_begin[sel], h_end[sel], slate_rows, s_len[sel],
-                            c.position[slate_rows])
-    return _ChunkPlan(hist, plans)
+        plans[name] = _Plan(rows=req_first[sel], seq_start=h_user_start[sel], h_begin=h_begin[sel], h_end=h_end[sel],
+                            slate_rows=slate_rows, s_len=s_len[sel], s_pos=c.position[slate_rows])
+    return _ChunkPlan(seq=hist, splits=plans)
 
 
 def _plan_sequences(c: _Chunk, L: int, S: int) -> _ChunkPlan:
@@ -226,8 +226,8 @@ def _plan_sequences(c: _Chunk, L: int, S: int) -> _ChunkPlan:
     for name, back in (("test", 1), ("valid", 2)):
         ok = n >= back
         t = starts[ok] + n[ok] - back
-        one = np.ones(len(t), np.int64)
-        plans[name] = _Plan(t, starts[ok], np.maximum(starts[ok], t - L), t, t, one, np.zeros(len(t), np.int16))
+        plans[name] = _Plan(rows=t, seq_start=starts[ok], h_begin=np.maximum(starts[ok], t - L), h_end=t,
+                            slate_rows=t, s_len=np.ones(len(t), np.int64), s_pos=np.zeros(len(t), np.int16))
     m = n - 2  # the train part s[:m]
     ok = m >= 2
     first_t = np.maximum(1, m[ok] - S)
@@ -240,9 +240,9 @@ def _plan_sequences(c: _Chunk, L: int, S: int) -> _ChunkPlan:
     t = base + t_local
     s_len = np.minimum(t_local + S, m[ok][user_of]) - t_local
     slate_rows = _ranges(t, s_len)
-    plans["train"] = _Plan(t, base, base + np.maximum(0, t_local - L), t, slate_rows, s_len,
-                           slate_rows - np.repeat(t, s_len))
-    return _ChunkPlan(np.arange(len(c)), plans)
+    plans["train"] = _Plan(rows=t, seq_start=base, h_begin=base + np.maximum(0, t_local - L), h_end=t,
+                           slate_rows=slate_rows, s_len=s_len, s_pos=slate_rows - np.repeat(t, s_len))
+    return _ChunkPlan(seq=np.arange(len(c)), splits=plans)
 
 
 def plan_chunk(c: _Chunk, L: int, S: int, has_impressions: bool, history_impressions: bool) -> _ChunkPlan:
