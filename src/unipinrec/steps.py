@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-SOURCES = ("synthetic", "movielens-1m", "movielens-100k", "raw")
+SOURCES = ("synthetic", "movielens-1m", "movielens-100k", "raw", "events")
 DEPLOY_MODES = ("local", "kubernetes", "none")
 
 
@@ -67,7 +67,9 @@ def with_overrides(config_yaml: str, overrides: str | Sequence[str]) -> str:
 
 def ingest(out_dir: str | Path, *, source: str, data_path: str = "", config_yaml: str = "",
            num_users: int = 0, num_items: int = 0, num_requests_per_user: int = 0) -> dict:
-    """Write a RAW folder: generate synthetic data, load MovieLens, or copy a RAW folder (`raw`)."""
+    """Write a RAW folder: generate synthetic data, load MovieLens, copy a RAW folder (`raw`), or
+    load the user's own events (`events`: data_path holds the files and an optional mapping.yaml;
+    the config's data.source names the action vocabulary)."""
     from . import format as fmt
 
     out = Path(out_dir)
@@ -96,6 +98,13 @@ def ingest(out_dir: str | Path, *, source: str, data_path: str = "", config_yaml
         meta = fmt.read_meta(src)
         fmt.write_meta(out, {**meta, "copied_from": str(src)})
         return meta
+    if source == "events":
+        from .actions import vocab_for
+        from .data.events import load_events, load_mapping
+
+        mapping = load_mapping(src / "mapping.yaml" if (src / "mapping.yaml").exists() else None)
+        return load_events(src, out, vocab=vocab_for(cfg.data.source), vocab_source=cfg.data.source,
+                           mapping=mapping, tasks=cfg.tasks)
     from .data.movielens import load_movielens
 
     return load_movielens(source, src, out)

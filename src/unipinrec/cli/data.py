@@ -84,22 +84,55 @@ def generate(
 
 @data_app.command("load")
 def load(
-    source: str = typer.Option(..., "--source", help="movielens-1m or movielens-100k."),
+    source: str = typer.Option(..., "--source", help="movielens-1m, movielens-100k, or events (your own export)."),
     path: Path = typer.Option(..., "--path", help="Folder with the MovieLens files (ratings.dat or the SASRec "
-                                                  "csv for 1M; u.data and u.item for 100K)."),
+                                                  "csv for 1M; u.data and u.item for 100K), or with your events "
+                                                  "(events/*.csv|parquet or events.csv|parquet, items.csv|parquet)."),
     out: Path = typer.Option(..., "--out", help="RAW dataset folder to write."),
+    mapping: Optional[Path] = typer.Option(None, "--mapping", help="events: column mapping YAML (default: "
+                                           "PATH/mapping.yaml when it exists; docs/data.md)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="events: experiment config whose data.source "
+                                          "names the action vocabulary and whose tasks are checked (default: built-in)."),
+    user: Optional[str] = typer.Option(None, "--user", help="events: user id column (over the mapping file)."),
+    item: Optional[str] = typer.Option(None, "--item", help="events: item id column."),
+    action: Optional[str] = typer.Option(None, "--action", help="events: action column."),
+    ts: Optional[str] = typer.Option(None, "--ts", help="events: time column (seconds, or a timestamp)."),
+    request_id: Optional[str] = typer.Option(None, "--request-id", help="events: feed request column (impressions)."),
+    position: Optional[str] = typer.Option(None, "--position", help="events: slate position column."),
+    surface: Optional[str] = typer.Option(None, "--surface", help="events: surface column."),
 ) -> None:
-    """Load MovieLens into the RAW layout (action = star rating, no impressions)."""
+    """Load MovieLens (action = star rating, no impressions) or your own events into the RAW layout."""
     from ..data.movielens import SOURCES, load_movielens
 
-    if source not in SOURCES:
-        fail(f"--source must be one of {', '.join(SOURCES)}, got '{source}'")
+    if source not in (*SOURCES, "events"):
+        fail(f"--source must be one of {', '.join(SOURCES)}, events; got '{source}'")
     if not path.is_dir():
         fail(f"--path: folder {path} not found")
+    if source == "events":
+        columns = dict(user=user, item=item, action=action, ts=ts, request_id=request_id, position=position,
+                       surface=surface)
+        return _load_events(path, _out_dir("--out", out), mapping, config, columns)
     with user_errors(ValueError):
         meta = load_movielens(source, path, _out_dir("--out", out))
     typer.echo(f"wrote {out}: {meta['num_events']:,} ratings, {meta['num_users']:,} users, "
                f"{meta['num_items']:,} items ({', '.join(meta['files'])}; ts = {meta['ts_unit']})")
+
+
+def _load_events(path: Path, out: Path, mapping: Optional[Path], config: Optional[Path], columns: dict) -> None:
+    from ..actions import vocab_for
+    from ..config import ExperimentConfig, load_config
+    from ..data.events import load_events, load_mapping
+
+    if mapping is None and (path / "mapping.yaml").exists():
+        mapping = path / "mapping.yaml"
+    with user_errors(ValueError, FileExistsError):
+        cfg = load_config(config) if config else ExperimentConfig()
+        vocab = vocab_for(cfg.data.source)
+        meta = load_events(path, out, vocab=vocab, vocab_source=cfg.data.source,
+                           mapping=load_mapping(mapping, **columns), tasks=cfg.tasks)
+    typer.echo(f"wrote {out}: {meta['num_events']:,} events ({meta['num_requests']:,} feed requests), "
+               f"{meta['num_users']:,} users, {meta['num_items']:,} items ({', '.join(meta['files'])}, "
+               f"{meta['items_file']}; actions of '{cfg.data.source}'; events contract passed)")
 
 
 @examples_app.command("build")
@@ -112,6 +145,10 @@ def build(
     chunk_events: int = typer.Option(500_000, "--chunk-events", help="Events per streamed chunk (bounds memory)."),
     history_impressions: bool = typer.Option(False, "--history-impressions/--no-history-impressions",
                                              help="Keep earlier impressions (shown, not engaged) in the history."),
+    layout: str = typer.Option("examples", "--layout", help="examples: one UnifiedExample per row; sequences: each "
+                               "user's actions stored once (bucketed by user hash) + request rows, histories cut "
+                               "when read (docs/data.md)."),
+    buckets: int = typer.Option(16, "--buckets", help="sequences layout: number of user-hash buckets."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Build UnifiedExamples (history + slate per request) with train/valid/test splits."""
@@ -124,12 +161,17 @@ def build(
     _positive("--max-history", max_history)
     _positive("--slate-size", slate_size)
     _positive("--chunk-events", chunk_events)
+    _positive("--buckets", buckets)
+    if layout not in ("examples", "sequences"):
+        fail(f"--layout must be examples or sequences, got '{layout}'")
     with user_errors(ValueError):
         meta = build_examples(raw, _out_dir("--out", out), max_history=max_history, slate_size=slate_size,
-                              chunk_events=chunk_events, progress=progress, history_impressions=history_impressions)
+                              chunk_events=chunk_events, progress=progress, history_impressions=history_impressions,
+                              layout=layout, buckets=buckets)
     s = meta["splits"]
+    where = f"; {meta['sequence_rows']:,} sequence rows in {buckets} buckets" if layout == "sequences" else ""
     typer.echo(f"wrote {out}: train {s['train']:,}, valid {s['valid']:,}, test {s['test']:,} examples "
-               f"(L={meta['max_history']}, S={meta['slate_size']})")
+               f"(L={meta['max_history']}, S={meta['slate_size']}{where})")
 
 
 @examples_app.command("stats")

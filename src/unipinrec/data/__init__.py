@@ -11,3 +11,6 @@ __all__ += ["build_examples", "iter_user_chunks"]
 from .movielens import load_movielens
 
 __all__ += ["load_movielens"]
+from .sequence_table import iter_examples, iter_split
+
+__all__ += ["iter_examples", "iter_split"]

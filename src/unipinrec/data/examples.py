@@ -16,6 +16,11 @@ Without impressions (MovieLens), per user sequence s (chronological, n actions):
   train: uses only s[:m], m = n-2; examples at t = max(1, m-S), then t - L, t - 2L, ... (t >= 1),
          history s[max(0, t-L):t], slate s[t:min(t+S, m)] (action = rating, position = index)
 request_ts is the time of the first slate action.
+
+The rules are computed once per chunk as a plan (row indices: which rows are history material,
+where each example's history ends, which rows are its slate); a writer renders the plan as one
+UnifiedExample per row (layout "examples") or as sequences stored once plus request rows
+(layout "sequences", sequence_table.py).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import pyarrow.compute as pc
 
 from .. import format as fmt
 
+LAYOUTS = ("examples", "sequences")
 _COLUMNS = ["user_id", "item_id", "action", "ts", "surface", "request_id", "position"]
 _HISTORY_TYPE = fmt.UNIFIED_EXAMPLE_SCHEMA.field("history").type
 _SLATE_TYPE = fmt.UNIFIED_EXAMPLE_SCHEMA.field("slate").type
@@ -113,29 +119,55 @@ def _offsets(lengths: np.ndarray) -> pa.Array:
     return pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
 
 
-def _examples(c: _Chunk, rows: np.ndarray, h: np.ndarray, h_len, slate_rows: np.ndarray, s_len, s_pos) -> pa.Table:
-    """UnifiedExamples of requests whose first slate row is `rows` (request_ts = ts[rows]).
+@dataclass
+class _Plan:
+    """The examples of one split of a chunk, as row indices; `seq` (of the _ChunkPlan) holds the
+    chunk rows that histories are cut from, grouped by user in chronological order.
 
-    The histories are the rows `h` of c (concatenated, h_len[i] each); the slates are the rows
-    `slate_rows` (concatenated, s_len[i] each) with positions s_pos.
+    Example i: user and request_ts of chunk row rows[i]; history = seq[h_begin[i]:h_end[i]], where
+    seq_start[i] is the first entry of its user in seq and h_begin = max(seq_start, h_end - L);
+    slate = chunk rows slate_rows (s_len[i] each, in order) at positions s_pos.
     """
-    history_values = pa.StructArray.from_arrays(
-        [pa.array(c.item[h], pa.int64()), pa.array(c.action[h], pa.int8()),
-         pa.array(c.ts[h], pa.int64()), pa.array(c.surface[h], pa.int8())],
+
+    rows: np.ndarray
+    seq_start: np.ndarray
+    h_begin: np.ndarray
+    h_end: np.ndarray
+    slate_rows: np.ndarray
+    s_len: np.ndarray
+    s_pos: np.ndarray
+
+
+@dataclass
+class _ChunkPlan:
+    seq: np.ndarray  # chunk rows that are history material, grouped by user, chronological
+    splits: dict[str, _Plan]
+
+
+def _history_values(c: _Chunk, rows: np.ndarray) -> pa.StructArray:
+    return pa.StructArray.from_arrays(
+        [pa.array(c.item[rows], pa.int64()), pa.array(c.action[rows], pa.int8()),
+         pa.array(c.ts[rows], pa.int64()), pa.array(c.surface[rows], pa.int8())],
         fields=list(_HISTORY_TYPE.value_type),
     )
-    slate_values = pa.StructArray.from_arrays(
-        [pa.array(c.item[slate_rows], pa.int64()), pa.array(s_pos, pa.int16()),
-         pa.array(c.action[slate_rows], pa.int8())],
+
+
+def _slates(c: _Chunk, p: _Plan) -> pa.ListArray:
+    values = pa.StructArray.from_arrays(
+        [pa.array(c.item[p.slate_rows], pa.int64()), pa.array(p.s_pos, pa.int16()),
+         pa.array(c.action[p.slate_rows], pa.int8())],
         fields=list(_SLATE_TYPE.value_type),
     )
+    return pa.ListArray.from_arrays(_offsets(p.s_len), values, type=_SLATE_TYPE)
+
+
+def _examples(c: _Chunk, seq: np.ndarray, p: _Plan) -> pa.Table:
+    """The UnifiedExamples of a plan (histories copied out of seq)."""
+    h_len = p.h_end - p.h_begin
+    history = pa.ListArray.from_arrays(_offsets(h_len), _history_values(c, seq[_ranges(p.h_begin, h_len)]),
+                                       type=_HISTORY_TYPE)
     return pa.Table.from_arrays(
-        [
-            pa.array(c.user[rows], pa.int64()),
-            pa.array(c.ts[rows], pa.int64()),
-            pa.ListArray.from_arrays(_offsets(h_len), history_values, type=_HISTORY_TYPE),
-            pa.ListArray.from_arrays(_offsets(s_len), slate_values, type=_SLATE_TYPE),
-        ],
+        [pa.array(c.user[p.rows], pa.int64()), pa.array(c.ts[p.rows], pa.int64()), history, _slates(c, p)],
         schema=fmt.UNIFIED_EXAMPLE_SCHEMA,
     )
 
@@ -157,7 +189,7 @@ def _split_of_last(group_rank: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.where(from_end == 0, 2, np.where(from_end == 1, 1, 0))
 
 
-def _build_impressions(c: _Chunk, L: int, S: int, history_impressions: bool = False) -> dict[str, pa.Table]:
+def _plan_impressions(c: _Chunk, L: int, S: int, history_impressions: bool = False) -> _ChunkPlan:
     user_rank, _, _ = _user_starts(c.user)
     shown = np.flatnonzero((c.request >= 0) & (c.position < S))
     hist = np.arange(len(c)) if history_impressions else np.flatnonzero(c.action != fmt.IMPRESSION_ACTION)
@@ -179,24 +211,23 @@ def _build_impressions(c: _Chunk, L: int, S: int, history_impressions: bool = Fa
     r_group = np.unique(user_rank[req_first], return_inverse=True)[1]
     split = _split_of_last(r_group, np.bincount(r_group))
     slate_start = np.cumsum(s_len) - s_len
-    out = {}
+    plans = {}
     for code, name in enumerate(fmt.SPLITS):
         sel = np.flatnonzero(split == code)
-        h_len = h_end[sel] - h_begin[sel]
         slate_rows = shown[_ranges(slate_start[sel], s_len[sel])]
-        out[name] = _examples(c, req_first[sel], hist[_ranges(h_begin[sel], h_len)], h_len,
-                              slate_rows, s_len[sel], c.position[slate_rows])
-    return out
+        plans[name] = _Plan(rows=req_first[sel], seq_start=h_user_start[sel], h_begin=h_begin[sel], h_end=h_end[sel],
+                            slate_rows=slate_rows, s_len=s_len[sel], s_pos=c.position[slate_rows])
+    return _ChunkPlan(seq=hist, splits=plans)
 
 
-def _build_sequences(c: _Chunk, L: int, S: int) -> dict[str, pa.Table]:
+def _plan_sequences(c: _Chunk, L: int, S: int) -> _ChunkPlan:
     _, starts, n = _user_starts(c.user)
-    out = {}
+    plans = {}
     for name, back in (("test", 1), ("valid", 2)):
         ok = n >= back
         t = starts[ok] + n[ok] - back
-        h_begin = np.maximum(starts[ok], t - L)
-        out[name] = _examples(c, t, _ranges(h_begin, t - h_begin), t - h_begin, t, np.ones(len(t), np.int64), np.zeros(len(t), np.int16))
+        plans[name] = _Plan(rows=t, seq_start=starts[ok], h_begin=np.maximum(starts[ok], t - L), h_end=t,
+                            slate_rows=t, s_len=np.ones(len(t), np.int64), s_pos=np.zeros(len(t), np.int16))
     m = n - 2  # the train part s[:m]
     ok = m >= 2
     first_t = np.maximum(1, m[ok] - S)
@@ -207,12 +238,34 @@ def _build_sequences(c: _Chunk, L: int, S: int) -> dict[str, pa.Table]:
     t_local = first_t[user_of] - (per_user[user_of] - 1 - k) * L
     base = starts[ok][user_of]
     t = base + t_local
-    h_begin = base + np.maximum(0, t_local - L)
     s_len = np.minimum(t_local + S, m[ok][user_of]) - t_local
     slate_rows = _ranges(t, s_len)
-    s_pos = slate_rows - np.repeat(t, s_len)
-    out["train"] = _examples(c, t, _ranges(h_begin, t - h_begin), t - h_begin, slate_rows, s_len, s_pos)
-    return out
+    plans["train"] = _Plan(rows=t, seq_start=base, h_begin=base + np.maximum(0, t_local - L), h_end=t,
+                           slate_rows=slate_rows, s_len=s_len, s_pos=slate_rows - np.repeat(t, s_len))
+    return _ChunkPlan(seq=np.arange(len(c)), splits=plans)
+
+
+def plan_chunk(c: _Chunk, L: int, S: int, has_impressions: bool, history_impressions: bool) -> _ChunkPlan:
+    """Which examples a chunk yields, under the rules of the module docstring."""
+    return _plan_impressions(c, L, S, history_impressions) if has_impressions else _plan_sequences(c, L, S)
+
+
+class _ExampleWriter:
+    """The per-example layout: EX/{train,valid,test}/part-*.parquet of UnifiedExamples."""
+
+    def __init__(self, out: Path, rows_per_shard: int):
+        for sub in ("sequences", "requests"):  # a folder rebuilt in this layout drops the other one
+            shutil.rmtree(out / sub, ignore_errors=True)
+        self.writers = {s: fmt.ShardedWriter(out / s, fmt.UNIFIED_EXAMPLE_SCHEMA, rows_per_shard) for s in fmt.SPLITS}
+
+    def write(self, chunk: _Chunk, plan: _ChunkPlan) -> None:
+        for split, p in plan.splits.items():
+            self.writers[split].write(_examples(chunk, plan.seq, p))
+
+    def close(self) -> dict:
+        for w in self.writers.values():
+            w.close()
+        return {}
 
 
 def _copy_shards(src: Path, dst: Path) -> None:
@@ -223,51 +276,72 @@ def _copy_shards(src: Path, dst: Path) -> None:
         shutil.copyfile(p, dst / p.name)
 
 
+def _check(raw: Path, out: Path, raw_meta: dict, max_history: int, slate_size: int | None, chunk_events: int,
+           layout: str, buckets: int) -> int:
+    """Check build_examples' arguments; returns the slate size S."""
+    if out.resolve() == raw.resolve():  # items/ would be copied onto itself and lost
+        raise ValueError(f"out_dir must differ from raw_dir ({raw})")
+    if max_history <= 0:
+        raise ValueError(f"max_history must be positive, got {max_history}")
+    if slate_size is None:
+        slate_size = int(raw_meta.get("config", {}).get("slate_size", 10)) if raw_meta.get("has_impressions") else 10
+    for name, value in (("slate_size", slate_size), ("chunk_events", chunk_events), ("buckets", buckets)):
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got '{layout}'")
+    return slate_size
+
+
+def _stream(raw: Path, writer, plan: dict, total: int, chunk_events: int, progress: bool) -> dict:
+    """Plan and write every chunk of RAW/events; returns split counts, users and chunk sizes."""
+    from tqdm.auto import tqdm
+
+    counts = dict.fromkeys(fmt.SPLITS, 0)
+    num_users = num_chunks = max_chunk = 0
+    with tqdm(total=total, unit="event", unit_scale=True, desc="examples", disable=not progress) as bar:
+        for chunk in iter_user_chunks(raw / "events", chunk_events):
+            chunk_plan = plan_chunk(chunk, **plan)
+            writer.write(chunk, chunk_plan)
+            for split, p in chunk_plan.splits.items():
+                counts[split] += len(p.rows)
+            num_users += len(np.unique(chunk.user))
+            num_chunks += 1
+            max_chunk = max(max_chunk, len(chunk))
+            bar.update(len(chunk))
+    return {"splits": counts, "num_examples": sum(counts.values()), "num_users": num_users,
+            "chunks": {"count": num_chunks, "max_events": max_chunk, "chunk_events": chunk_events}}
+
+
 def build_examples(raw_dir: str | Path, out_dir: str | Path, *, max_history: int = 50, slate_size: int | None = None,
                    chunk_events: int = 500_000, rows_per_shard: int = 250_000, progress: bool = True,
-                   history_impressions: bool = False) -> dict:
+                   history_impressions: bool = False, layout: str = "examples", buckets: int = 16) -> dict:
     """Build EX/ from RAW/ (docs/architecture.md); returns the EX meta dict.
 
     slate_size: MovieLens next-action slate length S; with impressions, slates keep positions
     < S (default: the generator's slate size, i.e. the whole slate).
     history_impressions: keep earlier impressions (action 0) in the history (data with
     impressions only; MovieLens has none).
+    layout: "examples" writes one UnifiedExample per row (EX/{train,valid,test}/); "sequences"
+    stores each user's history material once, in `buckets` user-hash buckets, and request rows
+    that reference it (unipinrec.data.sequence_table; read back as UnifiedExamples by iter_examples).
     """
-    from tqdm.auto import tqdm
-
     raw, out = Path(raw_dir), Path(out_dir)
     raw_meta = fmt.read_meta(raw)
-    if out.resolve() == raw.resolve():  # items/ would be copied onto itself and lost
-        raise ValueError(f"out_dir must differ from raw_dir ({raw})")
-    if max_history <= 0:
-        raise ValueError(f"max_history must be positive, got {max_history}")
+    slate_size = _check(raw, out, raw_meta, max_history, slate_size, chunk_events, layout, buckets)
     has_imp = bool(raw_meta.get("has_impressions", False))
-    if slate_size is None:
-        slate_size = int(raw_meta.get("config", {}).get("slate_size", 10)) if has_imp else 10
-    if slate_size <= 0:
-        raise ValueError(f"slate_size must be positive, got {slate_size}")
-    if chunk_events <= 0:
-        raise ValueError(f"chunk_events must be positive, got {chunk_events}")
     total = raw_meta.get("num_events") or fmt.count_rows(raw / "events")
+    if layout == "sequences":
+        from .sequence_table import SequenceWriter
 
-    counts = dict.fromkeys(fmt.SPLITS, 0)
-    num_users = num_chunks = max_chunk = 0
-    writers = {s: fmt.ShardedWriter(out / s, fmt.UNIFIED_EXAMPLE_SCHEMA, rows_per_shard) for s in fmt.SPLITS}
+        writer = SequenceWriter(out, buckets, rows_per_shard)
+    else:
+        writer = _ExampleWriter(out, rows_per_shard)
+    plan = dict(L=max_history, S=slate_size, has_impressions=has_imp, history_impressions=history_impressions)
     try:
-        with tqdm(total=total, unit="event", unit_scale=True, desc="examples", disable=not progress) as bar:
-            for chunk in iter_user_chunks(raw / "events", chunk_events):
-                tables = (_build_impressions(chunk, max_history, slate_size, history_impressions) if has_imp
-                          else _build_sequences(chunk, max_history, slate_size))
-                for split, table in tables.items():
-                    writers[split].write(table)
-                    counts[split] += table.num_rows
-                num_users += len(np.unique(chunk.user))
-                num_chunks += 1
-                max_chunk = max(max_chunk, len(chunk))
-                bar.update(len(chunk))
+        built = _stream(raw, writer, plan, total, chunk_events, progress)
     finally:
-        for w in writers.values():
-            w.close()
+        layout_meta = writer.close()
 
     _copy_shards(raw / "items", out / "items")
     if (raw / "oracle").exists():
@@ -279,16 +353,15 @@ def build_examples(raw_dir: str | Path, out_dir: str | Path, *, max_history: int
         "slate_size": slate_size,
         "has_impressions": has_imp,
         "history_impressions": bool(history_impressions and has_imp),
-        "splits": counts,
-        "num_examples": sum(counts.values()),
-        "num_users": num_users,
+        **built,
         "num_items": raw_meta.get("num_items") or fmt.count_rows(out / "items"),
         "num_events": total,
         "seed": raw_meta.get("seed"),
         "rule": "feed requests (last request per user = test, second-to-last = valid)" if has_imp
         else "leave-one-out sequences (last action = test, second-to-last = valid, train windows on the rest)",
-        "chunks": {"count": num_chunks, "max_events": max_chunk, "chunk_events": chunk_events},
         "raw": str(raw),
+        "layout": layout,
+        **layout_meta,
     }
     fmt.write_meta(out, meta)
     return meta

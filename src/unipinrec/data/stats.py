@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from .. import format as fmt
+from .sequence_table import iter_split
 
 # Positive actions when none are given: engagement for synthetic, "liked" (4-5 stars) for MovieLens.
 DEFAULT_POSITIVES = {"synthetic": ("click", "save", "share"), "movielens": ("rating_4", "rating_5")}
@@ -49,7 +50,7 @@ def examples_stats(examples_dir: str | Path, positives: tuple[str, ...] | None =
         hist_actions = np.zeros(len(actions), np.int64)
         slate_actions = np.zeros(len(actions), np.int64)
         rows = empty_history = 0
-        for batch in fmt.iter_batches(ex / split, columns=["history", "slate"]):
+        for batch in iter_split(ex, split, columns=["history", "slate"]):
             h = pc.list_value_length(batch.column("history")).to_numpy()
             s = pc.list_value_length(batch.column("slate")).to_numpy()
             if len(h) and h.max() >= len(hist_len):
