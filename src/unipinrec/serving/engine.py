@@ -20,6 +20,7 @@ whose deadline ranking would overrun gets the retrieval order, marked `degraded`
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -237,7 +238,9 @@ class Engine:
         rank_kv = kv if len(rank) == len(preps) else kv.index_select(torch.as_tensor(rank, device=self.device))
         if not self.share_kv:
             rank_kv, _ = self.encoder.encode(self.rnk, [preps[j] for j in rank], timer, "encode_rank", use_cache=False)
+        t = time.perf_counter()
         res = self.ranker.rank(self.rnk, rank_kv, [ids[j] for j in rank], [preps[j].request_ts for j in rank], timer)
+        self.ranker.observe((time.perf_counter() - t) * 1000, len(rank) * max(1, max(len(ids[j]) for j in rank)))
         return dict(zip(rank, res)), degraded
 
     def _deadline(self, req: Request) -> float:

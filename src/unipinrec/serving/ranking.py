@@ -17,7 +17,7 @@ class Ranker:
         self.task_names = list(task_names)
         self.weights = torch.tensor([float(weights.get(t, 0.0)) for t in self.task_names], device=device)
         self.device = device
-        self.ms_per_candidate: float | None = None  # running estimate, for the deadline check
+        self.ms_per_candidate: float | None = None  # running estimate (observe), for the deadline check
 
     def estimate_ms(self, num_candidates: int) -> float:
         return 0.0 if self.ms_per_candidate is None else self.ms_per_candidate * num_candidates
@@ -31,17 +31,16 @@ class Ranker:
             if len(c):
                 rows[i, :len(c)] = self.vocab.lookup(c)
         model = loaded.model
-        before = timer.ms.get("rank", 0.0)
         with timer.stage("rank"):
             rts = torch.tensor(list(request_ts), dtype=torch.long, device=self.device)
             gaps = model.default_candidate_gaps(kv.lengths, kv.last_ts(), rts)
             probs = torch.sigmoid(model.rank(torch.from_numpy(rows).to(self.device), kv, gaps).float())  # (B, C, T)
             utility = probs @ self.weights
             probs, utility = probs.cpu().numpy(), utility.cpu().numpy()
-        self._observe(timer.ms["rank"] - before, B * C)
         return [(probs[i, :len(c)], utility[i, :len(c)]) for i, c in enumerate(cand_ids)]
 
-    def _observe(self, ms: float, candidates: int) -> None:
+    def observe(self, ms: float, candidates: int) -> None:
+        """Record how long a ranking call of `candidates` (batch x candidates) took."""
         per = ms / max(1, candidates)
         self.ms_per_candidate = per if self.ms_per_candidate is None else 0.8 * self.ms_per_candidate + 0.2 * per
 
