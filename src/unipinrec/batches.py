@@ -99,9 +99,6 @@ class ItemVocab:
 # Batches
 
 
-HistoryBatch = Actions  # the padded histories the model reads (kept as the name the docs use)
-
-
 def batch_histories(histories: Sequence, request_ts: Sequence[int], vocab: ItemVocab, max_history: int, *,
                     num_actions: int | None = None, spec: type[Actions] = Actions) -> Actions:
     """Histories (`History` objects, or lists of (item_id, action, ts[, surface]) tuples),

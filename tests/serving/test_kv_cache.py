@@ -77,7 +77,7 @@ def _kv(lengths, width, layers=2, heads=2, dh=4):
     return KVCache(keys=k, values=v, history=history, user_vectors=torch.randn(B, heads * dh, generator=g))
 
 
-def test_trim_row_drops_padding_bytes():
+def test_a_cache_row_drops_padding_bytes():
     kv = _kv([3, 8], width=8)
     row = kv.row(0)
     assert row.keys[0].shape == (1, 2, 3, 4) and row.history.items.shape == (1, 3)
