@@ -136,7 +136,7 @@ def pod(request, tmp_path_factory):
            "HOME": str(inside / "tmp"), "LOG_LOCATION": str(inside / "logs"), "METRICS_LOCATION": str(inside / "logs"),
            "PYTHONDONTWRITEBYTECODE": "1",
            "PYTHONPATH": str(Path(unipinrec.__file__).resolve().parents[1])}  # the package under test
-    cmd = [str(BIN / "python"), "-m", "unipinrec.deploy.gateway", f"--listen=127.0.0.1:{gateway}",
+    cmd = [str(BIN / "python"), "-m", "unipinrec.serving.gateway", f"--listen=127.0.0.1:{gateway}",
            f"--upstream=http://127.0.0.1:{inference}", f"--management=http://127.0.0.1:{management}",
            f"--key-file={inside}/work/key_file.json", f"--token-file={inside}/secrets/token", "--",
            "torchserve", "--start", "--foreground", "--ncs", f"--ts-config={inside}/etc/config.properties"]
@@ -188,6 +188,8 @@ def _call(port, method, path, body=None, headers=None):
 def test_token_auth_is_on_in_torchserve_itself(pod):
     status, body = _call(pod["inference"], "POST", "/predictions/unipinrec", {"user_id": 1})
     assert status == 400 and b"Token Authorization failed" in body  # TorchServe 0.12 answers 400
+    # ... with its own error type: what the gateway's key refresh keys on (never the text)
+    assert json.loads(body)["type"] == "InvalidKeyException" and set(json.loads(body)) == {"code", "type", "message"}
     assert _call(pod["inference"], "GET", "/ping")[0] == 400  # even /ping needs the key
     keys = json.loads((pod["base"] / "work" / "key_file.json").read_text())
     assert set(keys) == {"management", "inference", "API"}

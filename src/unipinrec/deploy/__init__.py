@@ -6,7 +6,7 @@
 
 The cluster sits behind the small `KubeApi` protocol (`api.py`); `KubernetesApi` (`kube.py`)
 imports the `kubernetes` client lazily, tests use an in-memory fake. The serving pod's
-pieces live here too: `gateway` (token gateway + TorchServe supervisor), `registry` (publish
+pieces live here too (the token gateway lives with serving: `unipinrec.serving.gateway`): `registry` (publish
 and fetch model versions), `torchserve_config` (the in-cluster config.properties), and
 `retrain` (submit a pipeline run from the retraining CronJob).
 """
