@@ -127,6 +127,9 @@ def test_serve_logs_rotate_and_nothing_is_written_twice(tiny, tmp_path, monkeypa
     monkeypatch.setenv("UNIPINREC_LOG_MAX_SIZE", "16 KB")
     store, run = tmp_path / "store", tmp_path / "run"
     ts.build_archive(tiny.unified, tiny.unified_index, store)
+    (run / "logs").mkdir(parents=True)  # a reused run folder: an earlier run's failure is not this run's
+    (run / "logs" / "ts_log.log").write_text("2026-01-01T00:00:00,000 [WARN ] W-9000-unipinrec_1 org.pytorch.serve."
+                                            "wlm.BatchAggregator - Load model failed: unipinrec, error: Worker died.\n")
     r = runner.invoke(app, ["serve", "--model-store", str(store), "--run-dir", str(run), *_ports(), "--no-token-auth"])
     assert r.exit_code == 0, r.output
     try:

@@ -239,6 +239,7 @@ def start(model_store: str | Path, run_dir: str | Path, *, models: list[str] | N
     if not token_auth:
         cmd.append("--disable-token-auth")
     log = open(run / "logs" / "launcher.log", "ab")
+    log_from = _size(run / "logs" / "ts_log.log")  # a reused run folder keeps earlier runs' lines
     subprocess.run(cmd, cwd=run, env=_env(run), stdout=log, stderr=subprocess.STDOUT, check=False, timeout=60)
     pid_file = run / "tmp" / ".model_server.pid"
     pid = int(pid_file.read_text().strip()) if pid_file.exists() else None
@@ -246,7 +247,7 @@ def start(model_store: str | Path, run_dir: str | Path, *, models: list[str] | N
                       f"http://127.0.0.1:{ports[2]}", [m.split("=", 1)[0] for m in models], pid, token_auth)
     info.save()
     try:
-        wait_ready(info, timeout_s)
+        wait_ready(info, timeout_s, log_from=log_from)
     except ServeError:
         stop(run)
         raise
@@ -275,13 +276,14 @@ def _headers(info: ServerInfo) -> dict:
     return {"Authorization": f"Bearer {keys['management']['key']}"}
 
 
-def wait_ready(info: ServerInfo, timeout_s: float = 180.0) -> None:
+def wait_ready(info: ServerInfo, timeout_s: float = 180.0, log_from: int | None = None) -> None:
     """Until each model has a READY worker; a ServeError as soon as TorchServe exits, or its log
-    says a model could not be registered or its worker failed to load it (TorchServe would
-    retry that worker forever)."""
+    (from byte `log_from`, default its end now) says a model could not be registered or its
+    worker failed to load it (TorchServe would retry that worker forever)."""
     deadline = time.monotonic() + timeout_s
     pending = list(info.models)
-    log = _LogTail(Path(info.run_dir) / "logs" / "ts_log.log")
+    path = Path(info.run_dir) / "logs" / "ts_log.log"
+    log = _LogTail(path, _size(path) if log_from is None else log_from)
     while time.monotonic() < deadline:
         if info.pid and not _alive(info.pid):
             raise ServeError(f"TorchServe exited; see {Path(info.run_dir) / 'logs'}")
@@ -306,8 +308,8 @@ def wait_ready(info: ServerInfo, timeout_s: float = 180.0) -> None:
 class _LogTail:
     """The complete lines a log file gained since the last call (from the start after a rotation)."""
 
-    def __init__(self, path: Path):
-        self.path, self.offset = path, 0
+    def __init__(self, path: Path, offset: int = 0):
+        self.path, self.offset = path, offset
 
     def new_lines(self) -> list[str]:
         try:
@@ -321,6 +323,13 @@ class _LogTail:
         end = data.rfind(b"\n") + 1
         self.offset += end
         return data[:end].decode("utf-8", errors="replace").splitlines()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 _REGISTER_FAILED = re.compile(r"Failed to load model: (\S+)")
