@@ -68,7 +68,7 @@ def test_every_copy_source_exists_and_is_in_the_build_context(image):
             assert not dockerignore_excludes(src), f"{image}: COPY {src} is excluded by .dockerignore"
             if path.is_dir():  # and the files the image needs inside it are not filtered out
                 for f in path.rglob("*"):
-                    if f.is_file() and f.suffix in (".py", ".yaml", ".json", ".properties") and "__pycache__" not in f.parts:
+                    if f.is_file() and f.suffix in (".py", ".yaml", ".json", ".properties", ".xml") and "__pycache__" not in f.parts:
                         assert not dockerignore_excludes(str(f.relative_to(REPO))), f"{image}: {f} excluded"
 
 

@@ -382,3 +382,27 @@ def test_deeply_nested_kserve_v1_body_is_a_400(stack):
 def test_kserve_v1_content_type_is_exactly_json(stack, content_type, status):
     assert stack["call"]("POST", "/v1/models/unipinrec:predict", {"instances": [{"user_id": 1}]},
                          {**BEARER, "Content-Type": content_type})[0] == status
+
+
+def test_log_file_is_size_rotated(tmp_path):
+    import logging
+
+    from unipinrec.serving.gateway import _log_to
+
+    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).level, logging.getLogger(n).propagate)
+             for n in ("unipinrec.gateway", "uvicorn")}
+    try:
+        _log_to(tmp_path / "gateway.log", max_bytes=2000)
+        for i in range(200):  # what a flood of malformed requests makes uvicorn write
+            logging.getLogger("uvicorn.error").warning("Invalid HTTP request received. %d", i)
+        logging.getLogger("unipinrec.gateway").info("model server exited with status 1")
+    finally:
+        for name, (handlers, level, propagate) in saved.items():
+            for h in logging.getLogger(name).handlers:
+                h.close()
+            logging.getLogger(name).handlers[:], logging.getLogger(name).level = handlers, level
+            logging.getLogger(name).propagate = propagate
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["gateway.log", "gateway.log.1", "gateway.log.2", "gateway.log.3"], files
+    assert all((tmp_path / f).stat().st_size <= 2000 for f in files)
+    assert "model server exited" in (tmp_path / "gateway.log").read_text()

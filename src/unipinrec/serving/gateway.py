@@ -480,10 +480,10 @@ class GatewayServer:
 # -- the container's process: gateway + TorchServe ----------------------------------------------
 
 
-def _log_to(log_file: Path | None) -> None:
+def _log_to(log_file: Path | None, max_bytes: int = 10 * 2**20) -> None:
     """Gateway and uvicorn warnings to stderr (the container log, rotated by the kubelet) or to
-    a size-rotated file. Access lines are not logged: TorchServe's access_log has them."""
-    handler: logging.Handler = (logging.handlers.RotatingFileHandler(log_file, maxBytes=10 * 2**20, backupCount=3)
+    a size-rotated file (+ 3 old ones). Access lines are not logged: TorchServe's access_log has them."""
+    handler: logging.Handler = (logging.handlers.RotatingFileHandler(log_file, maxBytes=max_bytes, backupCount=3)
                                 if log_file else logging.StreamHandler(sys.stderr))
     handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(name)s - %(message)s"))
     for name, level in (("unipinrec.gateway", logging.INFO), ("uvicorn", logging.WARNING)):
