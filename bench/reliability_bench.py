@@ -304,6 +304,8 @@ def phase_hostile(stack: Stack, args, rng) -> Row:
     """Each hostile body in a group with 3 valid requests, the 4 sent at once (one TorchServe batch)."""
     bad, good = Tally(), Tally()
     kinds: Counter = Counter()
+    failing: Counter = Counter()  # hostile kinds answered 5xx, or whose batch-mates failed
+    group_kind = {}
     clients = [ts_client(stack) for _ in range(4)]
     handles: list[tuple[int, str]] = []
     uid = iter(range(2_000_000, 3_000_000))
@@ -313,6 +315,8 @@ def phase_hostile(stack: Stack, args, rng) -> Row:
         t = time.perf_counter()
         status, data = clients[i].post(PREDICT, body, ct)
         (good if kind == "valid" else bad).add(status, data, kind == "valid", time.perf_counter() - t)
+        if not isinstance(status, int) or status >= 500:
+            failing[f"{group_kind['kind']}{'' if kind != 'valid' else ' (batch-mate)'}"] += 1
         if kind == "valid" and status == 200 and b'"handle"' in data:
             handles.append((json.loads(body)["user_id"], json.loads(data)["handle"]))
 
@@ -320,6 +324,7 @@ def phase_hostile(stack: Stack, args, rng) -> Row:
         for n in range(args.hostile):
             kind, body, ct = hostile_body(rng, args.items, args.L, handles[-64:])
             kinds[kind] += 1
+            group_kind["kind"] = kind
             valid = []
             for j in range(3):  # one of them a retrieve: real handles for the split-flow abuse
                 extra = {"stage": "retrieve"} if j == 0 and n % 4 == 0 else {}
@@ -327,7 +332,8 @@ def phase_hostile(stack: Stack, args, rng) -> Row:
                               "application/json"))
             list(pool.map(send, range(4), [(kind, body, ct), *valid]))
     row = Row("hostile", bad, note=f"{args.hostile} bad + {good.total} valid co-batched; valid failed "
-                                   f"{good.valid_failed} ({dict(good.statuses)}); kinds {dict(kinds)}")
+                                   f"{good.valid_failed} ({dict(good.statuses)}); kinds {dict(kinds)}; "
+                                   f"5xx or connection errors by hostile kind: {dict(failing) or 'none'}")
     row.tally.valid_failed = good.valid_failed
     row.tally.degraded = good.degraded
     row.ok = bad.server_errors == 0 and bad.conn_errors == 0 and good.valid_failed == 0
