@@ -69,7 +69,8 @@ EVENT_CORRUPTIONS = {
     "negative ts": (_set(0, "ts", -5), None, {"ts_sane"}),
     "ts in milliseconds": (lambda rows: [{**r, "ts": r["ts"] * 1000 + 1_700_000_000_000} for r in rows], None, {"ts_sane"}),
     "item_id as string": (lambda rows: [{**r, "item_id": str(r["item_id"])} for r in rows],
-                          _with_type(fmt.EVENTS_SCHEMA, "item_id", pa.string()), {"item_id_type"}),
+                          _with_type(fmt.EVENTS_SCHEMA, "item_id", pa.string()),
+                          {"item_id_type", "item_id_non_negative"}),  # strings cannot be compared with 0
     "ts as float": (lambda rows: rows, _with_type(fmt.EVENTS_SCHEMA, "ts", pa.float64()), {"ts_type"}),
     "unknown item id": (_set(2, "item_id", 999), None, {"item_id_known"}),
     "duplicate slate position": (_set(2, "position", 1), None, {"slate_positions_unique"}),
@@ -77,8 +78,13 @@ EVENT_CORRUPTIONS = {
     "unsorted rows": (_swap(3, 4), None, {"sorted_by_user_ts"}),
     "missing column": (lambda rows: [{k: v for k, v in r.items() if k != "surface"} for r in rows],
                        fmt.EVENTS_SCHEMA.remove(fmt.EVENTS_SCHEMA.get_field_index("surface")),
-                       {"surface_exists", "surface_type", "surface_not_null", "surface_non_negative"}),
+                       {"surface_exists", "surface_type", "surface_not_null", "surface_non_negative",
+                        "organic_rows_unique"}),  # the duplicate rule compares surface too
     "empty table": (lambda rows: [], None, {"not_empty"}),
+    # issue 11, finding 7: these passed the contract and trained, though serving rejects user_id < 0
+    "negative user_id": (_set(0, "user_id", -1), None, {"user_id_non_negative"}),
+    "negative item_id": (_set(2, "item_id", -3), None, {"item_id_non_negative", "item_id_known"}),
+    "exact duplicate organic row": (lambda rows: rows[:4] + [dict(rows[3])] + rows[4:], None, {"organic_rows_unique"}),
 }
 
 
@@ -91,6 +97,15 @@ def test_events_corruption_names_the_rule(name, raw, good_events):
     assert {r.rule for r in report.failed} == expected, report.render_text()
     for rule in expected:
         assert rule in report.render_text()
+
+
+def test_organic_actions_that_differ_in_any_field_are_not_duplicates(raw, good_events):
+    """A click and a save of one item in the same second are two actions; so is the same action on
+    another surface. Impression rows are left to slate_positions_unique."""
+    organic = good_events[3]
+    rows = good_events[:4] + [{**organic, "action": 3}, {**organic, "surface": 0}] + good_events[4:]
+    report = validate(raw(events=rows) / "events", "events")
+    assert report.success, report.render_text()
 
 
 def test_events_report_counts_and_offending_values(raw, good_events):
@@ -112,6 +127,7 @@ ITEM_CORRUPTIONS = {
     "null item id": (_set(3, "item_id", None), None, {"item_id_not_null"}),
     "category as string": (lambda rows: [{**r, "category": str(r["category"])} for r in rows],
                            _with_type(fmt.ITEMS_SCHEMA, "category", pa.string()), {"category_type"}),
+    "negative item id": (_set(3, "item_id", -103), None, {"item_id_non_negative"}),
 }
 
 
@@ -139,6 +155,7 @@ def _assign(**kv):
 
 EXAMPLE_CORRUPTIONS = {
     "null user_id": (_ex_set("train", 0, _assign(user_id=None)), None, {"user_id_not_null"}),
+    "negative user_id": (_ex_set("train", 0, _assign(user_id=-1)), None, {"user_id_non_negative"}),
     "history at request_ts": (_ex_set("valid", 0, lambda r: r["history"][-1].update(ts=2000)), None, {"history_before_request"}),
     "history after request_ts": (_ex_set("test", 0, lambda r: r["history"][-1].update(ts=3500)), None, {"history_before_request"}),
     "unsorted history": (_ex_set("test", 0, lambda r: r["history"].reverse()), None, {"history_sorted"}),
@@ -146,7 +163,8 @@ EXAMPLE_CORRUPTIONS = {
     "negative history ts": (_ex_set("test", 0, lambda r: r["history"][0].update(ts=-1)), None, {"history_ts_non_negative"}),
     "negative request_ts": (_ex_set("train", 0, _assign(request_ts=-1)), None, {"request_ts_sane"}),
     "user_id as string": (lambda s: {k: [{**r, "user_id": str(r["user_id"])} for r in v] for k, v in s.items()},
-                          _with_type(fmt.UNIFIED_EXAMPLE_SCHEMA, "user_id", pa.string()), {"user_id_type"}),
+                          _with_type(fmt.UNIFIED_EXAMPLE_SCHEMA, "user_id", pa.string()),
+                          {"user_id_type", "user_id_non_negative"}),  # strings cannot be compared with 0
     "history item_id as string": (
         lambda s: {k: [{**r, "history": [{**a, "item_id": str(a["item_id"])} for a in r["history"]]} for r in v]
                    for k, v in s.items()},

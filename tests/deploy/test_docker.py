@@ -68,7 +68,7 @@ def test_every_copy_source_exists_and_is_in_the_build_context(image):
             assert not dockerignore_excludes(src), f"{image}: COPY {src} is excluded by .dockerignore"
             if path.is_dir():  # and the files the image needs inside it are not filtered out
                 for f in path.rglob("*"):
-                    if f.is_file() and f.suffix in (".py", ".yaml", ".json", ".properties") and "__pycache__" not in f.parts:
+                    if f.is_file() and f.suffix in (".py", ".yaml", ".json", ".properties", ".xml") and "__pycache__" not in f.parts:
                         assert not dockerignore_excludes(str(f.relative_to(REPO))), f"{image}: {f} excluded"
 
 
@@ -132,8 +132,11 @@ def test_serving_entrypoint_resolves():
     runs = " ".join(a for i, a in ins if i == "RUN")
     assert re.search(r"apt-get install [^&]*\btini\b", runs) and "openjdk-17-jre-headless" in runs
     cmd = _json_or_shell(dict(ins)["CMD"])
-    assert cmd[:3] == ["python", "-m", "unipinrec.deploy.gateway"] and _module_file(cmd[2]).is_file()
+    assert cmd[:3] == ["python", "-m", "unipinrec.serving.gateway"] and _module_file(cmd[2]).is_file()
     assert "__main__" in _module_file(cmd[2]).read_text()
+    # the gateway's HTTP server comes with the platform extra the image installs
+    platform = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["platform"]
+    assert any(r.startswith("uvicorn==") for r in platform) and "uvicorn" in runs
     ts = cmd[cmd.index("--") + 1:]
     assert ts[0] == "torchserve" and "torchserve==0.12.0" in (REPO / "pyproject.toml").read_text()
     assert "--disable-token-auth" not in cmd

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import http.client
 import json
+import select
 import socket
+import subprocess
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from unipinrec.deploy.gateway import Gateway, make_server
+from unipinrec.serving.gateway import Gateway, Limits, make_server
 
 
 class FakeTorchServe:
@@ -31,6 +34,7 @@ class FakeTorchServe:
 
         class H(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # as TorchServe's netty does: the latency test measures the gateway
 
             def _reply(self, status, obj):
                 body = json.dumps(obj).encode()
@@ -67,8 +71,7 @@ class FakeTorchServe:
                 if self.path == "/ping":
                     return self._reply(200, {"status": "Healthy"})
                 if self.path.startswith("/predictions/"):
-                    req = json.loads(body)
-                    return self._reply(200, {"items": [], "model_version": "v1", "echo": req})
+                    return self._reply(*outer.predict(json.loads(body)))
                 return self._reply(404, {"message": "not found"})
 
             def log_message(self, *a):
@@ -78,6 +81,9 @@ class FakeTorchServe:
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def predict(self, req) -> tuple[int, dict]:
+        return 200, {"items": [], "model_version": "v1", "echo": req}
 
     def rotate(self, expires_in: timedelta) -> None:
         self.n += 1
@@ -99,14 +105,18 @@ class FakeTorchServe:
 
 
 @pytest.fixture
-def stack(tmp_path):
+def limits():
+    return Limits()
+
+
+@pytest.fixture
+def stack(tmp_path, limits):
     key_file, token_file = tmp_path / "key_file.json", tmp_path / "token"
     token_file.write_text("client-token-1\nclient-token-2\n")
     ts = FakeTorchServe(key_file)
     alive = {"child": True}
     gw = Gateway(ts.url, ts.url, key_file, token_file, child_alive=lambda: alive["child"])
-    server = make_server(gw, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    server = make_server(gw, "127.0.0.1", 0, limits).start()
     port = server.server_address[1]
 
     def call(method, path, body=None, headers=None):
@@ -119,7 +129,7 @@ def stack(tmp_path):
         return out
 
     yield {"ts": ts, "gw": gw, "call": call, "token_file": token_file, "alive": alive, "key_file": key_file,
-           "gw_port": port}
+           "gw_port": port, "server": server}
     server.shutdown()
     ts.server.shutdown()
 
@@ -233,38 +243,166 @@ def test_kserve_v1_protocol(stack):
     assert status == 200 and json.loads(body) == {"name": "unipinrec", "ready": True}
 
 
-def test_oversized_or_chunked_bodies_are_refused(stack, monkeypatch):
-    import unipinrec.deploy.gateway as g
-
-    monkeypatch.setattr(g, "MAX_BODY", 10)
+@pytest.mark.parametrize("limits", [Limits(max_body=10)])
+def test_oversized_or_chunked_bodies_are_refused(stack):
     assert stack["call"]("POST", "/predictions/unipinrec", {"user_id": 123456789}, BEARER)[0] == 413
     port = stack["gw_port"]
     for head, status in ((b"Content-Length: nonsense", b"400"), (b"Transfer-Encoding: chunked", b"411")):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(b"POST /predictions/unipinrec HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n\r\n")
+            sock.sendall(b"POST /predictions/unipinrec HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer client-token-1\r\n"
+                         + head + b"\r\n\r\n")
             assert sock.recv(100).split(b" ")[1] == status
+    assert not [s for s in stack["ts"].seen if s[1].startswith("/predictions")]
 
 
-def test_responses_are_not_held_back_by_nagle(stack):
-    """Headers and body are two writes: without TCP_NODELAY each answer waits ~40 ms for the
-    client's delayed ACK (measured: p50 44 ms through the gateway vs 1.1 ms direct, 1.4 ms with it)."""
-    import socket as _socket
+def test_answers_are_not_held_back_by_nagle(stack):
+    """Headers and body may go out as two writes: with Nagle on, each answer would wait ~40 ms
+    for the client's delayed ACK (measured before: p50 44 ms through the gateway vs 1.1 ms direct)."""
+    conn = http.client.HTTPConnection("127.0.0.1", stack["gw_port"], timeout=10)
+    took = []
+    for _ in range(21):
+        t = time.perf_counter()
+        conn.request("POST", "/predictions/unipinrec", body=b'{"user_id": 1}',
+                     headers={"Content-Type": "application/json", **BEARER})
+        assert conn.getresponse().read()
+        took.append(time.perf_counter() - t)
+    conn.close()
+    assert sorted(took)[10] < 0.03, took
 
-    from unipinrec.deploy import gateway as g
 
-    assert g._Handler.disable_nagle_algorithm is True
-    server = make_server(stack["gw"], "127.0.0.1", 0)
-    seen = {}
+# ------------------------------------------------------------------------------------------------
+# issue 11: held down without a token (finding 2), key rotation by answer text (4), nested JSON (8)
 
-    class Probe(g._Handler):
-        def setup(self):
-            super().setup()
-            seen["nodelay"] = self.connection.getsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY)
+def _open(port: int, head: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(head)
+    return sock
 
-    server.RequestHandlerClass = Probe
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
-    conn.request("GET", "/livez")
-    conn.getresponse().read()
-    server.shutdown()
-    assert seen["nodelay"] == 1
+
+def _until_closed(sock: socket.socket, within_s: float) -> bytes:
+    """What the server sent before closing; fails when it keeps the connection open longer."""
+    sock.settimeout(within_s)
+    got = b""
+    while chunk := sock.recv(65536):
+        got += chunk
+    return got
+
+
+def _drip_until_closed(sock: socket.socket, within_s: float) -> float:
+    """Send a byte every 0.1 s until the server closes; seconds it took."""
+    t = time.monotonic()
+    while time.monotonic() - t < within_s:
+        try:
+            sock.sendall(b"X")
+        except OSError:  # reset by the server
+            return time.monotonic() - t
+        if select.select([sock], [], [], 0.1)[0] and sock.recv(1) == b"":
+            return time.monotonic() - t
+    raise AssertionError(f"still open after {within_s} s")
+
+
+def test_unauthenticated_body_is_refused_before_it_is_read(stack):
+    """The head says 16 MB are coming and carries no token: the answer is a 401 at once, not after
+    reading (and holding) the body."""
+    head = (b"POST /predictions/unipinrec HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 16000000\r\n\r\n")
+    with _open(stack["gw_port"], head + b"x" * 1000) as sock:
+        t = time.monotonic()
+        got = _until_closed(sock, within_s=3)
+    assert got.split(b" ")[1] == b"401" and time.monotonic() - t < 3
+
+
+@pytest.mark.parametrize("limits", [Limits(head_timeout_s=0.5, body_timeout_s=0.5)])
+def test_slow_heads_and_bodies_are_cut_off(stack):
+    port = stack["gw_port"]
+    with _open(port, b"POST /predictions/unipinrec HTTP/1.1\r\nHost: x\r\n") as sock:  # head never finished
+        assert _until_closed(sock, within_s=3) == b""
+    with _open(port, b"POST /predictions/unipinrec HTTP/1.1\r\n") as sock:  # a header byte now and then
+        assert _drip_until_closed(sock, within_s=3) < 2
+
+    head = (b"POST /predictions/unipinrec HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer client-token-1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"user_id\"")
+    with _open(port, head) as sock:  # authenticated, body never finished
+        assert _until_closed(sock, within_s=3).split(b" ")[1] == b"408"
+    assert not [s for s in stack["ts"].seen if s[1].startswith("/predictions")]
+
+
+def test_many_slow_unauthenticated_clients_do_not_hold_the_gateway(stack):
+    """300 half-sent heads and 50 half-sent unauthenticated bodies stay connected (or are cut
+    off) while an authenticated client keeps getting quick answers; no thread per connection."""
+    port, threads_before = stack["gw_port"], threading.active_count()
+    slow = [_open(port, b"POST /predictions/unipinrec HTTP/1.1\r\nHost: x\r\nContent-Le") for _ in range(300)]
+    slow += [_open(port, b"POST /predictions/unipinrec HTTP/1.1\r\nHost: x\r\nContent-Length: 16000000\r\n\r\n"
+                   + b"x" * 65536) for _ in range(50)]
+    try:
+        took = []
+        for i in range(20):
+            t = time.perf_counter()
+            status, _ = stack["call"]("POST", "/predictions/unipinrec", {"user_id": i}, BEARER)
+            took.append(time.perf_counter() - t)
+            assert status == 200
+        assert max(took) < 1.0, took
+        assert threading.active_count() - threads_before < 40  # the upstream pool, not one per connection
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def test_listen_backlog_is_not_five(stack):
+    """`ss` reports a listening socket's backlog as its Send-Q."""
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{stack['gw_port']}"], capture_output=True, text=True, check=True)
+    assert int(out.stdout.split()[2]) == Limits().backlog
+
+
+def test_a_model_answer_that_echoes_the_token_failure_text_does_not_rotate_the_key(stack):
+    """A 400 from the model whose JSON quotes 'Token Authorization failed' (a client-chosen field
+    name) is the model's answer, passed through; only TorchServe's own InvalidKeyException rotates."""
+    ts = stack["ts"]
+    bait = {"Token Authorization failed": 1}
+    original = ts.predict
+    ts.predict = lambda req: (400, {"error": {"status": 400, "field": next(iter(req)), "message": "extra field"}}) \
+        if req == bait else original(req)
+    for _ in range(5):
+        status, body = stack["call"]("POST", "/predictions/unipinrec", bait, BEARER)
+        assert status == 400 and b"Token Authorization failed" in body
+    assert not [s for s in ts.seen if s[1].startswith("/token")]
+    assert ts.key == "inference-key-1"
+
+
+def test_deeply_nested_kserve_v1_body_is_a_400(stack):
+    for body in (b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                 b'{"instances": [{"user_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}]}"):
+        status, answer = stack["call"]("POST", "/v1/models/unipinrec:predict", body, BEARER)
+        assert status == 400 and b"instances" in answer
+    assert stack["call"]("POST", "/v1/models/unipinrec:predict", {"instances": [{"user_id": 1}]}, BEARER)[0] == 200
+
+
+@pytest.mark.parametrize("content_type, status", [("application/json", 200), ("application/json; charset=utf-8", 200),
+                                                  ("application/jsonx", 415), ("text/plain", 415)])
+def test_kserve_v1_content_type_is_exactly_json(stack, content_type, status):
+    assert stack["call"]("POST", "/v1/models/unipinrec:predict", {"instances": [{"user_id": 1}]},
+                         {**BEARER, "Content-Type": content_type})[0] == status
+
+
+def test_log_file_is_size_rotated(tmp_path):
+    import logging
+
+    from unipinrec.serving.gateway import _log_to
+
+    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).level, logging.getLogger(n).propagate)
+             for n in ("unipinrec.gateway", "uvicorn")}
+    try:
+        _log_to(tmp_path / "gateway.log", max_bytes=2000)
+        for i in range(200):  # what a flood of malformed requests makes uvicorn write
+            logging.getLogger("uvicorn.error").warning("Invalid HTTP request received. %d", i)
+        logging.getLogger("unipinrec.gateway").info("model server exited with status 1")
+    finally:
+        for name, (handlers, level, propagate) in saved.items():
+            for h in logging.getLogger(name).handlers:
+                h.close()
+            logging.getLogger(name).handlers[:], logging.getLogger(name).level = handlers, level
+            logging.getLogger(name).propagate = propagate
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["gateway.log", "gateway.log.1", "gateway.log.2", "gateway.log.3"], files
+    assert all((tmp_path / f).stat().st_size <= 2000 for f in files)
+    assert "model server exited" in (tmp_path / "gateway.log").read_text()

@@ -127,16 +127,16 @@ def pod(request, tmp_path_factory):
     inside = Path("/tmp/pod") if isolated else base
     (base / "etc" / "config.properties").write_text(torchserve_config(
         str(inside / "store"), ports=(inference, management, metrics, grpc_inf, grpc_mgmt), metrics_host="127.0.0.1",
-        metrics_config=str(REPO / "serving" / "metrics.yaml")))
+        metrics_config=str(REPO / "serving" / "metrics.yaml"), log_config=str(REPO / "serving" / "log4j2.xml")))
     (base / "secrets" / "token").write_text("tok-123\n")
     if isolated:
         for d in ("work", "tmp", "logs"):
             os.chown(base / d, 1000, 1000)
     env = {"PATH": f"{BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "TEMP": str(inside / "tmp"), "TMPDIR": str(inside / "tmp"),
            "HOME": str(inside / "tmp"), "LOG_LOCATION": str(inside / "logs"), "METRICS_LOCATION": str(inside / "logs"),
-           "PYTHONDONTWRITEBYTECODE": "1",
+           "PYTHONDONTWRITEBYTECODE": "1", "UNIPINREC_LOG_MAX_SIZE": "16 KB",  # rotation within a test
            "PYTHONPATH": str(Path(unipinrec.__file__).resolve().parents[1])}  # the package under test
-    cmd = [str(BIN / "python"), "-m", "unipinrec.deploy.gateway", f"--listen=127.0.0.1:{gateway}",
+    cmd = [str(BIN / "python"), "-m", "unipinrec.serving.gateway", f"--listen=127.0.0.1:{gateway}",
            f"--upstream=http://127.0.0.1:{inference}", f"--management=http://127.0.0.1:{management}",
            f"--key-file={inside}/work/key_file.json", f"--token-file={inside}/secrets/token", "--",
            "torchserve", "--start", "--foreground", "--ncs", f"--ts-config={inside}/etc/config.properties"]
@@ -188,6 +188,8 @@ def _call(port, method, path, body=None, headers=None):
 def test_token_auth_is_on_in_torchserve_itself(pod):
     status, body = _call(pod["inference"], "POST", "/predictions/unipinrec", {"user_id": 1})
     assert status == 400 and b"Token Authorization failed" in body  # TorchServe 0.12 answers 400
+    # ... with its own error type: what the gateway's key refresh keys on (never the text)
+    assert json.loads(body)["type"] == "InvalidKeyException" and set(json.loads(body)) == {"code", "type", "message"}
     assert _call(pod["inference"], "GET", "/ping")[0] == 400  # even /ping needs the key
     keys = json.loads((pod["base"] / "work" / "key_file.json").read_text())
     assert set(keys) == {"management", "inference", "API"}
@@ -227,6 +229,28 @@ def test_torchserve_wrote_only_into_the_emptydirs(pod):
     if pod["isolated"]:
         # the process ran as uid 1000 with a read-only root: the files it made are uid 1000's
         assert (base / "work" / "key_file.json").stat().st_uid == 1000
+
+
+def test_every_log_file_is_rotated_and_each_line_written_once(pod):
+    """serving/log4j2.xml through the cluster config (vmargs): logs roll at UNIPINREC_LOG_MAX_SIZE
+    into at most 5 gzipped files each; TorchServe's built-in config wrote DEBUG lines twice and
+    rotated nothing it copied to the console."""
+    conn = http.client.HTTPConnection("127.0.0.1", pod["gateway"], timeout=30)
+    for i in range(400):  # ~120 bytes of access log each
+        conn.request("POST", "/predictions/unipinrec", body=json.dumps({"user_id": i}).encode(),
+                     headers={"Content-Type": "application/json", "Authorization": "Bearer tok-123"})
+        assert conn.getresponse().read()
+    conn.close()
+    logs = pod["base"] / "logs"
+    assert list(logs.glob("access_log.*.log.gz")), sorted(p.name for p in logs.iterdir())
+    for name in ("access_log", "model_log", "ts_log", "model_metrics", "ts_metrics"):
+        assert len(list(logs.glob(f"{name}.*.log.gz"))) <= 5
+    for path in logs.glob("*.log"):
+        assert path.stat().st_size < 16 * 1024 + 4096, path  # one roll size (+ the line that crossed it)
+    lines = (logs / "ts_log.log").read_text().splitlines()
+    assert lines and not [line for line in lines if "[DEBUG]" in line]
+    assert len(set(lines)) > 0.9 * len(lines)  # not every line twice
+    assert "-Dlog4j.configurationFile=" in (pod["base"] / "etc" / "config.properties").read_text()
 
 
 def test_sigterm_stops_gateway_and_torchserve(pod):

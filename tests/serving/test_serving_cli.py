@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import json
+import shutil
+import time
 import zipfile
+from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from unipinrec.cli import app
@@ -68,3 +72,77 @@ def test_serve_needs_a_store_and_stop_without_a_server_says_so(tmp_path):
     assert r.exit_code == 0 and "no server recorded" in r.output
     r = runner.invoke(app, ["serve", "--model-store", str(tmp_path), "--run-dir", str(tmp_path / "run")])
     assert r.exit_code == 1 and "no .mar archives" in r.output
+
+
+# --- a real TorchServe: fail fast on a corrupt archive (issue 11, finding 8); logs (finding 6) ---
+
+needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java (17)")
+
+
+def _ports() -> list[str]:
+    from unipinrec.serving.torchserve import free_port
+
+    return ["--port", str(free_port()), "--management-port", str(free_port()), "--metrics-port", str(free_port())]
+
+
+def _corrupt(mar: Path, how: str) -> None:
+    data = mar.read_bytes()
+    if how == "truncated":
+        mar.write_bytes(data[: len(data) // 2])
+        return
+    tmp = mar.with_suffix(".tmp")
+    with zipfile.ZipFile(mar) as zin, zipfile.ZipFile(tmp, "w") as zout:
+        for item in zin.infolist():
+            body = zin.read(item.filename)
+            zout.writestr(item, b"\0not weights" * 64 if item.filename.endswith("model/model.safetensors") else body)
+    tmp.replace(mar)
+
+
+@needs_java
+@pytest.mark.integration
+@pytest.mark.parametrize("how, says", [("weights", "ValueError"), ("truncated", "could not register")])
+def test_serve_fails_as_soon_as_torchserve_gives_up_on_a_corrupt_archive(tiny, tmp_path, how, says):
+    """The worker fails within seconds (TorchServe then retries it forever); `serve` used to wait
+    out its whole --timeout (180 s) before saying anything."""
+    from unipinrec.serving import torchserve as ts
+
+    store = tmp_path / "store"
+    _corrupt(ts.build_archive(tiny.unified, tiny.unified_index, store), how)
+    t = time.monotonic()
+    r = runner.invoke(app, ["serve", "--model-store", str(store), "--run-dir", str(tmp_path / "run"), *_ports(),
+                            "--timeout", "180"])
+    took = time.monotonic() - t
+    assert r.exit_code == 1 and says in r.output, r.output
+    assert took < 60, (took, r.output)
+    assert not (tmp_path / "run" / "state.json").exists()  # stopped again
+
+
+@needs_java
+@pytest.mark.integration
+def test_serve_logs_rotate_and_nothing_is_written_twice(tiny, tmp_path, monkeypatch):
+    import requests
+
+    from unipinrec.serving import torchserve as ts
+
+    monkeypatch.setenv("UNIPINREC_LOG_MAX_SIZE", "16 KB")
+    store, run = tmp_path / "store", tmp_path / "run"
+    ts.build_archive(tiny.unified, tiny.unified_index, store)
+    (run / "logs").mkdir(parents=True)  # a reused run folder: an earlier run's failure is not this run's
+    (run / "logs" / "ts_log.log").write_text("2026-01-01T00:00:00,000 [WARN ] W-9000-unipinrec_1 org.pytorch.serve."
+                                            "wlm.BatchAggregator - Load model failed: unipinrec, error: Worker died.\n")
+    r = runner.invoke(app, ["serve", "--model-store", str(store), "--run-dir", str(run), *_ports(), "--no-token-auth"])
+    assert r.exit_code == 0, r.output
+    try:
+        url = json.loads(r.output.strip().splitlines()[-1])["inference"] + "/predictions/unipinrec"
+        with requests.Session() as s:
+            for i in range(300):
+                assert s.post(url, json={"user_id": i, "history": [], "k": 2}, timeout=30).status_code == 200
+    finally:
+        runner.invoke(app, ["serve", "--stop", "--run-dir", str(run)])
+    logs = run / "logs"
+    assert list(logs.glob("access_log.*.log.gz")), sorted(p.name for p in logs.iterdir())
+    for path in logs.glob("*.log"):
+        assert path.stat().st_size < 16 * 1024 + 4096, path
+    assert (logs / "launcher.log").stat().st_size < 4096  # the console: only the launcher's own lines
+    lines = (logs / "ts_log.log").read_text().splitlines()
+    assert lines and not [line for line in lines if "[DEBUG]" in line] and len(set(lines)) > 0.9 * len(lines)

@@ -128,6 +128,7 @@ BAD = [
     ("malformed JSON", b'{"user_id": 1,', JSON, 400, "body"),
     ("wrong content type", json.dumps(body()), {"Content-Type": "text/plain"}, 415, "Content-Type"),
     ("form encoded", "user_id=1&k=3", {"Content-Type": "application/x-www-form-urlencoded"}, 415, "Content-Type"),
+    ("json-like content type", json.dumps(body()), {"Content-Type": "application/jsonx"}, 415, "Content-Type"),
     ("missing field", {"k": 3}, JSON, 422, "user_id"),
     ("unknown item", _mutated(history=[{"item_id": 5, "action": 1, "ts": 1}]), JSON, 422, "history[0].item_id"),
     ("negative k", _mutated(k=-1), JSON, 422, "k"),
@@ -146,6 +147,23 @@ def test_bad_input_is_a_4xx_naming_the_field_and_the_worker_keeps_serving(http, 
     assert r.status_code == status, r.text
     assert r.json()["error"]["field"] == field
     assert_serving(http, server)
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "Application/JSON"])
+def test_json_with_parameters_or_other_case_is_served(http, server, content_type):
+    r = post(http, server, body(user_id=85), headers={"Content-Type": content_type})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("value, media", [("application/json", "application/json"),
+                                          ("application/json; charset=utf-8", "application/json"),
+                                          ("APPLICATION/JSON ;charset=UTF-8", "application/json"),
+                                          ("application/jsonx", "application/jsonx"), ("application/json+x", "application/json+x"),
+                                          ("json", "text/plain"), ("", "text/plain")])
+def test_media_type_is_the_type_without_parameters(value, media):
+    from unipinrec.serving.handler_support import media_type
+
+    assert media_type(value) == media
 
 
 def test_long_and_empty_histories_are_served(http, server):

@@ -17,6 +17,7 @@ from ..format import EVENTS_SCHEMA, ITEMS_SCHEMA, UNIFIED_EXAMPLE_SCHEMA
 DERIVED_DOCS: dict[str, dict[str, str]] = {
     "events": {
         "impression_fields_paired": "bool: request_id and position are both null or both set",
+        "organic_row": "int8: 1 for an organic row (request_id null), null for an impression row",
         "in_order": "bool: the row is not before the previous row (shard order) in (user_id, ts) order",
         "unknown_item_id": "int64: item_id when it is not in the items table, else null",
     },
@@ -131,6 +132,9 @@ def derive(contract: str, batch: pa.RecordBatch | pa.Table, *, item_ids: pa.Arra
     if contract == "events":
         if "request_id" in cols and "position" in cols:
             cols["impression_fields_paired"] = pc.equal(pc.is_null(cols["request_id"]), pc.is_null(cols["position"]))
+        if "request_id" in cols:  # impression rows are null here, so the uniqueness rule skips them
+            organic = pc.is_null(cols["request_id"])
+            cols["organic_row"] = pc.if_else(organic, pa.scalar(1, pa.int8()), pa.scalar(None, pa.int8()))
         if in_order is not None:
             cols["in_order"] = in_order
         if item_ids is not None and "item_id" in cols:

@@ -70,6 +70,13 @@ def _schema_rules(schema, required_nonnull: bool = True) -> list[Rule]:
     return rules
 
 
+def _ids_non_negative(*columns: str) -> list[Rule]:
+    return [Rule(f"{c}_non_negative", "expect_column_values_to_be_between", {"column": c, "min_value": 0},
+                 f"'{c}' is not negative (serving rejects negative ids)",
+                 "training on ids that no request can ever ask for; sentinel ids like -1 taken as real")
+            for c in columns]
+
+
 _NOT_EMPTY = Rule("not_empty", "expect_table_row_count_to_be_between", {"min_value": 1},
                   "the table has at least one row", "an upstream step that silently produced nothing")
 
@@ -80,6 +87,7 @@ def _events_rules() -> list[Rule]:
         *_schema_rules(EVENTS_SCHEMA),
         Rule("action_in_vocabulary", "expect_column_values_to_be_in_set", {"column": "action", "value_set": _param("action_ids")},
              "action is an id of the dataset's action vocabulary", "embedding lookups out of range; tasks computed on unknown actions", needs="actions"),
+        *_ids_non_negative("user_id", "item_id"),
         Rule("ts_sane", "expect_column_values_to_be_between", {"column": "ts", "min_value": 0, "max_value": _param("max_ts")},
              "ts is in seconds, not negative and not far in the future", "milliseconds mistaken for seconds; sentinel values like -1; broken time-gap buckets"),
         Rule("surface_non_negative", "expect_column_values_to_be_between", {"column": "surface", "min_value": 0},
@@ -92,6 +100,11 @@ def _events_rules() -> list[Rule]:
         Rule("slate_positions_unique", "expect_compound_columns_to_be_unique",
              {"column_list": ["request_id", "position"], "ignore_row_if": "any_value_is_missing"},
              "no two impressions of one feed request share a slate position", "duplicated impressions; ambiguous slates"),
+        Rule("organic_rows_unique", "expect_compound_columns_to_be_unique",
+             {"column_list": ["user_id", "item_id", "action", "ts", "surface", "organic_row"], "ignore_row_if": "any_value_is_missing"},
+             "no organic action (no request_id) appears twice with the same user, item, action, ts and surface",
+             "a replayed or double-written log counting one action twice in histories and as a training target",
+             derived=("organic_row",)),
         Rule("sorted_by_user_ts", "expect_column_values_to_be_in_set", {"column": "in_order", "value_set": [True]},
              "rows are sorted by (user_id, ts) across shards, as the layout promises",
              "the streaming example builder mixing users or building histories out of order", derived=("in_order",)),
@@ -105,6 +118,7 @@ def _items_rules() -> list[Rule]:
     return [
         _NOT_EMPTY,
         *_schema_rules(ITEMS_SCHEMA),
+        *_ids_non_negative("item_id"),
         Rule("item_id_unique", "expect_column_values_to_be_unique", {"column": "item_id"},
              "each item_id appears once", "two embedding rows for one item; joins that multiply rows"),
     ]
@@ -112,7 +126,7 @@ def _items_rules() -> list[Rule]:
 
 def _examples_rules() -> list[Rule]:
     flat = [f for f in UNIFIED_EXAMPLE_SCHEMA if f.name in ("user_id", "request_ts")]
-    rules = [_NOT_EMPTY, *_schema_rules(pa.schema(flat))]
+    rules = [_NOT_EMPTY, *_schema_rules(pa.schema(flat)), *_ids_non_negative("user_id")]
     for name in ("history", "slate"):
         expected = str(UNIFIED_EXAMPLE_SCHEMA.field(name).type)
         rules += [

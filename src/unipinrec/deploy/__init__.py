@@ -10,7 +10,8 @@
 The cluster sits behind the small `KubeApi` protocol (`api.py`); `KubernetesApi` (`kube.py`)
 imports the `kubernetes` client lazily, tests use an in-memory fake. `publish` writes model
 versions into the registry (the serving pod fetches them: `unipinrec.serving.registry`),
-`torchserve_config` renders the in-cluster config.properties. The retraining CronJob submits
+`torchserve_config` renders the in-cluster config.properties (the token gateway lives with serving:
+`unipinrec.serving.gateway`). The retraining CronJob submits
 its runs through `unipinrec.kfp_client`.
 """
 from __future__ import annotations

@@ -10,13 +10,16 @@ files equal to it. Rules it encodes:
   the pod's only way in; metrics (8082) listen on all interfaces for Prometheus;
 * the model API stays off (no registering models at run time), no per-model pip installs;
 * TorchServe writes only under the working directory (key file), `TEMP` (unpacked archives,
-  sockets) and `LOG_LOCATION`: the container mounts emptyDirs there.
+  sockets) and `LOG_LOCATION`: the container mounts emptyDirs there; serving/log4j2.xml rotates
+  every log file by size (the emptyDir cannot fill up) and sends only warnings to the console.
 """
 from __future__ import annotations
 
 MODEL_NAME = "unipinrec"
 # serving/metrics.yaml as images/Dockerfile.serving installs it: custom metrics need declaring.
 METRICS_CONFIG = "/opt/unipinrec/serving/metrics.yaml"
+# serving/log4j2.xml as the image installs it: size-rotated files, each line once (issue 11).
+LOG_CONFIG = "/opt/unipinrec/serving/log4j2.xml"
 INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT, GATEWAY_PORT = 8085, 8081, 8082, 8080
 GRPC_INFERENCE_PORT, GRPC_MANAGEMENT_PORT = 7070, 7071
 
@@ -25,7 +28,8 @@ def torchserve_config(model_store: str, *, model_name: str = MODEL_NAME, workers
                       token_expiration_min: int = 60, max_request_mb: int = 16,
                       ports: tuple[int, ...] = (INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT,
                                                 GRPC_INFERENCE_PORT, GRPC_MANAGEMENT_PORT),
-                      metrics_host: str = "0.0.0.0", metrics_config: str = METRICS_CONFIG) -> str:
+                      metrics_host: str = "0.0.0.0", metrics_config: str = METRICS_CONFIG,
+                      log_config: str = LOG_CONFIG) -> str:
     """config.properties text; `ports` = (inference, management, metrics, grpc inference, grpc management)."""
     size = max_request_mb * 1024 * 1024
     inference, management, metrics, grpc_inference, grpc_management = ports
@@ -50,8 +54,10 @@ def torchserve_config(model_store: str, *, model_name: str = MODEL_NAME, workers
         "install_py_dep_per_model=false",
         f"max_request_size={size}",
         f"max_response_size={size}",
-        # -XX:-UsePerfData: no hsperfdata files; the heap follows the container's memory limit.
-        "vmargs=-XX:+UseContainerSupport -XX:MaxRAMPercentage=40.0 -XX:-UsePerfData -XX:+ExitOnOutOfMemoryError",
+        # -XX:-UsePerfData: no hsperfdata files; the heap follows the container's memory limit;
+        # TorchServe's built-in log4j2 config would log DEBUG twice and everything to the console.
+        "vmargs=-XX:+UseContainerSupport -XX:MaxRAMPercentage=40.0 -XX:-UsePerfData -XX:+ExitOnOutOfMemoryError"
+        f" -Dlog4j.configurationFile=file://{log_config}",
     ]
     return "\n".join(lines) + "\n"
 

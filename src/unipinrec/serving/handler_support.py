@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from email.message import Message
 from pathlib import Path
 
 from .engine import Engine, EngineConfig
@@ -74,9 +75,18 @@ def content_type_error(ctx, idx: int, item: dict) -> ServingError | None:
         ct = ct or _header(ctx, idx, name)
     if "body" not in item and "data" not in item:
         return ServingError(415, "Content-Type", f"send the request as application/json (got {ct or 'form fields'})")
-    if ct is not None and not str(ct).lower().startswith("application/json"):
+    if ct is not None and media_type(ct) != "application/json":
         return ServingError(415, "Content-Type", f"must be application/json, got {ct!r}")
     return None
+
+
+def media_type(content_type) -> str:
+    """'application/json' of 'Application/JSON; charset=utf-8': the type alone, lowercased, parsed
+    as email headers are (a prefix match would take 'application/jsonx'); 'text/plain' when it
+    is not a type/subtype."""
+    msg = Message()
+    msg["content-type"] = str(content_type)
+    return msg.get_content_type()
 
 
 def body_size_error(ctx, idx: int, limit: int) -> ServingError | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -42,7 +43,7 @@ def _bin(name: str) -> str:
     return found
 
 
-SERVING_FILES = ("handler.py", "config.properties", "model-config.yaml", "metrics.yaml")
+SERVING_FILES = ("handler.py", "config.properties", "model-config.yaml", "metrics.yaml", "log4j2.xml")
 
 
 def serving_dir(path: str | Path | None = None) -> Path:
@@ -198,6 +199,8 @@ def _env(run_dir: Path) -> dict:
     tmp.mkdir(exist_ok=True)
     # TorchServe's pid file lives in $TMPDIR: one per run folder, so servers never collide.
     env.update(TMPDIR=str(tmp), LOG_LOCATION=str(run_dir / "logs"), METRICS_LOCATION=str(run_dir / "logs"))
+    # serving/log4j2.xml: the rotated files hold everything; the console (launcher.log) nothing
+    env.setdefault("UNIPINREC_CONSOLE_LOG_LEVEL", "off")
     return env
 
 
@@ -234,10 +237,11 @@ def start(model_store: str | Path, run_dir: str | Path, *, models: list[str] | N
     sdir = serving_dir(serving)
     cfg = render_config(sdir, run, ports)
     cmd = [_bin("torchserve"), "--start", "--ncs", "--model-store", str(store), "--models", *models,
-           "--ts-config", str(cfg), "--enable-model-api"]
+           "--ts-config", str(cfg), "--log-config", str((sdir / "log4j2.xml").resolve()), "--enable-model-api"]
     if not token_auth:
         cmd.append("--disable-token-auth")
     log = open(run / "logs" / "launcher.log", "ab")
+    log_from = _size(run / "logs" / "ts_log.log")  # a reused run folder keeps earlier runs' lines
     subprocess.run(cmd, cwd=run, env=_env(run), stdout=log, stderr=subprocess.STDOUT, check=False, timeout=60)
     pid_file = run / "tmp" / ".model_server.pid"
     pid = int(pid_file.read_text().strip()) if pid_file.exists() else None
@@ -245,7 +249,7 @@ def start(model_store: str | Path, run_dir: str | Path, *, models: list[str] | N
                       f"http://127.0.0.1:{ports[2]}", [m.split("=", 1)[0] for m in models], pid, token_auth)
     info.save()
     try:
-        wait_ready(info, timeout_s)
+        wait_ready(info, timeout_s, log_from=log_from)
     except ServeError:
         stop(run)
         raise
@@ -274,12 +278,20 @@ def _headers(info: ServerInfo) -> dict:
     return {"Authorization": f"Bearer {keys['management']['key']}"}
 
 
-def wait_ready(info: ServerInfo, timeout_s: float = 180.0) -> None:
+def wait_ready(info: ServerInfo, timeout_s: float = 180.0, log_from: int | None = None) -> None:
+    """Until each model has a READY worker; a ServeError as soon as TorchServe exits, or its log
+    (from byte `log_from`, default its end now) says a model could not be registered or its
+    worker failed to load it (TorchServe would retry that worker forever)."""
     deadline = time.monotonic() + timeout_s
     pending = list(info.models)
+    path = Path(info.run_dir) / "logs" / "ts_log.log"
+    log = _LogTail(path, _size(path) if log_from is None else log_from)
     while time.monotonic() < deadline:
         if info.pid and not _alive(info.pid):
             raise ServeError(f"TorchServe exited; see {Path(info.run_dir) / 'logs'}")
+        failure = _load_failure(log.new_lines(), pending, Path(info.run_dir) / "logs")
+        if failure:
+            raise ServeError(failure)
         for name in list(pending):
             try:
                 req = urllib.request.Request(f"{info.management}/models/{name}", headers=_headers(info))
@@ -293,6 +305,63 @@ def wait_ready(info: ServerInfo, timeout_s: float = 180.0) -> None:
             return
         time.sleep(0.5)
     raise ServeError(f"models {pending} not ready after {timeout_s:.0f} s; see {Path(info.run_dir) / 'logs'}")
+
+
+class _LogTail:
+    """The complete lines a log file gained since the last call (from the start after a rotation)."""
+
+    def __init__(self, path: Path, offset: int = 0):
+        self.path, self.offset = path, offset
+
+    def new_lines(self) -> list[str]:
+        try:
+            if self.path.stat().st_size < self.offset:
+                self.offset = 0
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(4 * 2**20)
+        except OSError:
+            return []
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        return data[:end].decode("utf-8", errors="replace").splitlines()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+_REGISTER_FAILED = re.compile(r"Failed to load model: (\S+)")
+_WORKER_FAILED = re.compile(r"Load model failed: ([^,\s]+), error: (.*)")
+_PY_ERROR = re.compile(r"MODEL_LOG - ((?:\w+\.)*\w*(?:Error|Exception)\b.*)$")
+
+
+def _load_failure(lines: list[str], pending: list[str], logs: Path) -> str | None:
+    """What TorchServe's log says went wrong with a model we wait for, or None."""
+    for i, line in enumerate(lines):
+        if m := _REGISTER_FAILED.search(line):
+            cause = lines[i + 1].strip() if i + 1 < len(lines) else "see the log"
+            return f"TorchServe could not register {m.group(1)}: {cause}; see {logs / 'ts_log.log'}"
+        if (m := _WORKER_FAILED.search(line)) and m.group(1) in pending:
+            return (f"model {m.group(1)}: its worker failed to load it ({m.group(2).strip()}): "
+                    f"{_last_python_error(logs / 'model_log.log') or 'no Python error logged'}; "
+                    f"see {logs / 'model_log.log'}")
+    return None
+
+
+def _last_python_error(path: Path) -> str | None:
+    """The last 'SomeError: message' line the workers logged (their traceback's last line)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - 2**16))
+            tail = f.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    errors = [m.group(1) for line in tail if (m := _PY_ERROR.search(line))]
+    return errors[-1] if errors else None
 
 
 def stop(run_dir: str | Path, timeout_s: float = 60.0) -> bool:

@@ -9,7 +9,8 @@ weakening anything:
 
 * TorchServe binds inference and management to 127.0.0.1; only the gateway reaches them,
   with the pod's own key read from the key file (refreshed through the management token API
-  with the API key when it expires or is rejected).
+  with the API key when it expires, or when TorchServe itself rejects it: its own
+  `InvalidKeyException` answer, never text inside a model's answer).
 * Clients send `Authorization: Bearer <token>` (or `X-UniPinRec-Token`, which survives the
   API server's service proxy); tokens come from a mounted Secret file, one per line, re-read
   when the file changes (rotation without restarts), compared in constant time.
@@ -18,13 +19,22 @@ weakening anything:
   `GET /v1/models/<name>`. Everything else needs a token;
   only prediction paths are forwarded, never management.
 
-Standard library only, so it runs in the serving image with nothing extra.
+Holding it down without a token must not be possible (issue 11), so the HTTP side is an
+asyncio server (uvicorn's h11 protocol, in the pinned stack through Feast): a connection costs
+a few KB, not a thread. The token is checked from the request head before any body is read
+(an unauthenticated request is answered 401 and its connection closed); the head must arrive
+within `head_timeout_s`, the body within `body_timeout_s`; a Content-Length over `max_body` is
+a 413 before reading; the listen backlog and the number of open connections are bounded. Calls
+to TorchServe (blocking, kept-alive connections per thread) run in a bounded thread pool.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import http.client
 import json
+import logging
+import logging.handlers
 import os
 import re
 import signal
@@ -32,19 +42,32 @@ import socket
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from email.message import Message
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
 TOKEN_HEADER = "X-UniPinRec-Token"
-MAX_BODY = 16 * 1024 * 1024
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # starts alphanumeric: no "..", no traversal to other APIs
 _PREDICT = re.compile(rf"^/predictions/{_NAME}(/{_NAME})?$")
 _V1_PREDICT = re.compile(rf"^/v1/models/({_NAME}):predict$")
 _V1_READY = re.compile(rf"^/v1/models/({_NAME})$")
+log = logging.getLogger("unipinrec.gateway")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may cost the gateway."""
+    max_body: int = 16 * 1024 * 1024   # bytes; TorchServe's max_request_size in the cluster config
+    head_timeout_s: float = 10.0       # request line + headers, from connect (or the previous answer)
+    body_timeout_s: float = 30.0       # the whole body, from the end of the head
+    max_connections: int = 4096        # open at once; beyond it new requests get uvicorn's 503
+    backlog: int = 2048                # listen(2) queue
+    upstream_threads: int = 32         # concurrent calls to TorchServe
+    max_head: int = 16 * 1024          # bytes of request line + headers (h11's incomplete-event cap)
 
 
 @dataclass
@@ -56,6 +79,33 @@ class Reply:
 
 def _json(status: int, obj) -> Reply:
     return Reply(status, json.dumps(obj).encode())
+
+
+@dataclass
+class Admitted:
+    """A request the gateway will answer: `answer(body)` runs in the upstream thread pool."""
+    answer: Callable[[bytes], Reply]
+    reads_body: bool = False
+
+
+def _is_json(content_type: str) -> bool:
+    """application/json, parameters (charset) allowed; not a prefix match (application/jsonx)."""
+    msg = Message()
+    msg["content-type"] = content_type
+    return msg.get_content_type() == "application/json"
+
+
+def _rejected_key(reply: Reply) -> bool:
+    """TorchServe's own refusal of a key: its ErrorResponse {"code", "type": "InvalidKeyException",
+    "message"} with status 400 (0.12) or 401. A model's answer is the handler's JSON and never has
+    that shape, whatever text a client got it to echo."""
+    if reply.status not in (400, 401):
+        return False
+    try:
+        obj = json.loads(reply.body)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(obj, dict) and set(obj) <= {"code", "type", "message"} and obj.get("type") == "InvalidKeyException"
 
 
 class _WatchedFile:
@@ -121,23 +171,35 @@ class Gateway:
             return False
         return any(hmac.compare_digest(given.encode(), t) for t in tokens)
 
-    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply:
+    def admit(self, method: str, path: str, headers: dict[str, str]) -> "Reply | Admitted":
+        """From the request head alone: a Reply now (401, 404), or how to answer once the body
+        (if the route takes one) is read. Never reads a body, never calls TorchServe."""
         path = path.split("?", 1)[0]
         headers = {k.lower(): v for k, v in headers.items()}
         if path == "/livez":
-            return self.livez()
+            return Admitted(lambda _: self.livez())
         if path == "/ping" and method == "GET":
-            return self.ready()
+            return Admitted(lambda _: self.ready())
         if (m := _V1_READY.match(path)) and method == "GET":
-            up = self.ready()
-            return _json(200 if up.status == 200 else 503, {"name": m.group(1), "ready": up.status == 200})
+            return Admitted(lambda _: self.v1_ready(m.group(1)))
         if not self.authorized(headers):
             return _json(401, {"code": 401, "message": "missing or invalid inference token"})
+        content_type = headers.get("content-type", "application/json")
         if method == "POST" and _PREDICT.match(path):
-            return self.forward("POST", path, body, headers.get("content-type", "application/json"))
+            return Admitted(lambda body: self.forward("POST", path, body, content_type), reads_body=True)
         if method == "POST" and (m := _V1_PREDICT.match(path)):
-            return self.v1_predict(m.group(1), body)
+            if not _is_json(content_type):
+                return _json(415, {"code": 415, "message": f"Content-Type must be application/json, got {content_type!r}"})
+            return Admitted(lambda body: self.v1_predict(m.group(1), body), reads_body=True)
         return _json(404, {"code": 404, "message": f"no route {method} {path}"})
+
+    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply:
+        decision = self.admit(method, path, headers)
+        return decision if isinstance(decision, Reply) else decision.answer(body)
+
+    def v1_ready(self, model: str) -> Reply:
+        up = self.ready()
+        return _json(200 if up.status == 200 else 503, {"name": model, "ready": up.status == 200})
 
     def livez(self) -> Reply:
         """Alive: the child runs and, once it has started (key file written), accepts connections."""
@@ -154,13 +216,17 @@ class Gateway:
         """KServe v1: {"instances": [request, ...]} -> {"predictions": [answer, ...]}."""
         try:
             instances = json.loads(body).get("instances")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):  # RecursionError: deeply nested JSON
             instances = None
         if not isinstance(instances, list):
             return _json(400, {"code": 400, "message": "instances: expected {\"instances\": [request, ...]}"})
         answers = []
         for inst in instances:
-            r = self.forward("POST", f"/predictions/{model}", json.dumps(inst).encode())
+            try:
+                data = json.dumps(inst).encode()
+            except RecursionError:
+                return _json(400, {"code": 400, "message": "instances: nested too deeply"})
+            r = self.forward("POST", f"/predictions/{model}", data)
             if r.status != 200:
                 return r
             try:
@@ -223,7 +289,7 @@ class Gateway:
             return _json(503, {"code": 503, "message": "model server is starting (no key file yet)"})
         headers = {"Authorization": f"Bearer {key}", "Content-Type": content_type}
         reply = self._send(target, method, path, body, headers)
-        if reply.status in (400, 401) and b"Token Authorization failed" in reply.body:
+        if _rejected_key(reply):
             self.refresh_key(kind, rejected=key)  # expired or rotated under us: one retry with a fresh key
             headers["Authorization"] = f"Bearer {self._key(kind, force=True)}"
             reply = self._send(target, method, path, body, headers)
@@ -254,53 +320,181 @@ class Gateway:
         return _json(200, {"status": "Healthy", "ready_workers": ready})
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "unipinrec-gateway"
-    # Headers and body go out in two writes; with Nagle on, the body waits for the client's
-    # delayed ACK (about 40 ms per response on Linux).
-    disable_nagle_algorithm = True
+# -- HTTP side: uvicorn ------------------------------------------------------------------------
 
-    server: "GatewayServer"
 
-    def _serve(self) -> None:
+def _head_timed_protocol(head_timeout_s: float):
+    """uvicorn's h11 protocol with a deadline on request heads.
+
+    uvicorn times out idle kept-alive connections but not a head that arrives slowly: without
+    this, a client sending a header byte now and then holds its connection forever. The deadline
+    runs from the connection (or the previous answer) to the end of the next request's head.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadTimedH11(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            waiting_for = self.cycle  # a new head replaces the cycle
+            self._deadline = self.loop.call_later(head_timeout_s, self._expire, waiting_for)
+
+        def _expire(self, waiting_for) -> None:
+            if self.cycle is waiting_for and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            self._arm()
+            super().on_response_complete()
+
+        def connection_lost(self, exc) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+    return HeadTimedH11
+
+
+async def _respond(send, reply: Reply, close: bool = False) -> None:
+    headers = [(b"content-type", reply.content_type.encode("latin-1")),
+               (b"content-length", str(len(reply.body)).encode())]
+    if close:  # uvicorn closes after the answer; any unread body is never read
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": reply.body})
+
+
+async def _read_body(receive, length: int) -> bytes | None:
+    """The body, or None when the client went away. Stops at `length` bytes."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > length:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+class GatewayApp:
+    """The ASGI application: admit from the head, then read the body (bounded in size and
+    time), then answer in the upstream thread pool."""
+
+    def __init__(self, gateway: Gateway, limits: Limits = Limits()):
+        self.gateway, self.limits = gateway, limits
+        self.pool = ThreadPoolExecutor(max_workers=limits.upstream_threads, thread_name_prefix="gateway-upstream")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        path = scope["raw_path"].decode("latin-1")
+        decision = self.gateway.admit(scope["method"], path, headers)
+        sends_body = "transfer-encoding" in headers or headers.get("content-length", "0") not in ("", "0")
+        if isinstance(decision, Reply):
+            return await _respond(send, decision, close=sends_body or decision.status >= 400)
+        body = b""
+        if decision.reads_body:
+            refusal, length = self._length(headers)
+            if refusal is not None:
+                return await _respond(send, refusal, close=True)
+            if length:
+                try:
+                    async with asyncio.timeout(self.limits.body_timeout_s):
+                        body = await _read_body(receive, length)
+                except TimeoutError:
+                    return await _respond(send, _json(408, {"code": 408, "message": (
+                        f"body not received within {self.limits.body_timeout_s:g} s")}), close=True)
+                if body is None:
+                    return await _respond(send, _json(400, {"code": 400, "message": "incomplete body"}), close=True)
+        reply = await asyncio.get_running_loop().run_in_executor(self.pool, decision.answer, body)
+        await _respond(send, reply, close=sends_body and not decision.reads_body)
+
+    def _length(self, headers: dict[str, str]) -> tuple[Reply | None, int]:
+        limit = self.limits.max_body
+        if "transfer-encoding" in headers:
+            return _json(411, {"code": 411, "message": f"send a Content-Length body of at most {limit} bytes"}), 0
         try:
-            length = int(self.headers.get("Content-Length") or 0)
+            length = int(headers.get("content-length") or 0)
         except ValueError:
             length = -1
-        if self.headers.get("Transfer-Encoding") or not 0 <= length <= MAX_BODY:
-            status = 413 if length > MAX_BODY else (411 if self.headers.get("Transfer-Encoding") else 400)
-            reply = _json(status, {"code": status, "message": "send a Content-Length body of at most 16 MiB"})
-            self.close_connection = True
-        else:
-            body = self.rfile.read(length) if length else b""
-            reply = self.server.gateway.handle(self.command, self.path, dict(self.headers.items()), body)
-        self.send_response(reply.status)
-        self.send_header("Content-Type", reply.content_type)
-        self.send_header("Content-Length", str(len(reply.body)))
-        self.end_headers()
-        self.wfile.write(reply.body)
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _serve
-
-    def log_message(self, fmt: str, *args) -> None:  # access logs stay in TorchServe's access_log
-        pass
+        if length > limit:
+            return _json(413, {"code": 413, "message": f"{length} bytes is over the limit of {limit}"}), 0
+        if length < 0:
+            return _json(400, {"code": 400, "message": "Content-Length: not a number of bytes"}), 0
+        return None, length
 
 
-class GatewayServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], gateway: Gateway):
-        super().__init__(address, _Handler)
-        self.gateway = gateway
+def make_server(gateway: Gateway, host: str, port: int, limits: Limits = Limits()) -> "GatewayServer":
+    return GatewayServer(gateway, host, port, limits)
 
 
-def make_server(gateway: Gateway, host: str, port: int) -> GatewayServer:
-    return GatewayServer((host, port), gateway)
+class GatewayServer:
+    """uvicorn serving a `GatewayApp` on a socket bound here (so port 0 works and the backlog is ours).
+
+    `serve_forever()` blocks (in the main thread uvicorn handles SIGTERM/SIGINT); `start()` runs
+    it in a daemon thread; `shutdown()` stops it and waits.
+    """
+
+    def __init__(self, gateway: Gateway, host: str, port: int, limits: Limits = Limits()):
+        import uvicorn
+
+        self.limits, self.app = limits, GatewayApp(gateway, limits)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.create_server((host, port), family=family, backlog=limits.backlog)
+        self.server_address = self.socket.getsockname()[:2]
+        config = uvicorn.Config(
+            self.app, http=_head_timed_protocol(limits.head_timeout_s), lifespan="off", log_config=None,
+            access_log=False, backlog=limits.backlog, limit_concurrency=limits.max_connections,
+            timeout_keep_alive=5, timeout_graceful_shutdown=10, h11_max_incomplete_event_size=limits.max_head,
+            server_header=False, ws="none")
+        self.server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    def serve_forever(self) -> None:
+        self.server.run(sockets=[self.socket])
+
+    def start(self) -> "GatewayServer":
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True, name="gateway")
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(15)
+        self.app.pool.shutdown(wait=False, cancel_futures=True)
+        self.socket.close()
+
+
+# -- the container's process: gateway + TorchServe ----------------------------------------------
+
+
+def _log_to(log_file: Path | None, max_bytes: int = 10 * 2**20) -> None:
+    """Gateway and uvicorn warnings to stderr (the container log, rotated by the kubelet) or to
+    a size-rotated file (+ 3 old ones). Access lines are not logged: TorchServe's access_log has them."""
+    handler: logging.Handler = (logging.handlers.RotatingFileHandler(log_file, maxBytes=max_bytes, backupCount=3)
+                                if log_file else logging.StreamHandler(sys.stderr))
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(name)s - %(message)s"))
+    for name, level in (("unipinrec.gateway", logging.INFO), ("uvicorn", logging.WARNING)):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level)
+        logger.propagate = False
 
 
 def run(listen: str, upstream: str, management: str, key_file: Path, token_file: Path,
-        command: list[str], grace_s: float = 25.0, model: str = "unipinrec") -> int:
+        command: list[str], grace_s: float = 25.0, model: str = "unipinrec", limits: Limits = Limits()) -> int:
     """Start `command` (TorchServe) in its own process group; serve until it exits or SIGTERM.
 
     Exit status: 0 after SIGTERM/SIGINT (the child is stopped with SIGTERM, then SIGKILL after
@@ -311,15 +505,12 @@ def run(listen: str, upstream: str, management: str, key_file: Path, token_file:
     gateway = Gateway(upstream, management, key_file, token_file,
                       child_alive=lambda: child is None or child.poll() is None, model=model)
     host, _, port = listen.rpartition(":")
-    server = make_server(gateway, host or "0.0.0.0", int(port))
+    server = make_server(gateway, host.strip("[]") or "0.0.0.0", int(port), limits)
     signalled = threading.Event()
 
-    def stop() -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    def on_signal(*_) -> None:
+    def on_signal(*_) -> None:  # uvicorn restores this handler and re-raises the signal it caught
         signalled.set()
-        stop()
+        server.server.should_exit = True
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -327,13 +518,13 @@ def run(listen: str, upstream: str, management: str, key_file: Path, token_file:
     if child is not None:
         def watch() -> None:
             child.wait()
-            print(f"gateway: model server exited with status {child.returncode}", file=sys.stderr, flush=True)
-            stop()
+            log.warning("model server exited with status %s", child.returncode)
+            server.server.should_exit = True
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-    print(f"gateway: listening on {listen}, forwarding to {upstream}", file=sys.stderr, flush=True)
-    server.serve_forever(poll_interval=0.5)
-    server.server_close()
+    log.info("listening on %s, forwarding to %s", listen, upstream)
+    server.serve_forever()
+    server.app.pool.shutdown(wait=False, cancel_futures=True)
     if child is None:
         return 0
     _stop_group(child, grace_s)
@@ -362,7 +553,7 @@ def _stop_group(child: subprocess.Popen, grace_s: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m unipinrec.deploy.gateway",
+    p = argparse.ArgumentParser(prog="python -m unipinrec.serving.gateway",
                                 description="Token gateway in front of TorchServe; runs COMMAND (after --) as the model server.")
     p.add_argument("--listen", default="0.0.0.0:8080")
     p.add_argument("--upstream", default="http://127.0.0.1:8085", help="TorchServe inference address")
@@ -370,11 +561,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--key-file", type=Path, required=True, help="TorchServe's key_file.json (in its working directory)")
     p.add_argument("--token-file", type=Path, required=True, help="client tokens, one per line (a mounted Secret)")
     p.add_argument("--model", default="unipinrec", help="the model whose READY workers make the pod ready")
+    p.add_argument("--log-file", type=Path, help="write the gateway's log here, size-rotated (default: stderr)")
+    d = Limits()
+    p.add_argument("--max-body", type=int, default=d.max_body, help="bytes; larger bodies get 413 before they are read")
+    p.add_argument("--head-timeout", type=float, default=d.head_timeout_s, help="seconds for a request's head")
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout_s, help="seconds for a request's body")
+    p.add_argument("--max-connections", type=int, default=d.max_connections)
+    p.add_argument("--upstream-threads", type=int, default=d.upstream_threads)
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- torchserve --start --foreground ...")
     args = p.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    _log_to(args.log_file)
+    limits = Limits(max_body=args.max_body, head_timeout_s=args.head_timeout, body_timeout_s=args.body_timeout,
+                    max_connections=args.max_connections, upstream_threads=args.upstream_threads)
     return run(args.listen, args.upstream, args.management, args.key_file, args.token_file, command,
-               model=args.model)
+               model=args.model, limits=limits)
 
 
 if __name__ == "__main__":
