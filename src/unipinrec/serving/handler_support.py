@@ -127,6 +127,9 @@ class _Emitter:
             cold = sum(1 for r in ok if r.get("cold_start"))
             if cold:
                 metrics.add_counter("UniPinRecColdStarts", cold, None, [])
+            degraded = [r["degraded"] for r in ok if r.get("degraded")]
+            for reason in set(degraded):  # answered in retrieval order: ranking would miss the deadline
+                metrics.add_counter("UniPinRecDegraded", degraded.count(reason), None, [Dimension("Reason", reason)])
         metrics.add_counter("UniPinRecBatchRequests", len(results), None, [])
         stats = engine.user_cache.stats.as_dict()
         for result, total in stats.items():
