@@ -234,16 +234,20 @@ def _summarise_list(name: str, table: pa.Table, item_ids: pa.Array | None, notes
         ok[dup] = False
         out["slate_positions_unique"] = pa.array(ok)
 
-    unknown = None
-    if item_ids is not None and len(values):
-        ids = fields["item_id"].cast(pa.int64())
-        missing = ~np.asarray(pc.fill_null(pc.is_in(ids, value_set=item_ids), True))
-        rows, idx = np.unique(parent[missing], return_index=True)  # parent is sorted: first per row
-        first = np.zeros(n, dtype=np.int64)
-        has = np.zeros(n, dtype=bool)
-        first[rows] = ids.to_numpy(zero_copy_only=False)[missing][idx]
-        has[rows] = True
-        unknown = pa.array(first, type=pa.int64(), mask=~has)
-    elif item_ids is not None:
-        unknown = pa.nulls(n, pa.int64())
-    return out, unknown
+    return out, _first_unknown(n, parent, fields, item_ids, len(values))
+
+
+def _first_unknown(n: int, parent: np.ndarray, fields: dict, item_ids: pa.Array | None, num_values: int):
+    """Per row, the first item id not in `item_ids` (null where all are known); None: not checked."""
+    if item_ids is None:
+        return None
+    if not num_values:
+        return pa.nulls(n, pa.int64())
+    ids = fields["item_id"].cast(pa.int64())
+    missing = ~np.asarray(pc.fill_null(pc.is_in(ids, value_set=item_ids), True))
+    rows, idx = np.unique(parent[missing], return_index=True)  # parent is sorted: first per row
+    first = np.zeros(n, dtype=np.int64)
+    has = np.zeros(n, dtype=bool)
+    first[rows] = ids.to_numpy(zero_copy_only=False)[missing][idx]
+    has[rows] = True
+    return pa.array(first, type=pa.int64(), mask=~has)

@@ -32,6 +32,31 @@ DEFAULT_CHUNK_ROWS = 1_000_000
 DEFAULT_MAX_FUTURE_S = 86_400
 
 
+def _parameters(contract: str, actions, meta: dict | None, now: float | None, max_future_s: int) -> dict:
+    """The suite's evaluation parameters: the ts bound, the action ids, the examples' L."""
+    params: dict = {"max_ts": int((time.time() if now is None else now) + max_future_s)}
+    action_ids = _action_ids(actions, meta)
+    if action_ids is not None:
+        params["action_ids"] = action_ids
+        params["max_action_id"] = max(action_ids)
+    if contract == "examples" and meta and meta.get("max_history") is not None:
+        params["max_history"] = int(meta["max_history"])
+    return params
+
+
+def _items_for(contract: str, path: Path, items, meta_dir, notes: list[str]):
+    """(item ids, items path) for referential integrity; (None, None) with a note when none is found."""
+    if contract == "items":
+        return None, None
+    items_path = Path(items) if items is not None else _sibling_items(path, meta_dir)
+    if items is not None and not items_path.exists():
+        raise FileNotFoundError(f"items table {items_path} does not exist")
+    if items_path is None:
+        notes.append("referential integrity NOT checked: no items table found beside the data (pass items=/--items)")
+        return None, None
+    return _read_item_ids(items_path, notes), items_path
+
+
 def validate(
     path: str | Path,
     contract: str,
@@ -67,24 +92,9 @@ def validate(
     notes: list[str] = []
     meta, meta_dir = _nearest_meta(path)
 
-    params: dict = {"max_ts": int((time.time() if now is None else now) + max_future_s)}
-    action_ids = _action_ids(actions, meta)
-    if action_ids is not None:
-        params["action_ids"] = action_ids
-        params["max_action_id"] = max(action_ids)
-    if contract == "examples" and meta and meta.get("max_history") is not None:
-        params["max_history"] = int(meta["max_history"])
-
-    item_ids, items_path = None, None
-    if contract != "items":
-        items_path = Path(items) if items is not None else _sibling_items(path, meta_dir)
-        if items is not None and not items_path.exists():
-            raise FileNotFoundError(f"items table {items_path} does not exist")
-        if items_path is None:
-            notes.append("referential integrity NOT checked: no items table found beside the data (pass items=/--items)")
-        else:
-            item_ids = _read_item_ids(items_path, notes)
-    available = {"items": item_ids is not None, "actions": action_ids is not None,
+    params = _parameters(contract, actions, meta, now, max_future_s)
+    item_ids, items_path = _items_for(contract, path, items, meta_dir, notes)
+    available = {"items": item_ids is not None, "actions": "action_ids" in params,
                  "max_history": "max_history" in params}
 
     suite_json = _load_suite(suite, contract)
