@@ -204,8 +204,11 @@ def test_metrics_endpoint_reports_stage_latency_and_kv_cache(http, server):
 # --- fuzz: generated bodies to the running server ------------------------------------------
 
 scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=10)
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=10)
+def _containers(inner):
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+
+
+json_values = st.recursive(scalars, _containers, max_leaves=10)
 action = st.fixed_dictionaries({"item_id": st.integers(990, 1310) | scalars, "action": st.integers(-1, 6) | scalars,
                                 "ts": st.integers(-5, 2 * RTS) | scalars},
                                optional={"surface": st.integers(-1, 200) | scalars, "zz": scalars})
