@@ -161,26 +161,34 @@ class Actions:
 
     @classmethod
     def from_histories(cls, histories: Sequence["History"], request_ts: Sequence[int], *,
-                       vocab=None, max_history: int | None = None, device="cpu") -> "Actions":
+                       vocab=None, max_history: int | None = None, device="cpu", rows: int | None = None,
+                       width: int | None = None) -> "Actions":
         """Histories (raw ids mapped through `vocab`, or already rows when vocab is None) ->
         one right-padded batch of each one's last `max_history` actions, in one host buffer
-        and one copy to `device`."""
+        (pinned when `device` is CUDA) and one copy to `device`. `rows`/`width`: pad the batch
+        to at least that many rows (empty histories) and columns (static shapes on a GPU)."""
         if len(histories) != len(request_ts):
             raise ValueError(f"{len(histories)} histories but {len(request_ts)} request_ts values")
         kept = [h if max_history is None else h.last(max_history) for h in histories]
         names = cls.per_action_fields()
-        B, W = len(kept), max([1] + [len(h) for h in kept])
-        buf = np.zeros((len(names), B, W), dtype=np.int64)
-        lengths = np.fromiter((len(h) for h in kept), dtype=np.int64, count=B)
+        n = len(kept)
+        B, W = max(n, rows or 0), max([1, width or 0] + [len(h) for h in kept])
+        pin = torch.device(device).type == "cuda"
+        F_ = len(names)
+        host = torch.zeros(F_ * B * W + 2 * B, dtype=torch.long, pin_memory=pin)  # fields, lengths, request_ts
+        flat = host.numpy()
+        buf = flat[:F_ * B * W].reshape(F_, B, W)
         for b, h in enumerate(kept):
-            for j, n in enumerate(names):
-                buf[j, b, :len(h)] = getattr(h, n)
+            for j, name in enumerate(names):
+                buf[j, b, :len(h)] = getattr(h, name)
             if vocab is not None and len(h):
                 buf[0, b, :len(h)] = vocab.lookup(h.items)
-        host = torch.from_numpy(buf)
-        cols = {n: host[j].to(device) for j, n in enumerate(names)}
-        return cls(**cols, lengths=torch.from_numpy(lengths).to(device),
-                   request_ts=torch.as_tensor(list(request_ts), dtype=torch.long).to(device))
+        flat[F_ * B * W:F_ * B * W + n] = np.fromiter((len(h) for h in kept), dtype=np.int64, count=n)
+        flat[F_ * B * W + B:F_ * B * W + B + n] = np.asarray(list(request_ts), dtype=np.int64)
+        dev = host.to(device, non_blocking=pin)
+        planes = dev[:F_ * B * W].view(F_, B, W)
+        cols = {name: planes[j] for j, name in enumerate(names)}
+        return cls(**cols, lengths=dev[F_ * B * W:F_ * B * W + B], request_ts=dev[F_ * B * W + B:])
 
 
 class History:
