@@ -1,0 +1,89 @@
+"""The GPU serving path's static shapes, on CPU (CI has no GPU): bucket rules, and padding a
+batch to its bucket (rows, history width, candidates) leaves every real score unchanged; the
+device top-K's one-scatter exclusion equals excluding row by row."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from unipinrec.index import TorchIndex
+from unipinrec.model import ModelConfig, UniPinRec
+from unipinrec.sequences import Actions, History
+from unipinrec.serving.graphs import Buckets, bucket, pad_kv, padded_rank
+
+N_ITEMS, L = 60, 40
+
+
+def test_buckets_are_half_octave_steps_and_powers_of_two_stay():
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 17, 25)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 16, 24, 32]
+    assert all(bucket(2**k) == 2**k for k in range(12))
+    assert bucket(656) == 768 and bucket(992, hi=992) == 992 and bucket(3, lo=16) == 16
+    b = Buckets(max_history=L)
+    assert b.width(1) == 16 and b.width(33) == L and b.candidates(1) == 8 and b.batch(5) == 6
+
+
+def model(kind: str) -> UniPinRec:
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_items=N_ITEMS, num_actions=4, num_tasks=3, d_model=32, n_layers=2, n_heads=4,
+                      max_history=L, dropout=0.0, kind=kind, use_surface=True)
+    return UniPinRec(cfg).float().eval()
+
+
+def histories(lengths, seed=1) -> list[History]:
+    rng = np.random.default_rng(seed)
+    return [History(items=rng.integers(1, N_ITEMS + 1, n), actions=rng.integers(0, 4, n),
+                    ts=np.cumsum(rng.integers(0, 5000, n)) + 1_700_000_000, surfaces=rng.integers(0, 3, n))
+            for n in lengths]
+
+
+@pytest.mark.parametrize("kind", ["unified", "interleaved", "ranking_only"])
+def test_padding_to_the_bucket_gives_the_same_scores_fp32(kind):
+    m = model(kind)
+    hs, rts = histories([5, 13, 0, 21, 9]), [1_800_000_000] * 5
+    cand = torch.randint(1, N_ITEMS + 1, (5, 11), generator=torch.Generator().manual_seed(3))
+    b = Buckets(max_history=L)
+    with torch.no_grad():
+        plain = Actions.from_histories(hs, rts)
+        u, kv = m.encode_history(plain)
+        gaps = m.default_candidate_gaps(kv.lengths, kv.last_ts(), kv.request_ts)
+        ref = m.rank(cand, kv, gaps)
+        # the encode graph's input: the batch built straight at the bucket shape
+        big = Actions.from_histories(hs, rts, rows=b.batch(5), width=b.width(21))
+        assert big.items.shape == (6, 24) and big.lengths.tolist() == [5, 13, 0, 21, 9, 0]
+        u_big, kv_big = m.encode_history(big)
+        got = m.rank(cand, kv_big[:5], gaps)
+        padded = padded_rank(m, cand, kv, gaps, b)  # the rank graph's shape: rows, width and candidates padded
+    assert torch.isfinite(u_big).all() and (u_big[:5] - u).abs().max() < 1e-5
+    assert (got - ref).abs().max() < 1e-5
+    assert padded.shape == ref.shape and (padded - ref).abs().max() < 1e-5
+
+
+def test_pad_kv_keeps_rows_and_masks_the_padding():
+    m = model("unified")
+    with torch.no_grad():
+        _, kv = m.encode_history(Actions.from_histories(histories([3, 7]), [1_800_000_000] * 2))
+        big = pad_kv(kv, 4, 16)
+    assert big.keys[0].shape[0] == 4 and big.keys[0].shape[2] == 16
+    assert big.lengths.tolist() == [3, 7, 0, 0] and not big.padding_mask[2:].any()
+    assert torch.equal(big.keys[1][:2, :, :7], kv.keys[1])
+
+
+def test_device_topk_exclusion_equals_row_by_row():
+    rng = np.random.default_rng(0)
+    v = torch.nn.functional.normalize(torch.randn(50, 8), dim=-1)
+    ids = rng.permutation(1000)[:50] + 7
+    index = TorchIndex(v, ids, "v")
+    q = torch.randn(4, 8)
+    excl = [ids[[1, 1, 5]], None, np.array([999_999, ids[3]]), ids[:49]]  # duplicates, unknown ids, nearly all
+    scores, found = index.search(q, 10, exclude=excl)
+    full = (q @ v.T).numpy()
+    for i, e in enumerate(excl):
+        s = full[i].copy()
+        if e is not None:
+            s[np.isin(ids, e)] = -np.inf
+        order = np.argsort(-s, kind="stable")[:10]
+        keep = np.isfinite(s[order])
+        assert found[i][keep].tolist() == ids[order][keep].tolist()
+        assert (found[i][~keep] == -1).all()
+    assert (found[3] >= 0).sum() == 1  # 49 of 50 excluded
