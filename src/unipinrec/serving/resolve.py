@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..sequences import ActionError, History, check_history
+from ..sequences import ActionError, Actions, History, check_history
 from .request import Request, ServingError
 from .store import OnlineStore
 from .timing import StageTimer
@@ -30,6 +30,14 @@ class Resolved:
         return self.history.with_items(self.rows).take(slice(n0 + start, None))
 
 
+def _client_history(req: Request) -> History:
+    """The request's history as arrays: columnar as sent, or the list of objects in one pass."""
+    cols = req.history_columns
+    if cols is None:
+        return History.from_actions(req.history)
+    return History(**{attr: cols[rec] for attr, (rec, _) in Actions.record_names().items() if rec in cols})
+
+
 class HistoryResolver:
     def __init__(self, vocab, num_actions: int, store: OnlineStore | None = None):
         self.vocab = vocab
@@ -37,19 +45,19 @@ class HistoryResolver:
         self.store = store
 
     def resolve(self, reqs: Sequence[Request], timer: StageTimer) -> list[Resolved | ServingError]:
-        need = [i for i, r in enumerate(reqs) if r.history is None]
+        need = [i for i, r in enumerate(reqs) if not r.has_history]
         stored: dict[int, History | None] = {}
         if need and self.store is None:
             return [ServingError(422, "history", "required: this server has no online store to read it from")
-                    if r.history is None else self.resolve_one(r, None) for r in reqs]
+                    if not r.has_history else self.resolve_one(r, None) for r in reqs]
         if need:
             with timer.stage("lookup"):
                 stored = dict(zip(need, self.store.get_histories([reqs[i].user_id for i in need])))
         return [self.resolve_one(r, stored.get(i)) for i, r in enumerate(reqs)]
 
     def resolve_one(self, req: Request, from_store: History | None) -> Resolved | ServingError:
-        if req.history is not None:
-            h, source = History.from_actions(req.history), "request"
+        if req.has_history:
+            h, source = _client_history(req), "request"
             try:
                 rows = check_history(h, self.vocab, self.num_actions, offset=req.history_offset)
             except ActionError as e:
