@@ -332,15 +332,21 @@ class TorchIndex:
         ids = torch_where_finite(top, ids)
         return top.float().cpu().numpy(), ids.cpu().numpy()
 
-    def search_device(self, queries, k: int, exclude: Sequence[Sequence[int]] | None = None):
+    def search_device(self, queries, k: int, exclude: Sequence[Sequence[int]] | None = None,
+                      exclude_positions=None):
         """-> (scores (Q, k), positions in `item_ids` (Q, k)) as tensors on the index's device;
         excluded items score -inf. The exclusions of all rows go over in one copy and one
-        scatter (ids found by a sorted search on the device), not a pass per row."""
+        scatter (ids found by a sorted search on the device), not a pass per row;
+        `exclude_positions` (Q, W) on the device, positions in `item_ids` with num_items for
+        none, skips the search (the serving engine maps its rows once)."""
         import torch
+        import torch.nn.functional as F
 
         q = torch.as_tensor(queries, device=self.vectors.device, dtype=self.vectors.dtype)
         scores = q @ self.vectors.T  # (Q, N)
-        if exclude:
+        if exclude_positions is not None:  # one scatter into a spare column for "none"
+            scores = F.pad(scores, (0, 1)).scatter_(1, exclude_positions, float("-inf"))[:, :-1]
+        elif exclude:
             parts = [np.asarray(list(e) if isinstance(e, (set, frozenset)) else e, dtype=np.int64)
                      if e is not None else np.zeros(0, np.int64) for e in exclude]
             lens = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))

@@ -10,8 +10,9 @@ and the history, so the real rows' scores do not change (tests/serving/test_grap
 
 `Graphs` holds one `ModelGraphs` per model; the engine's `HistoryEncoder` and `Ranker` use them
 when the device is CUDA (on CPU the eager path runs, unchanged). Graphs are captured at engine
-load for the configured buckets (`warm_up`), so the first request is as fast as a warm one; a
-bucket met later is captured on first use, up to `max_graphs` (then the eager path serves it).
+load by serving synthetic batches of the configured shapes (`warm_up`), so the first request is
+as fast as a warm one; a bucket met later is captured on first use, up to `max_graphs` graphs
+per model (then the eager path serves it).
 
 The outputs of a replay live in the graph's static buffers: the KV cache `encode` returns is a
 view of them, valid until the same bucket is encoded again (the engine copies what it keeps:
@@ -211,14 +212,6 @@ class ModelGraphs:
             dst[:B, :, :W].copy_(src)
         return buf, ("copy", rows, width)
 
-    # --- load-time capture --------------------------------------------------------------------
-
-    def warm(self, role: str, batch: int, history: int, candidates: int, rank: bool) -> None:
-        rows, width = self.buckets.batch(batch), self.buckets.width(history)
-        got = self.encode_graph(role, rows, width)
-        if got is not None and rank:
-            self.rank_graph(got[1].outputs, rows, self.buckets.candidates(candidates), ("enc", role, rows, width))
-
 
 def _first_rows(kv, n: int, history: Actions):
     """The first n rows of a batch KVCache, as views (no copy), with the given history's rows."""
@@ -251,22 +244,53 @@ class Graphs:
         return self.models[id(model)]
 
 
+def to_host(t: torch.Tensor):
+    """One device -> host copy as numpy: through a pinned buffer on CUDA (a pageable copy is
+    staged and slower), plain on CPU."""
+    if t.device.type != "cuda":
+        return t.numpy()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    torch.cuda.current_stream().synchronize()
+    return host.numpy()
+
+
+def to_device(a, device: torch.device, dtype=torch.long) -> torch.Tensor:
+    """Host values -> a device tensor, through a pinned buffer on CUDA (asynchronous)."""
+    t = torch.as_tensor(a, dtype=dtype)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def warm_up(engine, shapes) -> None:
-    """Capture the graphs of every (batch, history, candidates) in `shapes` for the engine's
-    models and run the retrieval kernels once, before the engine serves (or reports ready)."""
-    g = engine.graphs
-    if g is None:
+    """Serve synthetic batches of every (batch, history, candidates) in `shapes` twice before the
+    engine serves (or reports ready): the CUDA graphs of those buckets are captured and every
+    kernel on the way (retrieval, exclusion, copies) is loaded, so a first request runs warm.
+    The cross-request cache forgets the synthetic users."""
+    if engine.graphs is None:
         return
-    with torch.inference_mode():
-        for batch, history, cands in shapes:
-            g.of(engine.ret.model).warm("encode", batch, history, cands, rank=engine.share_kv)
-            if not engine.share_kv:
-                g.of(engine.rnk.model).warm("encode_rank", batch, history, cands, rank=True)
-            index = engine.index
-            if hasattr(index, "search_device"):
-                q = torch.zeros(batch, engine.item_vectors.shape[1], device=engine.device)
-                index.search_device(q, cands)
-        torch.cuda.synchronize()
+    from .request import parse_request
+
+    item_ids = engine.vocab.item_ids
+    users = []
+    for batch, history, cands in shapes:
+        n = min(history, engine.ret.model.config.max_history)
+        hist = {"item_id": [int(item_ids[j % len(item_ids)]) for j in range(n)], "action": [0] * n,
+                "ts": list(range(1_000_000, 1_000_000 + n))}
+        c = min(cands, engine.config.max_candidates)
+        reqs = [parse_request({"user_id": 2**62 + len(users) + i, "history": hist, "k": min(c, engine.config.max_k),
+                               "num_candidates": c, "request_ts": 2_000_000}, engine.limits) for i in range(batch)]
+        users += [r.user_id for r in reqs]
+        for _ in range(2):
+            bad = [o for o in engine.handle_batch(reqs) if not isinstance(o, dict)]
+            if bad:
+                raise RuntimeError(f"engine warm-up failed at (batch, history, candidates) = "
+                                   f"{(batch, history, cands)}: {bad[0]}")
+    for u in users:
+        engine.user_cache.lru.pop(u)
+    engine.user_cache.stats = type(engine.user_cache.stats)()
+    torch.cuda.synchronize()
 
 
-__all__ = ["Buckets", "Graphs", "ModelGraphs", "bucket", "pad_kv", "padded_rank", "warm_up"]
+__all__ = ["Buckets", "Graphs", "ModelGraphs", "bucket", "pad_kv", "padded_rank", "to_device", "to_host", "warm_up"]

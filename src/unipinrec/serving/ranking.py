@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .graphs import to_device, to_host
 from .timing import StageTimer
 
 
@@ -34,13 +35,13 @@ class Ranker:
         before = timer.ms.get("rank", 0.0)
         with timer.stage("rank"):
             rows = self._rows(cand_ids, C) if rows is None else rows[:, :C]
-            rts = torch.tensor(list(request_ts), dtype=torch.long).to(self.device, non_blocking=True)
+            rts = to_device(list(request_ts), self.device)
             gaps = model.default_candidate_gaps(kv.lengths, kv.last_ts(), rts)
             logits = self.graphs.of(model).rank(rows, kv, gaps) if self.graphs is not None else None
             if logits is None:
                 logits = model.rank(rows, kv, gaps)
             probs = torch.sigmoid(logits.float())  # (B, C, T)
-            both = torch.cat([probs, (probs @ self.weights)[..., None]], dim=-1).cpu().numpy()  # one copy back
+            both = to_host(torch.cat([probs, (probs @ self.weights)[..., None]], dim=-1))  # one copy back
             probs, utility = both[..., :-1], both[..., -1]
         self._observe(timer.ms["rank"] - before, B * C)
         return [(probs[i, :len(c)], utility[i, :len(c)]) for i, c in enumerate(cand_ids)]
@@ -50,7 +51,7 @@ class Ranker:
         for i, c in enumerate(cand_ids):
             if len(c):
                 rows[i, :len(c)] = self.vocab.lookup(c)
-        return torch.from_numpy(rows).to(self.device)
+        return to_device(rows, self.device)
 
     def _observe(self, ms: float, candidates: int) -> None:
         per = ms / max(1, candidates)
