@@ -59,10 +59,15 @@ class Actions:
             Actions._per_action[cls] = tuple(f.name for f in fields(cls) if "record" in f.metadata)
         return Actions._per_action[cls]
 
+    _records: ClassVar[dict[type, dict]] = {}
+
     @classmethod
     def record_names(cls) -> dict[str, tuple[str, int | None]]:
         """attribute -> (name in the record / request, default when absent)."""
-        return {f.name: (f.metadata["record"], f.metadata["default"]) for f in fields(cls) if "record" in f.metadata}
+        if cls not in Actions._records:  # per class, once: every request's History asks
+            Actions._records[cls] = {f.name: (f.metadata["record"], f.metadata["default"])
+                                     for f in fields(cls) if "record" in f.metadata}
+        return Actions._records[cls]
 
     def per_action(self) -> dict[str, torch.Tensor]:
         return {n: getattr(self, n) for n in self.per_action_fields()}
@@ -177,13 +182,16 @@ class Actions:
         F_ = len(names)
         host = torch.zeros(F_ * B * W + 2 * B, dtype=torch.long, pin_memory=pin)  # fields, lengths, request_ts
         flat = host.numpy()
-        buf = flat[:F_ * B * W].reshape(F_, B, W)
-        for b, h in enumerate(kept):
-            for j, name in enumerate(names):
-                buf[j, b, :len(h)] = getattr(h, name)
-            if vocab is not None and len(h):
-                buf[0, b, :len(h)] = vocab.lookup(h.items)
-        flat[F_ * B * W:F_ * B * W + n] = np.fromiter((len(h) for h in kept), dtype=np.int64, count=n)
+        lens = np.fromiter((len(h) for h in kept), dtype=np.int64, count=n)
+        # every history's actions land in their rows at once: flat slot = row * W + column
+        starts = np.cumsum(lens) - lens
+        slots = np.repeat(np.arange(n) * W - starts, lens) + np.arange(int(lens.sum()))
+        for j, name in enumerate(names):
+            col = np.concatenate([h.arrays[name] for h in kept]) if n else np.zeros(0, np.int64)
+            if j == 0 and vocab is not None:
+                col = vocab.lookup(col)
+            flat[j * B * W:(j + 1) * B * W][slots] = col
+        flat[F_ * B * W:F_ * B * W + n] = lens
         flat[F_ * B * W + B:F_ * B * W + B + n] = np.asarray(list(request_ts), dtype=np.int64)
         dev = host.to(device, non_blocking=pin)
         planes = dev[:F_ * B * W].view(F_, B, W)
@@ -226,8 +234,16 @@ class History:
     def __len__(self) -> int:
         return len(self.arrays["items"])
 
+    @classmethod
+    def _trusted(cls, spec: type[Actions], arrays: dict[str, np.ndarray]) -> "History":
+        """From arrays already checked (int64, equal lengths, every field): no checks again."""
+        h = object.__new__(cls)
+        object.__setattr__(h, "spec", spec)
+        object.__setattr__(h, "arrays", arrays)
+        return h
+
     def _new(self, fn) -> "History":
-        return History(self.spec, **{n: fn(a) for n, a in self.arrays.items()})
+        return History._trusted(self.spec, {n: fn(a) for n, a in self.arrays.items()})
 
     def last(self, n: int) -> "History":
         return self if n >= len(self) else self._new(lambda a: a[len(self) - n:])
@@ -237,7 +253,10 @@ class History:
         return self._new(lambda a: a[index])
 
     def with_items(self, items: np.ndarray) -> "History":
-        return History(self.spec, **{**self.arrays, "items": items})
+        items = np.asarray(items, dtype=np.int64).reshape(-1)
+        if len(items) != len(self):
+            raise ValueError("History arrays must have equal lengths")
+        return History._trusted(self.spec, {**self.arrays, "items": items})
 
     def concat(self, new: "History") -> "History":
         return History(self.spec, **{n: np.concatenate([a, new.arrays[n]]) for n, a in self.arrays.items()})
@@ -317,4 +336,37 @@ def check_history(h: History, vocab, num_actions: int | None = None, where: str 
     return rows
 
 
-__all__ = ["Actions", "ActionError", "History", "action_field", "check_history"]
+def check_histories(hs: Sequence[History], vocab, num_actions: int | None = None, where: str = "history",
+                    offsets: Sequence[int] | None = None) -> list:
+    """`check_history` of many histories in one pass over their concatenation (one vocabulary
+    look-up, one range check, one order check): per history its embedding rows, or the
+    ActionError naming its first action at fault, exactly as `check_history` would."""
+    if not hs:
+        return []
+    lens = np.fromiter((len(h) for h in hs), dtype=np.int64, count=len(hs))
+    cat = lambda name: np.concatenate([h.arrays[name] for h in hs])  # noqa: E731
+    rows, actions, ts = vocab.lookup(cat("items"), unknown=0), cat("actions"), cat("ts")
+    bad = rows == 0
+    if num_actions is not None:
+        bad |= (actions < 0) | (actions >= num_actions)
+    back = np.zeros(len(ts), dtype=bool)
+    back[1:] = np.diff(ts) < 0
+    ends = np.cumsum(lens)
+    first = ends[:-1]
+    back[first[first < len(ts)]] = False  # a history's first action follows nothing
+    parts = np.split(rows, ends[:-1])
+    if not (bad | back).any():
+        return parts
+    out: list = []
+    for i, h in enumerate(hs):
+        if (bad | back)[ends[i] - lens[i]:ends[i]].any():  # the slow path names the action
+            try:
+                check_history(h, vocab, num_actions, where, 0 if offsets is None else offsets[i])
+            except ActionError as e:
+                out.append(e)
+                continue
+        out.append(parts[i])
+    return out
+
+
+__all__ = ["Actions", "ActionError", "History", "action_field", "check_histories", "check_history"]

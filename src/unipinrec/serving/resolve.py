@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..sequences import ActionError, Actions, History, check_history
+from ..sequences import ActionError, Actions, History, check_histories, check_history
 from .request import Request, ServingError
 from .store import OnlineStore
 from .timing import StageTimer
@@ -53,15 +53,24 @@ class HistoryResolver:
         if need:
             with timer.stage("lookup"):
                 stored = dict(zip(need, self.store.get_histories([reqs[i].user_id for i in need])))
-        return [self.resolve_one(r, stored.get(i)) for i, r in enumerate(reqs)]
+        given = [i for i, r in enumerate(reqs) if r.has_history]  # validated together: one pass
+        hs = [_client_history(reqs[i]) for i in given]
+        checked = dict(zip(given, zip(hs, check_histories(hs, self.vocab, self.num_actions,
+                                                          offsets=[reqs[i].history_offset for i in given]))))
+        return [self.resolve_one(r, stored.get(i), checked.get(i)) for i, r in enumerate(reqs)]
 
-    def resolve_one(self, req: Request, from_store: History | None) -> Resolved | ServingError:
+    def resolve_one(self, req: Request, from_store: History | None, checked=None) -> Resolved | ServingError:
+        """checked: (the client's history, its rows or ActionError) when validated already."""
         if req.has_history:
-            h, source = _client_history(req), "request"
-            try:
-                rows = check_history(h, self.vocab, self.num_actions, offset=req.history_offset)
-            except ActionError as e:
-                return ServingError(422, e.field, e.message)
+            h, rows = checked if checked is not None else (_client_history(req), None)
+            source = "request"
+            if rows is None:
+                try:
+                    rows = check_history(h, self.vocab, self.num_actions, offset=req.history_offset)
+                except ActionError as e:
+                    rows = e
+            if isinstance(rows, ActionError):
+                return ServingError(422, rows.field, rows.message)
         else:
             h, source = (from_store if from_store is not None else History.empty()), "store"
             h, rows = self._clean(h)
