@@ -157,7 +157,7 @@ class ModelGraphs:
 
     # --- rank ---------------------------------------------------------------------------------
 
-    def rank_graph(self, kv_buffers, rows: int, cands: int, key_kv: tuple):
+    def rank_graph(self, kv_buffers, rows: int, cands: int, num_tasks: int, key_kv: tuple):
         key = (*key_kv, cands)
         if key not in self.ranks:
             if not self._room():
@@ -165,24 +165,33 @@ class ModelGraphs:
             from ..model import KVCache
 
             z = lambda *s: torch.zeros(s, dtype=torch.long, device=self.device)  # noqa: E731
-            static = {"cand": z(rows, cands), "gaps": z(rows), "lengths": z(rows),
-                      "user": torch.zeros_like(kv_buffers.user_vectors)}
+            static = {"cand": z(rows, cands), "lengths": z(rows), "last_ts": z(rows), "request_ts": z(rows),
+                      "user": torch.zeros_like(kv_buffers.user_vectors),
+                      "weights": torch.zeros(num_tasks, device=self.device)}
             hist = _dummy_actions(rows, 1, self.device)
             hist.lengths = static["lengths"]
             kv = KVCache(keys=kv_buffers.keys, values=kv_buffers.values, history=hist, user_vectors=static["user"],
                          tokens_per_action=self.tpa)
-            self.ranks[key] = (static, _Graph(lambda: self.model.rank(static["cand"], kv, static["gaps"]).float()))
+
+            def scores():  # gaps, logits, probabilities and utility in one graph
+                m = self.model
+                gaps = m.default_candidate_gaps(static["lengths"], static["last_ts"], static["request_ts"])
+                probs = torch.sigmoid(m.rank(static["cand"], kv, gaps).float())  # (rows, cands, T)
+                return torch.cat([probs, (probs @ static["weights"])[..., None]], dim=-1)
+
+            self.ranks[key] = (static, _Graph(scores))
         return self.ranks[key]
 
-    def rank(self, candidates: torch.Tensor, kv, gaps: torch.Tensor) -> torch.Tensor | None:
-        """candidates (B, C) rows, kv (B rows), gaps (B,) -> logits (B, C, T) float, or None."""
+    def rank(self, candidates: torch.Tensor, kv, request_ts: torch.Tensor, weights: torch.Tensor):
+        """candidates (B, C) rows, kv (B rows), request_ts (B,), task weights (T,) -> (B, C, T + 1):
+        task probabilities and the utility last; None without a graph."""
         B, C = candidates.shape
         rows, cands = self.buckets.batch(B), self.buckets.candidates(C)
         width = self.buckets.width(kv.keys[0].shape[2] // self.tpa)  # in actions
         buffers, key_kv = self._kv_buffers(kv, rows, width)
         if buffers is None:
             return None
-        got = self.rank_graph(buffers, rows, cands, key_kv)
+        got = self.rank_graph(buffers, rows, cands, len(weights), key_kv)
         if got is None:
             return None
         static, graph = got
@@ -190,8 +199,10 @@ class ModelGraphs:
         static["cand"][:B, :C].copy_(candidates)
         static["lengths"].zero_()  # padded rows: empty histories
         static["lengths"][:B].copy_(kv.lengths)
-        static["gaps"][:B].copy_(gaps)
+        static["last_ts"][:B].copy_(kv.last_ts())
+        static["request_ts"][:B].copy_(request_ts)
         static["user"][:B].copy_(kv.user_vectors)
+        static["weights"].copy_(weights)
         return graph.replay()[:B, :C]
 
     def _kv_buffers(self, kv, rows: int, width: int):

@@ -36,12 +36,12 @@ class Ranker:
         with timer.stage("rank"):
             rows = self._rows(cand_ids, C) if rows is None else rows[:, :C]
             rts = to_device(list(request_ts), self.device)
-            gaps = model.default_candidate_gaps(kv.lengths, kv.last_ts(), rts)
-            logits = self.graphs.of(model).rank(rows, kv, gaps) if self.graphs is not None else None
-            if logits is None:
-                logits = model.rank(rows, kv, gaps)
-            probs = torch.sigmoid(logits.float())  # (B, C, T)
-            both = to_host(torch.cat([probs, (probs @ self.weights)[..., None]], dim=-1))  # one copy back
+            both = self.graphs.of(model).rank(rows, kv, rts, self.weights) if self.graphs is not None else None
+            if both is None:
+                gaps = model.default_candidate_gaps(kv.lengths, kv.last_ts(), rts)
+                probs = torch.sigmoid(model.rank(rows, kv, gaps).float())  # (B, C, T)
+                both = torch.cat([probs, (probs @ self.weights)[..., None]], dim=-1)
+            both = to_host(both)  # one copy back
             probs, utility = both[..., :-1], both[..., -1]
         self._observe(timer.ms["rank"] - before, B * C)
         return [(probs[i, :len(c)], utility[i, :len(c)]) for i, c in enumerate(cand_ids)]
