@@ -25,8 +25,10 @@ def torchserve_config(model_store: str, *, model_name: str = MODEL_NAME, workers
                       token_expiration_min: int = 60, max_request_mb: int = 16,
                       ports: tuple[int, ...] = (INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT,
                                                 GRPC_INFERENCE_PORT, GRPC_MANAGEMENT_PORT),
-                      metrics_host: str = "0.0.0.0", metrics_config: str = METRICS_CONFIG) -> str:
-    """config.properties text; `ports` = (inference, management, metrics, grpc inference, grpc management)."""
+                      metrics_host: str = "0.0.0.0", metrics_config: str = METRICS_CONFIG,
+                      gpus: int | None = None) -> str:
+    """config.properties text; `ports` = (inference, management, metrics, grpc inference, grpc management);
+    `gpus`: TorchServe's number_of_gpu (None: left out, TorchServe then uses every visible GPU)."""
     size = max_request_mb * 1024 * 1024
     inference, management, metrics, grpc_inference, grpc_management = ports
     lines = [
@@ -52,6 +54,7 @@ def torchserve_config(model_store: str, *, model_name: str = MODEL_NAME, workers
         f"max_response_size={size}",
         # -XX:-UsePerfData: no hsperfdata files; the heap follows the container's memory limit.
         "vmargs=-XX:+UseContainerSupport -XX:MaxRAMPercentage=40.0 -XX:-UsePerfData -XX:+ExitOnOutOfMemoryError",
+        *([f"number_of_gpu={gpus}"] if gpus is not None else []),
     ]
     return "\n".join(lines) + "\n"
 
