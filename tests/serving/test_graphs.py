@@ -110,3 +110,45 @@ def test_engine_over_the_device_index_equals_the_faiss_engine(tiny):
         seen = {h["item_id"] for h in body["history"]}
         if body["exclude_seen"]:
             assert not seen & {x["item_id"] for x in b["items"]}
+
+
+@pytest.mark.parametrize("mode", ["a", "b", "c"])
+def test_fused_serving_equals_the_staged_path(tiny, mode):
+    """The one-graph path (fused.py; eager on CPU) answers a plain batch exactly as the staged
+    encoder -> retriever -> ranker path does, in all three modes, and stores the same cache entries."""
+    from unipinrec.checkpoint import load_model
+    from unipinrec.serving import fused
+    from unipinrec.serving.engine import Engine, EngineConfig
+    from unipinrec.serving.request import parse_request
+    from unipinrec.serving.synthetic import random_history
+    from unipinrec.serving.timing import StageTimer
+
+    m = load_model(tiny.unified if mode != "c" else tiny.retrieval)
+    rnk = load_model(tiny.ranking) if mode == "c" else None
+    eng = Engine(m, TorchIndex.for_model(m, m.vocab.item_ids), ranking=rnk,
+                 config=EngineConfig(share_kv=mode == "a"))
+    rng = np.random.default_rng(6)
+    bodies = [{"user_id": 100 + i, "history": random_history(rng, n, 300), "k": 7, "num_candidates": c,
+               "request_ts": 1_800_000_000, "exclude_seen": i != 1} for i, (n, c) in enumerate([(16, 30), (5, 12), (9, 20)])]
+    reqs = [parse_request(b, eng.limits) for b in bodies]
+    staged = eng.handle_batch(reqs)
+    for r in reqs:  # forget the staged run's cache entries
+        eng.user_cache.lru.pop(r.user_id)
+    preps = eng.resolver.resolve(reqs, StageTimer(eng.device))
+    with torch.inference_mode():  # as the engine serves
+        got, looked = fused.serve(eng, preps, StageTimer(eng.device), fused.FusedGraphs(eng))
+    assert got is not None and all(lk.status == "miss" for lk in looked)
+    for a, b in zip(staged, got):
+        assert [x["item_id"] for x in a["items"]] == [x["item_id"] for x in b["items"]]
+        for x, y in zip(a["items"], b["items"]):
+            assert abs(x["score"] - y["score"]) < 1e-5 and abs(x["retrieval_score"] - y["retrieval_score"]) < 1e-5
+            assert x["tasks"].keys() == y["tasks"].keys()
+        assert {k: v for k, v in a.items() if k not in ("items", "timings_ms")} == \
+               {k: v for k, v in b.items() if k not in ("items", "timings_ms")}
+    assert len(eng.user_cache.lru) == 3  # the fused misses were stored
+    again = eng.handle_batch(reqs)  # now hits: the staged path serves them, from what fused stored
+    assert [r["kv_cache"] for r in again] == ["hit"] * 3
+    assert [x["item_id"] for x in again[0]["items"]] == [x["item_id"] for x in staged[0]["items"]]
+    deadline = [parse_request({**bodies[0], "deadline_ms": 5000}, eng.limits)]
+    assert fused.serve(eng, eng.resolver.resolve(deadline, StageTimer(eng.device)), StageTimer(eng.device),
+                       fused.FusedGraphs(eng))[0] is None  # a deadline takes the staged path

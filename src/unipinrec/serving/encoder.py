@@ -25,15 +25,18 @@ class HistoryEncoder:
         windows = [p.window(max_history, 0 if start is None else start[i]) for i, p in enumerate(preps)]
         return Actions.from_histories(windows, [p.request_ts for p in preps], device=self.device)
 
-    def encode(self, loaded, preps: Sequence[Resolved], timer: StageTimer, stage: str, use_cache: bool):
-        """-> (kv_cache of the batch in prep order, cache status per prep)."""
+    def encode(self, loaded, preps: Sequence[Resolved], timer: StageTimer, stage: str, use_cache: bool,
+               looked=None):
+        """-> (kv_cache of the batch in prep order, cache status per prep). looked: the cache
+        lookups already made for these preps (the fused path's)."""
         from ..model import KVCache
 
         model = loaded.model
         L = model.config.max_history
         caching = use_cache and self.user_cache.enabled
-        looked = [self.user_cache.lookup(p.req.user_id, p.window(L), p.request_ts, L) if caching else None
-                  for p in preps]
+        if looked is None or not caching:
+            looked = [self.user_cache.lookup(p.req.user_id, p.window(L), p.request_ts, L) if caching else None
+                      for p in preps]
         status = [lk.status if lk is not None else "miss" for lk in looked]
         parts: list[tuple[Any, list[int]]] = []
         with timer.stage(stage):

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from . import fused
 from .encoder import HistoryEncoder
 from .graphs import Graphs, warm_up
 from .kv_cache import HandleState, HandleStore, UserKVCache
@@ -58,6 +59,7 @@ class EngineConfig:
     # for these shapes (history 0 = the model's L; others are captured on first use), exact
     # torch top-K over the items up to torch_index_max_items (faiss beyond) -- serving/graphs.py
     cuda_graphs: bool = True
+    fused: bool = True  # plain batches through one graph of every stage (fused.py), with cuda_graphs
     graph_warmup: tuple = ((1, 0, 512), (8, 0, 512))
     max_graphs: int = 64
     torch_index_max_items: int = 5_000_000
@@ -110,6 +112,7 @@ class Engine:
         self.ranker = Ranker(self.vocab, list(self.rnk.tasks.tasks), self.rnk.tasks.score_weights, self.device,
                              self.graphs)
         self.counts = {"degraded": 0, "isolated_errors": 0}
+        self.fused = fused.FusedGraphs(self) if self.config.fused and (self.graphs is not None) else None
         L = self.ret.model.config.max_history
         warm_up(self, [(b, h or L, c) for b, h, c in self.config.graph_warmup])
 
@@ -218,7 +221,12 @@ class Engine:
         if not ok:
             return out  # type: ignore[return-value]
         preps: list[Resolved] = [resolved[i] for i in ok]  # type: ignore[misc]
-        kv, status = self.encoder.encode(self.ret, preps, timer, "encode", use_cache=True)
+        fast, looked = fused.serve(self, preps, timer, self.fused) if self.fused is not None else (None, None)
+        if fast is not None:  # a plain batch on a GPU: one graph for all stages (fused.py)
+            for j, res in zip(ok, fast):
+                out[j] = res
+            return out  # type: ignore[return-value]
+        kv, status = self.encoder.encode(self.ret, preps, timer, "encode", use_cache=True, looked=looked)
         ids, scores, cand_rows = self.retriever.retrieve(preps, kv.user_vectors, timer)
         full = [j for j, p in enumerate(preps) if p.req.stage == "all"]
         ranked, degraded = self._rank_within_deadline(kv, preps, full, ids, timer, cand_rows)
