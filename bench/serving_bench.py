@@ -86,12 +86,14 @@ def flops_per_request(engine, body: dict) -> float:
     return float(counter.get_total_flops())
 
 
-def engines(paths: dict, index_dirs: dict | None, device: str = "cpu", torch_index: bool = False) -> dict:
-    """The three modes in-process (kv cache off: every request is a new user anyway)."""
+def engines(paths: dict, index_dirs: dict | None, device: str = "cpu", torch_index: bool = False,
+            graph_warmup: tuple = ()) -> dict:
+    """The three modes in-process (kv cache off: every request is a new user anyway); on CUDA
+    the graphs of `graph_warmup` (batch, history, candidates) are captured at load."""
     from unipinrec.checkpoint import load_model
     from unipinrec.serving.engine import Engine, EngineConfig
 
-    cfg = dict(kv_cache_bytes=0, device=device)
+    cfg = dict(kv_cache_bytes=0, device=device, **({"graph_warmup": graph_warmup} if graph_warmup else {}))
     uni, ret, rnk = (load_model(paths[k], device=device) for k in ("unified", "retrieval", "ranking"))
 
     def index_for(loaded, name):
@@ -100,9 +102,7 @@ def engines(paths: dict, index_dirs: dict | None, device: str = "cpu", torch_ind
 
             from unipinrec.index import TorchIndex
 
-            with torch.inference_mode():
-                v = loaded.model.item_vectors()[1:].float()
-            return TorchIndex(v, loaded.vocab.item_ids, loaded.version)
+            return TorchIndex.for_model(loaded, loaded.vocab.item_ids, device)
         from unipinrec.index import ItemIndex
 
         return ItemIndex.load(index_dirs[name], expect_model_version=loaded.version)
@@ -280,54 +280,207 @@ def kv_cache_bench(url: str, L: int, C: int, args) -> dict:
 
 # --- in-process (GPU) ---------------------------------------------------------------------------------
 
+LIMITS = {"la": "limit: (a) blocks", "lb": "limit: (b) blocks", "lc": "limit: (c) blocks"}
+
+
+def columnar(body: dict) -> dict:
+    """The same request with its history in the columnar form (parsed as arrays)."""
+    h = body["history"]
+    return {**body, "history": {k: [a[k] for a in h] for k in ("item_id", "action", "ts", "surface") if k in h[0]}}
+
+
+def _timed(fn, repeats: int, cuda: bool) -> list[float]:
+    """Milliseconds of each of `repeats` calls (CUDA events around each on a GPU)."""
+    import torch
+
+    out = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def limit_fns(eng: dict, L: int, C: int, B: int, items: int, device: str) -> dict:
+    """The model's own blocks on pre-made device tensors, per mode: what the engine could reach."""
+    import torch
+
+    from unipinrec.sequences import Actions, History
+    from unipinrec.serving.synthetic import random_history
+
+    rng = np.random.default_rng(5)
+    hs = [History.from_actions(random_history(rng, L, items)) for _ in range(B)]
+    h = Actions.from_histories(hs, [RTS] * B, vocab=eng["a"].vocab, device=device)
+    cand = torch.randint(1, items + 1, (B, C), device=device)
+    uni, ret, rnk = eng["a"].ret.model, eng["c"].ret.model, eng["c"].rnk.model
+    return {"la": lambda: uni.rank(cand, uni.encode_history(h)[1]),
+            "lb": lambda: (uni.encode_history(h), uni.rank(cand, uni.encode_history(h)[1])),
+            "lc": lambda: (ret.encode_history(h), rnk.rank(cand, rnk.encode_history(h)[1]))}
+
+
+def limit_rows(eng: dict, L: int, C: int, B: int, args, device: str) -> list[dict]:
+    """One row per limit mode: the blocks under one CUDA graph (eager on CPU), replays timed."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from unipinrec.serving.graphs import _Graph
+
+    cuda = device.startswith("cuda")
+    _register_cpu_sdpa_flops()
+    rows = []
+    with torch.inference_mode():
+        for m, fn in limit_fns(eng, L, C, B, args.items, device).items():
+            with FlopCounterMode(display=False) as counter:
+                fn()
+            run = _Graph(fn).replay if cuda else fn
+            for _ in range(3):
+                run()
+            lat = _timed(run, args.repeats, cuda)
+            rows.append({"L": L, "C": C, "mode": m, "batch": B, "layers": args.layers,
+                         "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
+                         "p99_ms": float(np.percentile(lat, 99)), "qps": B * 1000 / float(np.median(lat)),
+                         "gflops": counter.get_total_flops() / 1e9 / B, "n": len(lat)})
+    return rows
+
+
+def engine_rows(eng: dict, L: int, C: int, B: int, args, device: str, gflops: dict) -> list[dict]:
+    from unipinrec.serving.request import parse_request
+
+    cuda = device.startswith("cuda")
+    bodies = make_bodies(B, L, C, args.items, seed=3)
+    reqs = [parse_request(columnar(b) if args.history_form == "columnar" else b, eng["a"].limits) for b in bodies]
+    rows = []
+    for m in MODES:
+        first = _timed(lambda: eng[m].handle_batch(reqs), 1, cuda)[0]  # graphs were captured at load
+        for _ in range(3):
+            eng[m].handle_batch(reqs)
+        out = []
+        lat = _timed(lambda: out.append(eng[m].handle_batch(reqs)), args.repeats, cuda)
+        assert all(isinstance(o, dict) for o in out[-1]), out[-1]
+        rows.append({"L": L, "C": C, "mode": m, "batch": B, "layers": args.layers,
+                     "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
+                     "p99_ms": float(np.percentile(lat, 99)), "qps": B * 1000 / float(np.median(lat)),
+                     "first_ms": first, "gflops": gflops["l" + m], "n": len(lat),
+                     "timings_ms": out[-1][0]["timings_ms"]})
+    return rows
+
+
+def kv_rows(paths: dict, L: int, C: int, B: int, args, device: str) -> dict:
+    """(d) on the device: per batch of B users, L-8 actions (miss), the same again (hit), 8 appended (extend)."""
+    from unipinrec.checkpoint import load_model
+    from unipinrec.index import TorchIndex
+    from unipinrec.serving.engine import Engine, EngineConfig
+    from unipinrec.serving.request import parse_request
+
+    uni = load_model(paths["unified"], device=device)
+    index = TorchIndex.for_model(uni, uni.vocab.item_ids, device)
+    eng = Engine(uni, index, config=EngineConfig(kv_cache_bytes=8 * 2**30, device=device,
+                                                 graph_warmup=((B, L - 8, C), (B, L, C))))
+    cuda = device.startswith("cuda")
+    by = {"miss": [], "hit": [], "extend": []}
+    for rnd in range(args.kv_rounds):
+        bodies = make_bodies(B, L, C, args.items, seed=77 + rnd, first_user=5 * 10**6 + rnd * B)
+        first = [parse_request(columnar({**b, "history": b["history"][:-8]}), eng.limits) for b in bodies]
+        full = [parse_request(columnar(b), eng.limits) for b in bodies]
+        for reqs in (first, first, full):
+            out = []
+            ms = _timed(lambda: out.append(eng.handle_batch(reqs)), 1, cuda)[0]
+            by[out[0][0]["kv_cache"]].append(ms)
+    return {"L": L, "C": C, "batch": B, **{f"{k}_p50_ms": statistics.median(v) if v else float("nan")
+                                           for k, v in by.items()}}
+
+
+def add_limit_ratios(rows: list[dict]) -> None:
+    by = {(r["L"], r["C"], r["batch"], r["mode"]): r for r in rows}
+    for r in rows:
+        base = by.get((r["L"], r["C"], r["batch"], "lc" if r["mode"].startswith("l") else "c"))
+        if base is not None:
+            r["qps_vs_c"] = r["qps"] / base["qps"]
+            r["p50_vs_c"] = r["p50_ms"] / base["p50_ms"]
+            r["flop_ratio_c_over"] = base["gflops"] / r["gflops"] if r.get("gflops") else None
+
+
+def print_gpu_table(rows: list[dict], title: str) -> None:
+    print(f"\n{title}")
+    head = f"{'cell':<18} {'mode':<22} {'p50 ms':>8} {'p95 ms':>8} {'first':>7} {'QPS':>9} {'GFLOP/req':>9} " \
+           f"{'QPS/(c)':>8} {'FLOP (c)/x':>10}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        cell = f"{r['layers']}l L{r['L']} C{r['C']} b{r['batch']}"
+        name = r["mode"] + " " + {**MODES, **LIMITS}.get(r["mode"], "")
+        print(f"{cell:<18} {name:<22} {r['p50_ms']:>8.3f} {r['p95_ms']:>8.3f} {r.get('first_ms', float('nan')):>7.2f} "
+              f"{r['qps']:>9.1f} {r['gflops']:>9.2f} {r.get('qps_vs_c', float('nan')):>8.3f} "
+              f"{r.get('flop_ratio_c_over') or float('nan'):>10.3f}")
+
+
+def inprocess_cell(args, layers: int, L: int, Cs, batches, device: str, work: Path) -> tuple[list, list]:
+    import torch
+
+    shape_args = argparse.Namespace(**{**vars(args), "layers": layers})
+    paths = make_models(work / f"l{layers}-L{L}", L, shape_args)
+    warm = tuple((B, L, C) for B in batches for C in Cs)
+    eng = engines(paths, None, device=device, torch_index=True, graph_warmup=warm)
+    rows, kv = [], []
+    for C in Cs:
+        for B in batches:
+            lim = limit_rows(eng, L, C, B, shape_args, device)
+            rows += engine_rows(eng, L, C, B, shape_args, device, {r["mode"]: r["gflops"] for r in lim}) + lim
+            print(json.dumps(rows[-4]), flush=True)
+    if args.kv_batches:
+        for B in args.kv_batches:
+            kv.append(kv_rows(paths, L, Cs[0], B, shape_args, device))
+            print(json.dumps(kv[-1]), flush=True)
+    del eng
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return rows, kv
+
 
 def inprocess_bench(args) -> dict:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    from unipinrec.serving.request import parse_request
-
     Ls = [HEADLINE[0]] if args.quick else args.L
     Cs = [HEADLINE[1]] if args.quick else args.C
-    rows = []
     work_root = Path(args.work or tempfile.mkdtemp(prefix="serving-bench-"))
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    rows, kv = [], []
     for L in Ls:
-        paths = make_models(work_root / f"L{L}", L, args)
-        eng = engines(paths, None, device=device, torch_index=True)
-        for C in Cs:
-            flops = {m: flops_per_request(eng[m], make_bodies(1, L, C, args.items, seed=7)[0]) for m in MODES}
-            for B in args.batch:
-                reqs = [parse_request(b) for b in make_bodies(B, L, C, args.items, seed=3)]
-                for m in MODES:
-                    for _ in range(3):
-                        eng[m].handle_batch(reqs)
-                    lat = []
-                    for _ in range(args.repeats):
-                        if device.startswith("cuda"):
-                            torch.cuda.synchronize()
-                        t = time.perf_counter()
-                        out = eng[m].handle_batch(reqs)
-                        if device.startswith("cuda"):
-                            torch.cuda.synchronize()
-                        lat.append((time.perf_counter() - t) * 1000)
-                        assert all(isinstance(o, dict) for o in out), out
-                    row = {"L": L, "C": C, "mode": m, "batch": B, "p50_ms": float(np.percentile(lat, 50)),
-                           "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
-                           "qps": B * 1000 / float(np.median(lat)), "gflops": flops[m] / 1e9, "n": len(lat)}
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-    for B in args.batch:
-        sub = [r for r in rows if r["batch"] == B]
-        add_ratios(sub)
-        print_table(sub, f"in-process engine on {name} ({device}), batch {B} (latency = the whole batch), "
-                         f"d={args.d_model}, {args.layers} layers, torch exact top-K")
+        r, k = inprocess_cell(args, args.layers, L, Cs, args.batch, device, work_root)
+        rows, kv = rows + r, kv + k
+    if args.paper:  # the shape of the paper's Table 2
+        args.kv_batches, saved = [], args.kv_batches
+        r, _ = inprocess_cell(args, 12, 992, [656], [8], device, work_root)
+        rows, args.kv_batches = rows + r, saved
+    add_limit_ratios(rows)
+    print_gpu_table(rows, f"in-process engine on {name} ({device}), latency = the whole batch, d={args.d_model}, "
+                          f"{args.items:,} items, torch exact top-K, history {args.history_form}; limit rows: the "
+                          f"model's blocks alone on pre-made tensors{' under one CUDA graph' if device != 'cpu' else ''}")
     verdicts = {}
-    for B in args.batch:
-        sub = [r for r in rows if r["batch"] == B]
-        print(f"batch {B}:", end="")
-        verdicts[B] = headline_verdict(sub)
-    return {"device": name, "rows": rows, "headline": verdicts}
+    for r in rows:
+        if r["mode"] == "a":
+            lim = next(x for x in rows if x["mode"] == "la" and (x["L"], x["C"], x["batch"], x["layers"]) ==
+                       (r["L"], r["C"], r["batch"], r["layers"]))
+            v = {"p50_ms": r["p50_ms"], "first_ms": r["first_ms"], "qps_ratio": r["qps_vs_c"],
+                 "limit_ratio": lim["qps_vs_c"], "of_limit": r["qps_vs_c"] / lim["qps_vs_c"]}
+            verdicts[f"{r['layers']}l-L{r['L']}-C{r['C']}-b{r['batch']}"] = v
+            print(f"{r['layers']}l L={r['L']} C={r['C']} batch {r['batch']}: (a) p50 {r['p50_ms']:.3f} ms (first "
+                  f"{r['first_ms']:.2f}), QPS (a)/(c) {r['qps_vs_c']:.3f} vs limit {lim['qps_vs_c']:.3f} "
+                  f"({v['of_limit']:.1%} of it)")
+    for k in kv:
+        print(f"(d) KV cache L={k['L']} C={k['C']} batch {k['batch']}: miss {k['miss_p50_ms']:.3f} hit "
+              f"{k['hit_p50_ms']:.3f} extend(+8) {k['extend_p50_ms']:.3f} ms -> hit "
+              f"{k['miss_p50_ms'] / k['hit_p50_ms']:.2f}x, extend {k['miss_p50_ms'] / k['extend_p50_ms']:.2f}x faster")
+    return {"device": name, "rows": rows, "kv_cache": kv, "headline": verdicts}
 
 
 # --- ANN index ----------------------------------------------------------------------------------------
@@ -393,8 +546,12 @@ def main() -> None:
     h.add_argument("--kv-users", type=int, default=5, help="users in the cross-request KV cache run (d)")
     g = sub.choices["inprocess"]
     g.add_argument("--device", help="cuda | cpu (default: cuda when available)")
-    g.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    g.add_argument("--repeats", type=int, default=20)
+    g.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
+    g.add_argument("--repeats", type=int, default=50)
+    g.add_argument("--history-form", choices=["columnar", "list"], default="columnar")
+    g.add_argument("--paper", action="store_true", help="add the paper-like cell: 12 layers, L=992, C=656, batch 8")
+    g.add_argument("--kv-batches", type=int, nargs="*", default=[1, 8], help="batch sizes of the KV cache cell (d)")
+    g.add_argument("--kv-rounds", type=int, default=5)
     a = sub.add_parser("ann")
     a.add_argument("--items-ann", "--items", dest="items_ann", type=int, default=1_000_000)
     a.add_argument("--dim", type=int, default=64)

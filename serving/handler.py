@@ -4,7 +4,9 @@ The archive (`unipinrec package`) holds model/ (and ranking/ for the two-model b
 index/ and serving.json; the model-config YAML's `handler:` section may override the engine
 settings. Per request in a TorchServe batch: check the content type, decode and validate the
 body (4xx naming the field), then hand all valid requests to the engine at once.
-TorchServe calls `handle(None, ctx)` once at load time: that builds the engine.
+TorchServe calls `handle(None, ctx)` once at load time: that builds the engine, on the GPU
+TorchServe assigned this worker (`gpu_id`; `number_of_gpu` in config.properties) unless the
+model-config YAML names `handler.engine.device` itself.
 """
 from __future__ import annotations
 
@@ -28,11 +30,28 @@ def _body(item: dict):
     return item.get("data")
 
 
+def with_assigned_gpu(model_yaml_config: dict, system_properties: dict) -> dict:
+    """The model config with the engine on cuda:<gpu_id> when TorchServe gave this worker a GPU
+    (and the config names no device); CUDA graphs are captured on that device."""
+    handler = dict(model_yaml_config.get("handler") or {})
+    engine = dict(handler.get("engine") or {})
+    gpu_id = system_properties.get("gpu_id")
+    if gpu_id is None or "device" in engine:
+        return model_yaml_config
+    import torch
+
+    if not torch.cuda.is_available():
+        return model_yaml_config
+    torch.cuda.set_device(int(gpu_id))
+    return {**model_yaml_config, "handler": {**handler, "engine": {**engine, "device": f"cuda:{int(gpu_id)}"}}}
+
+
 def handle(data, ctx):
     global _engine
     if _engine is None:
         t = time.perf_counter()
-        _engine = build_engine(Path(ctx.system_properties["model_dir"]), getattr(ctx, "model_yaml_config", None) or {})
+        _engine = build_engine(Path(ctx.system_properties["model_dir"]),
+                               with_assigned_gpu(getattr(ctx, "model_yaml_config", None) or {}, ctx.system_properties))
         log.info("unipinrec engine ready in %.1f s: %s", time.perf_counter() - t, _engine.model_version)
     if data is None:
         return None

@@ -91,3 +91,29 @@ def test_collate_reads_sliced_record_batches():
     assert b.history.items.tolist() == [[5]] and b.history.request_ts.tolist() == [200]
     assert isinstance(b.history.items, torch.Tensor) and b.history.items.dtype == torch.long
     assert np.isclose(float(b.history_labels.sum()), 1.0)
+
+
+def test_check_histories_equals_check_history_one_by_one():
+    """The batched validation (one pass over all histories) gives each history the rows or the
+    error, naming the same action, that checking it alone gives."""
+    import numpy as np
+
+    from unipinrec.batches import ItemVocab
+    from unipinrec.sequences import ActionError, History, check_histories, check_history
+
+    vocab = ItemVocab(np.arange(10, 60))
+    h = lambda items, actions, ts: History(items=items, actions=actions, ts=ts)  # noqa: E731
+    hs = [h([10, 11, 12], [0, 1, 2], [1, 2, 3]), h([], [], []), h([13, 99, 14], [0, 0, 0], [5, 6, 7]),
+          h([15, 16], [0, 7], [1, 2]), h([17, 18, 19], [0, 0, 0], [9, 3, 10]), h([20], [1], [0]),
+          h([21, 22], [0, 0], [100, 100])]
+    offsets = [0, 0, 5, 0, 2, 0, 0]
+    got = check_histories(hs, vocab, 5, offsets=offsets)
+    for g, hist, off in zip(got, hs, offsets):
+        try:
+            want = check_history(hist, vocab, 5, offset=off)
+        except ActionError as e:
+            assert isinstance(g, ActionError) and (g.field, g.message) == (e.field, e.message)
+        else:
+            assert not isinstance(g, ActionError) and g.tolist() == want.tolist()
+    assert [type(g).__name__ for g in got].count("ActionError") == 3
+    assert check_histories(hs[:2] + hs[5:], vocab, 5)[3].tolist() == [12, 13]

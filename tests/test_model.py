@@ -546,3 +546,20 @@ def test_rank_similarity_weight_learns_from_the_ranking_loss():
     loss, _ = train_loss(m, train_batch(h, next_item_targets(h)), num_uniform_negatives=16, num_inbatch_negatives=8)
     loss.backward()
     assert m.rank_sim_weight.grad is not None and m.rank_sim_weight.grad.abs().sum() > 0
+
+
+def test_bf16_cached_rank_is_within_3e2_of_float64():
+    """Serving on a GPU runs the model in bf16: its cached rank (fused candidate attention) stays
+    within a relative 3e-2 (||bf16 - fp64|| / ||fp64||) of the float64 scores; NaN never passes."""
+    import copy
+
+    m = make_model(dropout=0.0)
+    h = make_history([12, 5, 9, 1])
+    cand = candidates(4, 16)
+    with torch.no_grad():
+        ref = m.rank(cand, m.encode_history(h)[1])
+        b16 = copy.deepcopy(m).to(torch.bfloat16)
+        got = b16.rank(cand, b16.encode_history(h)[1]).double()
+    assert got.dtype == ref.dtype and torch.isfinite(got).all()
+    rel = float((got - ref).norm() / ref.norm())
+    assert rel < 3e-2, rel

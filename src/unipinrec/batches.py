@@ -34,6 +34,13 @@ class ItemVocab:
         self.item_ids = ids  # row r holds item_ids[r - 1]
         self._order = np.argsort(ids, kind="stable")
         self._sorted = ids[self._order]
+        # ids that are small non-negative integers (the usual case) map through a dense table:
+        # one gather instead of a binary search per id (serving looks up every request's history)
+        top = int(ids.max()) if len(ids) else -1
+        self._dense = None
+        if len(ids) and ids.min() >= 0 and top <= 8 * len(ids) + 2**16:
+            self._dense = np.zeros(top + 2, dtype=np.int64)  # last slot: any id past the top
+            self._dense[ids] = np.arange(1, len(ids) + 1)
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -59,6 +66,15 @@ class ItemVocab:
         """Rows of raw ids. Unknown ids raise KeyError (naming the first one), or map to
         `unknown` when given (e.g. 0 = padding)."""
         ids = np.asarray(item_ids, dtype=np.int64)
+        if self._dense is not None:
+            rows = self._dense[np.clip(ids, -1, len(self._dense) - 1)]  # -1 and past the top: slot 0 / last
+            found = rows > 0
+            if found.all():
+                return rows
+            if unknown is None:
+                bad = ids.reshape(-1)[np.flatnonzero(~found.reshape(-1))[0]]
+                raise KeyError(f"item_id {int(bad)} is not in the item vocabulary ({len(self)} items)")
+            return np.where(found, rows, unknown)
         if len(self._sorted) == 0:
             pos = np.zeros(ids.shape, dtype=np.int64)
             found = np.zeros(ids.shape, dtype=bool)

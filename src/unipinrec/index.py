@@ -320,26 +320,73 @@ class TorchIndex:
         self.model_version = model_version
         self.meta = {"model_version": model_version, "kind": "torch-exact"}
 
+    @classmethod
+    def for_model(cls, loaded, item_ids, device=None) -> "TorchIndex":
+        """The exact index of a loaded model's item vectors for `item_ids` (what a faiss index
+        built for the model holds), on `device`: on a GPU, top-K over a few million vectors is
+        one matrix product and one topk, faster than faiss on the host."""
+        import torch
+
+        with torch.inference_mode():
+            table = loaded.model.item_vectors()
+            v = table[torch.from_numpy(loaded.vocab.lookup(item_ids)).to(table.device)]
+        return cls(v.to(device) if device is not None else v, item_ids, loaded.version)
+
     @property
     def num_items(self) -> int:
         return len(self.item_ids)
 
     def search(self, queries, k: int, exclude: Sequence[Sequence[int]] | None = None):
+        top, pos = self.search_device(queries, k, exclude)
+        ids = self._ids_t[pos]
+        ids = torch_where_finite(top, ids)
+        return top.float().cpu().numpy(), ids.cpu().numpy()
+
+    def search_device(self, queries, k: int, exclude: Sequence[Sequence[int]] | None = None,
+                      exclude_positions=None):
+        """-> (scores (Q, k), positions in `item_ids` (Q, k)) as tensors on the index's device;
+        excluded items score -inf. The exclusions of all rows go over in one copy and one
+        scatter (ids found by a sorted search on the device), not a pass per row;
+        `exclude_positions` (Q, W) on the device, positions in `item_ids` with num_items for
+        none, skips the search (the serving engine maps its rows once)."""
         import torch
+        import torch.nn.functional as F
 
         q = torch.as_tensor(queries, device=self.vectors.device, dtype=self.vectors.dtype)
-        scores = q @ self.vectors.T
-        if exclude:
-            for i, e in enumerate(exclude):
-                if e is not None and len(e):
-                    seen = torch.as_tensor(np.asarray(list(e) if isinstance(e, (set, frozenset)) else e, dtype=np.int64),
-                                           device=q.device)
-                    scores[i].masked_fill_(torch.isin(self._ids_t, seen), float("-inf"))
+        scores = q @ self.vectors.T  # (Q, N)
+        if exclude_positions is not None:  # one scatter into a spare column for "none"
+            scores = F.pad(scores, (0, 1)).scatter_(1, exclude_positions, float("-inf"))[:, :-1]
+        elif exclude:
+            parts = [np.asarray(list(e) if isinstance(e, (set, frozenset)) else e, dtype=np.int64)
+                     if e is not None else np.zeros(0, np.int64) for e in exclude]
+            lens = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+            if lens.sum():
+                flat = torch.from_numpy(np.concatenate(parts)).to(q.device, non_blocking=True)
+                which = torch.from_numpy(np.repeat(np.arange(len(parts)), lens)).to(q.device, non_blocking=True)
+                sorted_ids, order = self._sorted()
+                at = torch.searchsorted(sorted_ids, flat).clamp(max=len(sorted_ids) - 1)
+                found = sorted_ids[at] == flat
+                # unknown ids add 0 (their slot is some other item's); accumulate: duplicates are fine
+                penalty = torch.where(found, torch.tensor(float("-inf"), dtype=scores.dtype, device=q.device),
+                                      torch.tensor(0.0, dtype=scores.dtype, device=q.device))
+                scores += torch.zeros_like(scores).index_put_((which, order[at]), penalty, accumulate=True)
         k = min(k, self.num_items)
-        top, pos = scores.topk(k, dim=1)
-        ids = self._ids_t[pos]
-        ids = torch.where(torch.isfinite(top), ids, torch.full_like(ids, -1))
-        return top.float().cpu().numpy(), ids.cpu().numpy()
+        return scores.topk(k, dim=1)
+
+    def _sorted(self):
+        if getattr(self, "_sorted_cache", None) is None:
+            import torch
+
+            order = torch.argsort(self._ids_t)
+            self._sorted_cache = (self._ids_t[order], order)
+        return self._sorted_cache
+
+
+def torch_where_finite(top, ids):
+    """-1 where a score is -inf (fewer than k items were left)."""
+    import torch
+
+    return torch.where(torch.isfinite(top), ids, torch.full_like(ids, -1))
 
 
 # --- from a model folder -----------------------------------------------------------------------

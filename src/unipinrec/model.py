@@ -28,7 +28,6 @@ returns outputs, the training losses over them are `losses.py`. Imports torch on
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -165,28 +164,27 @@ class CausalSelfAttention(nn.Module):
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, N, H * Dh)))
 
     def forward(self, x, mask, past_k=None, past_v=None):
-        """x (B, N, D); mask (B, 1, N, Np + N) bool, True = may attend. Returns (y, k, v)."""
+        """x (B, N, D); mask (B, 1, N, Np + N) bool, True = may attend, or None: plain causal
+        (right-padded histories: a real token's causal keys are all real, and padded tokens'
+        outputs are never read, so the flash kernel serves them unmasked). Returns (y, k, v)."""
         q, k, v = self._heads(x)  # (B, H, N, Dh)
         keys = k if past_k is None else torch.cat([past_k, k], dim=2)
         values = v if past_v is None else torch.cat([past_v, v], dim=2)
         y = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+            q, keys, values, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None,
         )
         return self._merge(y), k, v
 
-    def attend_candidates(self, x, past_k, past_v, past_valid):
-        """Each candidate attends to the cached history and to itself only: cost ~ C x Wt.
+    def attend_candidates(self, x, past_k, past_v, mask):
+        """Each candidate attends to the cached history and to itself only: one fused attention
+        call over [history keys; candidate keys] (no (B, H, C, Wt) scores in memory).
 
-        x (B, C, D); past_k/v (B, H, Wt, Dh); past_valid (B, Wt) bool.
+        x (B, C, D); past_k/v (B, H, Wt, Dh); mask (B, 1, C, Wt + C) from `candidate_mask`.
         """
         q, k, v = self._heads(x)  # (B, H, C, Dh)
-        scale = 1.0 / math.sqrt(self.d_head)
-        s_hist = (q @ past_k.transpose(-2, -1)) * scale  # (B, H, C, Wt)
-        s_hist = s_hist.masked_fill(~past_valid[:, None, None, :], float("-inf"))
-        s_self = (q * k).sum(-1, keepdim=True) * scale  # (B, H, C, 1)
-        p = torch.softmax(torch.cat([s_hist, s_self], dim=-1), dim=-1)
-        y = p[..., :-1] @ past_v + p[..., -1:] * v  # (B, H, C, Dh)
-        return self._merge(y)
+        keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, H, Wt + C, Dh)
+        return self._merge(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
 
 
 class Block(nn.Module):
@@ -205,8 +203,8 @@ class Block(nn.Module):
         x = x + a
         return x + self.mlp(self.ln2(x)), k, v
 
-    def forward_candidates(self, x, past_k, past_v, past_valid):
-        x = x + self.attn.attend_candidates(self.ln1(x), past_k, past_v, past_valid)
+    def forward_candidates(self, x, past_k, past_v, mask):
+        x = x + self.attn.attend_candidates(self.ln1(x), past_k, past_v, mask)
         return x + self.mlp(self.ln2(x))
 
 
@@ -217,6 +215,14 @@ def causal_mask(valid: torch.Tensor) -> torch.Tensor:
     tril = torch.ones(N, N, dtype=torch.bool, device=valid.device).tril()
     eye = torch.eye(N, dtype=torch.bool, device=valid.device)
     return ((tril[None] & valid[:, None, :]) | eye[None])[:, None]
+
+
+def candidate_mask(past_valid: torch.Tensor, num_candidates: int) -> torch.Tensor:
+    """(B, Wt) real history tokens -> (B, 1, C, Wt + C): each candidate sees every real history
+    token and itself, no other candidate."""
+    B, Wt = past_valid.shape
+    eye = torch.eye(num_candidates, dtype=torch.bool, device=past_valid.device)
+    return torch.cat([past_valid[:, None, :].expand(B, num_candidates, Wt), eye[None].expand(B, -1, -1)], dim=2)[:, None]
 
 
 def blended_mask(valid: torch.Tensor, num_slate: int) -> torch.Tensor:
@@ -440,12 +446,11 @@ class UniPinRec(nn.Module):
         """-> (user_vectors (B, D) L2-normalised, kv_cache). Histories right-padded, len <= L."""
         if history.items.shape[1] > self.config.max_history:
             raise ValueError(f"history width {history.items.shape[1]} exceeds max_history {self.config.max_history}")
-        x, valid = self._history_tokens(history)  # (B, Wt, D)
-        mask = causal_mask(valid)
+        x, _ = self._history_tokens(history)  # (B, Wt, D)
         x = self.drop(x)
         keys, values = [], []
         for block in self.blocks:
-            x, k, v = block(x, mask)
+            x, k, v = block(x, None)  # causal: right padding needs no mask (CausalSelfAttention.forward)
             keys.append(k)
             values.append(v)
         user = self._user_vectors(self.ln_f(x), history.lengths)
@@ -497,9 +502,9 @@ class UniPinRec(nn.Module):
         if candidate_gaps is None:
             candidate_gaps = self.default_candidate_gaps(c.lengths, c.last_ts(), c.request_ts)
         x = self._candidate_tokens(candidates, c.lengths, candidate_gaps, slate_positions)  # (B, C, D)
-        past_valid = c.padding_mask
+        mask = candidate_mask(c.padding_mask, candidates.shape[1])  # built once for every layer
         for block, pk, pv in zip(self.blocks, c.keys, c.values):
-            x = block.forward_candidates(x, pk, pv, past_valid)
+            x = block.forward_candidates(x, pk, pv, mask)
         return self._rank_logits(self.ln_f(x), c.user_vectors[:, None, :], candidates)  # (B, C, T)
 
     def item_vectors(self) -> torch.Tensor:

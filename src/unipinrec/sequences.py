@@ -59,10 +59,15 @@ class Actions:
             Actions._per_action[cls] = tuple(f.name for f in fields(cls) if "record" in f.metadata)
         return Actions._per_action[cls]
 
+    _records: ClassVar[dict[type, dict]] = {}
+
     @classmethod
     def record_names(cls) -> dict[str, tuple[str, int | None]]:
         """attribute -> (name in the record / request, default when absent)."""
-        return {f.name: (f.metadata["record"], f.metadata["default"]) for f in fields(cls) if "record" in f.metadata}
+        if cls not in Actions._records:  # per class, once: every request's History asks
+            Actions._records[cls] = {f.name: (f.metadata["record"], f.metadata["default"])
+                                     for f in fields(cls) if "record" in f.metadata}
+        return Actions._records[cls]
 
     def per_action(self) -> dict[str, torch.Tensor]:
         return {n: getattr(self, n) for n in self.per_action_fields()}
@@ -161,26 +166,39 @@ class Actions:
 
     @classmethod
     def from_histories(cls, histories: Sequence["History"], request_ts: Sequence[int], *,
-                       vocab=None, max_history: int | None = None, device="cpu") -> "Actions":
+                       vocab=None, max_history: int | None = None, device="cpu", rows: int | None = None,
+                       width: int | None = None) -> "Actions":
         """Histories (raw ids mapped through `vocab`, or already rows when vocab is None) ->
         one right-padded batch of each one's last `max_history` actions, in one host buffer
-        and one copy to `device`."""
+        (pinned when `device` is CUDA) and one copy to `device`. `rows`/`width`: pad the batch
+        to at least that many rows (empty histories) and columns (static shapes on a GPU)."""
         if len(histories) != len(request_ts):
             raise ValueError(f"{len(histories)} histories but {len(request_ts)} request_ts values")
         kept = [h if max_history is None else h.last(max_history) for h in histories]
         names = cls.per_action_fields()
-        B, W = len(kept), max([1] + [len(h) for h in kept])
-        buf = np.zeros((len(names), B, W), dtype=np.int64)
-        lengths = np.fromiter((len(h) for h in kept), dtype=np.int64, count=B)
+        n = len(kept)
+        B, W = max(n, rows or 0), max([1, width or 0] + [len(h) for h in kept])
+        pin = torch.device(device).type == "cuda"
+        F_ = len(names)
+        # empty, not zeros: each row's padding is cleared as it is filled (zeroing the whole buffer
+        # first cost several times the copy itself)
+        host = torch.empty(F_ * B * W + 2 * B, dtype=torch.long, pin_memory=pin)  # fields, lengths, request_ts
+        flat = host.numpy()
+        buf = flat[:F_ * B * W].reshape(F_, B, W)
+        buf[:, n:] = 0  # padding rows
         for b, h in enumerate(kept):
-            for j, n in enumerate(names):
-                buf[j, b, :len(h)] = getattr(h, n)
-            if vocab is not None and len(h):
-                buf[0, b, :len(h)] = vocab.lookup(h.items)
-        host = torch.from_numpy(buf)
-        cols = {n: host[j].to(device) for j, n in enumerate(names)}
-        return cls(**cols, lengths=torch.from_numpy(lengths).to(device),
-                   request_ts=torch.as_tensor(list(request_ts), dtype=torch.long).to(device))
+            k = len(h)
+            for j, name in enumerate(names):
+                row = buf[j, b]
+                row[:k] = h.arrays[name] if j or vocab is None or not k else vocab.lookup(h.items)
+                row[k:] = 0
+        flat[F_ * B * W:] = 0
+        flat[F_ * B * W:F_ * B * W + n] = np.fromiter((len(h) for h in kept), dtype=np.int64, count=n)
+        flat[F_ * B * W + B:F_ * B * W + B + n] = np.asarray(list(request_ts), dtype=np.int64)
+        dev = host.to(device, non_blocking=pin)
+        planes = dev[:F_ * B * W].view(F_, B, W)
+        cols = {name: planes[j] for j, name in enumerate(names)}
+        return cls(**cols, lengths=dev[F_ * B * W:F_ * B * W + B], request_ts=dev[F_ * B * W + B:])
 
 
 class History:
@@ -218,8 +236,16 @@ class History:
     def __len__(self) -> int:
         return len(self.arrays["items"])
 
+    @classmethod
+    def _trusted(cls, spec: type[Actions], arrays: dict[str, np.ndarray]) -> "History":
+        """From arrays already checked (int64, equal lengths, every field): no checks again."""
+        h = object.__new__(cls)
+        object.__setattr__(h, "spec", spec)
+        object.__setattr__(h, "arrays", arrays)
+        return h
+
     def _new(self, fn) -> "History":
-        return History(self.spec, **{n: fn(a) for n, a in self.arrays.items()})
+        return History._trusted(self.spec, {n: fn(a) for n, a in self.arrays.items()})
 
     def last(self, n: int) -> "History":
         return self if n >= len(self) else self._new(lambda a: a[len(self) - n:])
@@ -229,7 +255,10 @@ class History:
         return self._new(lambda a: a[index])
 
     def with_items(self, items: np.ndarray) -> "History":
-        return History(self.spec, **{**self.arrays, "items": items})
+        items = np.asarray(items, dtype=np.int64).reshape(-1)
+        if len(items) != len(self):
+            raise ValueError("History arrays must have equal lengths")
+        return History._trusted(self.spec, {**self.arrays, "items": items})
 
     def concat(self, new: "History") -> "History":
         return History(self.spec, **{n: np.concatenate([a, new.arrays[n]]) for n, a in self.arrays.items()})
@@ -309,4 +338,37 @@ def check_history(h: History, vocab, num_actions: int | None = None, where: str 
     return rows
 
 
-__all__ = ["Actions", "ActionError", "History", "action_field", "check_history"]
+def check_histories(hs: Sequence[History], vocab, num_actions: int | None = None, where: str = "history",
+                    offsets: Sequence[int] | None = None) -> list:
+    """`check_history` of many histories in one pass over their concatenation (one vocabulary
+    look-up, one range check, one order check): per history its embedding rows, or the
+    ActionError naming its first action at fault, exactly as `check_history` would."""
+    if not hs:
+        return []
+    lens = np.fromiter((len(h) for h in hs), dtype=np.int64, count=len(hs))
+    cat = lambda name: np.concatenate([h.arrays[name] for h in hs])  # noqa: E731
+    rows, actions, ts = vocab.lookup(cat("items"), unknown=0), cat("actions"), cat("ts")
+    bad = rows == 0
+    if num_actions is not None:
+        bad |= (actions < 0) | (actions >= num_actions)
+    back = np.zeros(len(ts), dtype=bool)
+    back[1:] = np.diff(ts) < 0
+    ends = np.cumsum(lens)
+    first = ends[:-1]
+    back[first[first < len(ts)]] = False  # a history's first action follows nothing
+    parts = np.split(rows, ends[:-1])
+    if not (bad | back).any():
+        return parts
+    out: list = []
+    for i, h in enumerate(hs):
+        if (bad | back)[ends[i] - lens[i]:ends[i]].any():  # the slow path names the action
+            try:
+                check_history(h, vocab, num_actions, where, 0 if offsets is None else offsets[i])
+            except ActionError as e:
+                out.append(e)
+                continue
+        out.append(parts[i])
+    return out
+
+
+__all__ = ["Actions", "ActionError", "History", "action_field", "check_histories", "check_history"]

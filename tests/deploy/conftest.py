@@ -12,7 +12,8 @@ import yaml
 MANIFESTS = Path(__file__).resolve().parents[2] / "manifests"
 # Every kustomization in the project; a test checks this list is complete.
 KUSTOMIZATIONS = ["base", "feast", "retraining", "rbac", "kserve", "training", "training/runtime",
-                  "overlays/dev", "overlays/prod", "overlays/dev/admin", "overlays/prod/admin"]
+                  "overlays/dev", "overlays/prod", "overlays/dev/admin", "overlays/prod/admin",
+                  "overlays/gpu", "overlays/kserve-gpu"]
 
 
 @pytest.fixture(scope="session")

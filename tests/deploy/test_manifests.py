@@ -20,7 +20,7 @@ def test_every_kustomization_is_rendered():
 
 
 def test_overlays_hold_the_whole_serving_stack(rendered):
-    for overlay, ns in (("overlays/dev", "unipinrec-dev"), ("overlays/prod", "unipinrec")):
+    for overlay, ns in (("overlays/dev", "unipinrec-dev"), ("overlays/prod", "unipinrec"), ("overlays/gpu", "unipinrec")):
         kinds = sorted({o["kind"] for o in rendered[overlay]})
         assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "NetworkPolicy",
                          "PersistentVolumeClaim", "PodDisruptionBudget", "Service", "ServiceAccount", "StatefulSet"]
@@ -118,7 +118,7 @@ def _labels_match(selector: dict, labels: dict) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-@pytest.mark.parametrize("overlay", ["overlays/dev", "overlays/prod"])
+@pytest.mark.parametrize("overlay", ["overlays/dev", "overlays/prod", "overlays/gpu"])
 def test_serving_objects_point_at_each_other(rendered, overlay):
     objs = rendered[overlay]
     by = {(o["kind"], o["metadata"]["name"]): o for o in objs}
@@ -192,3 +192,34 @@ def test_deployer_role_is_least_privilege(rendered):
         group = obj["apiVersion"].rpartition("/")[0]
         plural = obj["kind"].lower() + ("es" if obj["kind"].endswith("s") else "s")
         assert (group, plural.replace("policys", "policies")) in granted, obj["kind"]
+
+
+def _gpu_request(resources: dict) -> tuple:
+    return resources.get("requests", {}).get("nvidia.com/gpu"), resources.get("limits", {}).get("nvidia.com/gpu")
+
+
+def test_gpu_overlay_gives_torchserve_one_gpu_on_gpu_nodes(rendered):
+    from unipinrec.deploy.torchserve_config import parse_properties
+
+    dep = next(o for o in rendered["overlays/gpu"] if o["kind"] == "Deployment" and o["metadata"]["name"] == "unipinrec-serving")
+    pod = dep["spec"]["template"]["spec"]
+    by = {c["name"]: c for c in pod["containers"]}
+    assert _gpu_request(by["torchserve"]["resources"]) == ("1", "1")
+    assert all(_gpu_request(c.get("resources", {})) == (None, None) for n, c in by.items() if n != "torchserve")
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    cm = next(o for o in rendered["overlays/gpu"] if o["kind"] == "ConfigMap" and "config.properties" in o["data"])
+    assert parse_properties(cm["data"]["config.properties"])["number_of_gpu"] == "1"
+    mounted = {v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v}
+    assert cm["metadata"]["name"] in mounted  # the pods read the GPU config, not prod's
+    prod = next(o for o in rendered["overlays/prod"] if o["kind"] == "Deployment" and o["metadata"]["name"] == "unipinrec-serving")
+    assert "nodeSelector" not in prod["spec"]["template"]["spec"]  # prod itself stays CPU
+
+
+def test_kserve_gpu_variant_validates_and_asks_for_a_gpu(rendered, isvc_validator):
+    isvc = next(o for o in rendered["overlays/kserve-gpu"] if o["kind"] == "InferenceService")
+    errors = [f"{'.'.join(map(str, e.path))}: {e.message}" for e in isvc_validator.iter_errors(isvc)]
+    assert errors == []
+    pred = isvc["spec"]["predictor"]
+    assert _gpu_request(pred["model"]["resources"]) == ("1", "1")
+    assert pred["nodeSelector"] == {"nvidia.com/gpu.present": "true"} and pred["tolerations"][0]["key"] == "nvidia.com/gpu"

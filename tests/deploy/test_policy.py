@@ -136,6 +136,12 @@ def test_committed_config_properties_is_the_generated_one():
         "regenerate manifests/base/config.properties from unipinrec.deploy.torchserve_config"
 
 
+def test_committed_gpu_config_properties_is_the_generated_one():
+    committed = (MANIFESTS / "overlays" / "gpu" / "config.properties").read_text()
+    assert committed == torchserve_config("/home/model-server/model-store", gpus=1), \
+        "regenerate manifests/overlays/gpu/config.properties from unipinrec.deploy.torchserve_config(..., gpus=1)"
+
+
 def test_torchserve_writes_only_into_mounted_volumes(rendered):
     """readOnlyRootFilesystem: TorchServe's working dir (key file), TEMP, LOG_LOCATION, HOME are mounts."""
     workloads = [o for o in rendered["overlays/prod"] if o["kind"] == "Deployment"]

@@ -276,3 +276,17 @@ def test_rank_similarity_model_serves_like_the_reference_through_batches_and_the
     ext = eng.handle({**body, "user_id": 520})
     assert ext["kv_cache"] == "extend"
     np.testing.assert_allclose(scores(ext), want_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_columnar_history_serves_the_same_as_the_list_form(engine):
+    b = req(user_id=77, n=12, seed=5)
+    cols = {name: [a[name] for a in b["history"]] for name in ("item_id", "action", "ts", "surface")
+            if name in b["history"][0]}
+    listed = engine.handle(b)
+    columnar = engine.handle({**b, "history": cols})
+    assert ids(listed) == ids(columnar) and np.allclose(scores(listed), scores(columnar), atol=1e-6)
+    assert columnar["history_length"] == 12
+    bad = {**cols, "item_id": [*cols["item_id"][:-1], 10**9]}  # unknown item, named by the engine
+    with pytest.raises(ServingError) as e:
+        engine.handle({**b, "history": bad})
+    assert e.value.status == 422 and e.value.field == "history[11].item_id"

@@ -61,7 +61,8 @@ def test_undecodable_bodies(raw, status, field):
     ({"history": [{"item_id": 7, "action": 2, "ts": 1, "extra": 0}]}, "history[0].extra"),
     ({"history": [GOOD["history"][0], {"item_id": "x", "action": 1, "ts": 2}]}, "history[1].item_id"),
     ({"history": [{"item_id": 7, "action": 1000, "ts": 1}]}, "history[0].action"),
-    ({"history": {"item_id": 7}}, "history"),
+    ({"history": {"item_id": 7, "action": 1, "ts": 1}}, "history.item_id"),  # columnar: lists only
+    ({"history": 7}, "history"),
     ({"stage": "both"}, "stage"),
     ({"stage": "rank"}, "handle"),
     ({"handle": "abc"}, "handle"),
@@ -116,3 +117,54 @@ def test_any_body_is_either_a_request_or_a_4xx(value):
         assert 400 <= e.status < 500 and e.field
     else:
         assert req.k >= 1 and req.num_candidates >= req.k
+
+
+# --- the columnar history form -------------------------------------------------------------------
+
+COLS = {"item_id": [7, 9, 11], "action": [2, 0, 1], "ts": [1700000000, 1700000060, 1700000090]}
+
+
+def test_columnar_history_parses_to_arrays():
+    req = parse_request(json.dumps(body(history=COLS)).encode())
+    cols = req.history_columns
+    assert req.has_history and req.history is None
+    assert cols["item_id"].tolist() == [7, 9, 11] and cols["ts"].dtype.kind == "i" and "surface" not in cols
+    with_surface = parse_request(body(history={**COLS, "surface": [0, 3, 1]}))
+    assert with_surface.history_columns["surface"].tolist() == [0, 3, 1]
+    assert not parse_request(body(history=...)).has_history
+
+
+@pytest.mark.parametrize("history, status, field", [
+    ({"item_id": [1], "action": [0]}, 422, "history.ts"),
+    ({**COLS, "colour": [1, 2, 3]}, 422, "history.colour"),
+    ({**COLS, "action": [2, 0]}, 422, "history.action"),
+    ({**COLS, "ts": "1700000000"}, 422, "history.ts"),
+    ({**COLS, "action": [2, True, 1]}, 422, "history.action[1]"),
+    ({**COLS, "item_id": [7, 9.0, 11]}, 422, "history.item_id[1]"),
+    ({**COLS, "item_id": [7, 9, -1]}, 422, "history.item_id[2]"),
+    ({**COLS, "action": [2, 128, 1]}, 422, "history.action[1]"),
+    ({**COLS, "ts": [1, 2, 2**63]}, 422, "history.ts[2]"),
+    ({**COLS, "surface": [0, 0, "x"]}, 422, "history.surface[2]"),
+    ({**COLS, "ts": [1, 2, float("nan")]}, 422, "history.ts[2]"),
+])
+def test_columnar_history_errors_name_the_field(history, status, field):
+    with pytest.raises(ServingError) as e:
+        parse_request(body(history=history))
+    assert (e.value.status, e.value.field) == (status, field)
+
+
+def test_columnar_history_limits_cut_and_rank_stage():
+    n = 30
+    long = {"item_id": list(range(1, n + 1)), "action": [0] * n, "ts": list(range(n))}
+    with pytest.raises(ServingError) as e:
+        parse_request(body(history=long), Limits(max_history_request=n - 1))
+    assert (e.value.status, e.value.field) == (413, "history")
+    req = parse_request(body(history=long), Limits(keep_history=10))
+    assert req.history_offset == 20 and req.history_columns["item_id"].tolist() == list(range(21, 31))
+    bad = {**long, "action": [0] * (n - 1) + [-3]}  # named at the position the client sent
+    with pytest.raises(ServingError) as e:
+        parse_request(body(history=bad), Limits(keep_history=10))
+    assert e.value.field == f"history.action[{n - 1}]"
+    with pytest.raises(ServingError) as e:
+        parse_request({"user_id": 1, "stage": "rank", "handle": "h", "history": COLS})
+    assert e.value.field == "history"

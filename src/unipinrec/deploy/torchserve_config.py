@@ -29,8 +29,9 @@ def torchserve_config(model_store: str, *, model_name: str = MODEL_NAME, workers
                       ports: tuple[int, ...] = (INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT,
                                                 GRPC_INFERENCE_PORT, GRPC_MANAGEMENT_PORT),
                       metrics_host: str = "0.0.0.0", metrics_config: str = METRICS_CONFIG,
-                      log_config: str = LOG_CONFIG) -> str:
-    """config.properties text; `ports` = (inference, management, metrics, grpc inference, grpc management)."""
+                      log_config: str = LOG_CONFIG, gpus: int | None = None) -> str:
+    """config.properties text; `ports` = (inference, management, metrics, grpc inference, grpc management);
+    `gpus`: TorchServe's number_of_gpu (None: left out, TorchServe then uses every visible GPU)."""
     size = max_request_mb * 1024 * 1024
     inference, management, metrics, grpc_inference, grpc_management = ports
     lines = [
@@ -58,6 +59,7 @@ def torchserve_config(model_store: str, *, model_name: str = MODEL_NAME, workers
         # TorchServe's built-in log4j2 config would log DEBUG twice and everything to the console.
         "vmargs=-XX:+UseContainerSupport -XX:MaxRAMPercentage=40.0 -XX:-UsePerfData -XX:+ExitOnOutOfMemoryError"
         f" -Dlog4j.configurationFile=file://{log_config}",
+        *([f"number_of_gpu={gpus}"] if gpus is not None else []),
     ]
     return "\n".join(lines) + "\n"
 

@@ -28,7 +28,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from . import fused
 from .encoder import HistoryEncoder
+from .graphs import Graphs, warm_up
 from .kv_cache import HandleState, HandleStore, UserKVCache
 from .ranking import Ranker
 from .request import ActionIn, Limits, Request, ServingError, parse_request
@@ -54,6 +56,14 @@ class EngineConfig:
     max_body_bytes: int = 4 * 2**20
     deadline_ms: float = 0.0  # server default for requests without deadline_ms; 0 = none
     device: str = "cpu"
+    # on CUDA: bf16 weights, CUDA graphs per (batch, history, candidates) bucket, captured at load
+    # for these shapes (history 0 = the model's L; others are captured on first use), exact
+    # torch top-K over the items up to torch_index_max_items (faiss beyond) -- serving/graphs.py
+    cuda_graphs: bool = True
+    fused: bool = True  # plain batches through one graph of every stage (fused.py), with cuda_graphs
+    graph_warmup: tuple = ((1, 0, 512), (8, 0, 512))
+    max_graphs: int = 64
+    torch_index_max_items: int = 5_000_000
 
     def validate(self) -> None:
         for name in ("max_k", "max_candidates", "max_history_request", "max_body_bytes", "kv_cache_entries",
@@ -85,8 +95,9 @@ class Engine:
         self.ret, self.rnk = retrieval, (ranking if ranking is not None else retrieval)
         self.two_models = ranking is not None and ranking is not retrieval
         self._check_models(index)
+        cuda = self.device.type == "cuda"
         for m in {id(self.ret): self.ret, id(self.rnk): self.rnk}.values():
-            m.model.to(self.device).eval()
+            m.model.to(self.device, dtype=torch.bfloat16 if cuda else None).eval()
         self.share_kv = self.config.share_kv and not self.two_models
         self.vocab = self.ret.vocab
         self.model_version = self.ret.version if not self.two_models else f"{self.ret.version}+{self.rnk.version}"
@@ -99,10 +110,15 @@ class Engine:
                                    max_entries=self.config.handle_entries)
         actions_type = type(self.ret.model).actions_type
         self.resolver = HistoryResolver(self.vocab, self.ret.model.config.num_actions, store, actions_type)
-        self.encoder = HistoryEncoder(self.device, self.user_cache, actions_type)
-        self.retriever = Retriever(index, Popularity(self.vocab.item_ids, popularity))
-        self.ranker = Ranker(self.vocab, list(self.rnk.tasks.tasks), self.rnk.tasks.score_weights, self.device)
+        self.graphs = Graphs.for_device(self.device, self.config.cuda_graphs, self.config.max_graphs)
+        self.encoder = HistoryEncoder(self.device, self.user_cache, self.graphs, actions_type)
+        self.retriever = Retriever(index, Popularity(self.vocab.item_ids, popularity), self.vocab)
+        self.ranker = Ranker(self.vocab, list(self.rnk.tasks.tasks), self.rnk.tasks.score_weights, self.device,
+                             self.graphs)
         self.counts = {"degraded": 0, "isolated_errors": 0}
+        self.fused = fused.FusedGraphs(self) if self.config.fused and (self.graphs is not None) else None
+        L = self.ret.model.config.max_history
+        warm_up(self, [(b, h or L, c) for b, h, c in self.config.graph_warmup])
 
     def _check_models(self, index) -> None:
         if not self.ret.model.config.has_retrieval_head:
@@ -151,6 +167,10 @@ class Engine:
         if index_dir is None:
             raise ValueError("an index folder is needed (`unipinrec index build`)")
         index = FaissIndex.load(index_dir, expect_model_version=retrieval.version)
+        if torch.device(config.device).type == "cuda" and index.num_items <= config.torch_index_max_items:
+            from ..index import TorchIndex
+
+            index = TorchIndex.for_model(retrieval, index.item_ids, config.device)  # exact top-K on the GPU
         popularity = None
         pop_path = Path(index_dir) / "popularity.npy"
         if pop_path.exists():
@@ -206,10 +226,15 @@ class Engine:
         if not ok:
             return out  # type: ignore[return-value]
         preps: list[Resolved] = [resolved[i] for i in ok]  # type: ignore[misc]
-        kv, status = self.encoder.encode(self.ret, preps, timer, "encode", use_cache=True)
-        ids, scores = self.retriever.retrieve(preps, kv.user_vectors, timer)
+        fast, looked = fused.serve(self, preps, timer, self.fused) if self.fused is not None else (None, None)
+        if fast is not None:  # a plain batch on a GPU: one graph for all stages (fused.py)
+            for j, res in zip(ok, fast):
+                out[j] = res
+            return out  # type: ignore[return-value]
+        kv, status = self.encoder.encode(self.ret, preps, timer, "encode", use_cache=True, looked=looked)
+        ids, scores, cand_rows = self.retriever.retrieve(preps, kv.user_vectors, timer)
         full = [j for j, p in enumerate(preps) if p.req.stage == "all"]
-        ranked, degraded = self._rank_within_deadline(kv, preps, full, ids, timer)
+        ranked, degraded = self._rank_within_deadline(kv, preps, full, ids, timer, cand_rows)
         timings = timer.as_dict()
         for j, p in enumerate(preps):
             meta = {"model_version": self.model_version, "timings_ms": timings, "kv_cache": status[j],
@@ -224,7 +249,8 @@ class Engine:
                 out[ok[j]] = {"items": self.ranker.items(p.req.k, ids[j], scores[j], probs, util), **meta}
         return out  # type: ignore[return-value]
 
-    def _rank_within_deadline(self, kv, preps: Sequence[Resolved], full: list[int], ids, timer: StageTimer):
+    def _rank_within_deadline(self, kv, preps: Sequence[Resolved], full: list[int], ids, timer: StageTimer,
+                              cand_rows=None):
         """Rank the `full` rows whose deadline allows it; -> ({row: (probs, utility)}, degraded rows)."""
         if not full:
             return {}, set()
@@ -235,11 +261,15 @@ class Engine:
         self.counts["degraded"] += len(degraded)
         if not rank:
             return {}, degraded
-        rank_kv = kv if len(rank) == len(preps) else kv.index_select(torch.as_tensor(rank, device=self.device))
+        sub = None if len(rank) == len(preps) else torch.as_tensor(rank, device=self.device)
+        rank_kv = kv if sub is None else kv.index_select(sub)
+        if cand_rows is not None and sub is not None:
+            cand_rows = cand_rows.index_select(0, sub)
         if not self.share_kv:
             rank_kv, _ = self.encoder.encode(self.rnk, [preps[j] for j in rank], timer, "encode_rank", use_cache=False)
         t = time.perf_counter()
-        res = self.ranker.rank(self.rnk, rank_kv, [ids[j] for j in rank], [preps[j].request_ts for j in rank], timer)
+        res = self.ranker.rank(self.rnk, rank_kv, [ids[j] for j in rank], [preps[j].request_ts for j in rank], timer,
+                               rows=cand_rows)
         self.ranker.observe((time.perf_counter() - t) * 1000, len(rank) * max(1, max(len(ids[j]) for j in rank)))
         return dict(zip(rank, res)), degraded
 

@@ -8,36 +8,48 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .graphs import to_device, to_host
 from .timing import StageTimer
 
 
 class Ranker:
-    def __init__(self, vocab, task_names: list[str], weights: dict[str, float], device: torch.device):
+    def __init__(self, vocab, task_names: list[str], weights: dict[str, float], device: torch.device, graphs=None):
         self.vocab = vocab
         self.task_names = list(task_names)
         self.weights = torch.tensor([float(weights.get(t, 0.0)) for t in self.task_names], device=device)
         self.device = device
+        self.graphs = graphs  # serving.graphs.Graphs on CUDA, else None (eager)
         self.ms_per_candidate: float | None = None  # running estimate (observe), for the deadline check
 
     def estimate_ms(self, num_candidates: int) -> float:
         return 0.0 if self.ms_per_candidate is None else self.ms_per_candidate * num_candidates
 
-    def rank(self, loaded, kv, cand_ids: Sequence[np.ndarray], request_ts: Sequence[int], timer: StageTimer):
-        """Task probabilities (C_i, T) and utilities (C_i,) per row, one batched `rank` call."""
+    def rank(self, loaded, kv, cand_ids: Sequence[np.ndarray], request_ts: Sequence[int], timer: StageTimer,
+             rows: torch.Tensor | None = None):
+        """Task probabilities (C_i, T) and utilities (C_i,) per row, one batched `rank` call.
+        rows: the candidates' embedding rows (B, >= C) already on the device (from a device
+        index), else they are looked up here."""
         B = len(cand_ids)
         C = max([1] + [len(c) for c in cand_ids])
-        rows = np.zeros((B, C), dtype=np.int64)
+        model = loaded.model
+        with timer.stage("rank"):
+            rows = self._rows(cand_ids, C) if rows is None else rows[:, :C]
+            rts = to_device(list(request_ts), self.device)
+            both = self.graphs.of(model).rank(rows, kv, rts, self.weights) if self.graphs is not None else None
+            if both is None:
+                gaps = model.default_candidate_gaps(kv.lengths, kv.last_ts(), rts)
+                probs = torch.sigmoid(model.rank(rows, kv, gaps).float())  # (B, C, T)
+                both = torch.cat([probs, (probs @ self.weights)[..., None]], dim=-1)
+            both = to_host(both)  # one copy back
+            probs, utility = both[..., :-1], both[..., -1]
+        return [(probs[i, :len(c)], utility[i, :len(c)]) for i, c in enumerate(cand_ids)]
+
+    def _rows(self, cand_ids: Sequence[np.ndarray], C: int) -> torch.Tensor:
+        rows = np.zeros((len(cand_ids), C), dtype=np.int64)
         for i, c in enumerate(cand_ids):
             if len(c):
                 rows[i, :len(c)] = self.vocab.lookup(c)
-        model = loaded.model
-        with timer.stage("rank"):
-            rts = torch.tensor(list(request_ts), dtype=torch.long, device=self.device)
-            gaps = model.default_candidate_gaps(kv.lengths, kv.last_ts(), rts)
-            probs = torch.sigmoid(model.rank(torch.from_numpy(rows).to(self.device), kv, gaps).float())  # (B, C, T)
-            utility = probs @ self.weights
-            probs, utility = probs.cpu().numpy(), utility.cpu().numpy()
-        return [(probs[i, :len(c)], utility[i, :len(c)]) for i, c in enumerate(cand_ids)]
+        return to_device(rows, self.device)
 
     def observe(self, ms: float, candidates: int) -> None:
         """Record how long a ranking call of `candidates` (batch x candidates) took."""
@@ -47,8 +59,10 @@ class Ranker:
     def items(self, k: int, ids, ret_scores, probs, utility) -> list[dict]:
         top = np.argsort(-utility, kind="stable")[:k]
         names = self.task_names
-        return [{"item_id": int(ids[j]), "score": float(utility[j]), "retrieval_score": float(ret_scores[j]),
-                 "tasks": {names[t]: float(probs[j, t]) for t in range(len(names))}} for j in top]
+        # tolist() converts each column at once (per-element float() was most of this stage)
+        return [{"item_id": i, "score": u, "retrieval_score": r, "tasks": dict(zip(names, p))}
+                for i, u, r, p in zip(ids[top].tolist(), utility[top].tolist(), ret_scores[top].tolist(),
+                                      probs[top].tolist())]
 
     @staticmethod
     def retrieval_order(k: int, ids, ret_scores) -> list[dict]:

@@ -7,6 +7,12 @@ raises anything else for any input.
     {"user_id": 42, "history": [{"item_id": 7, "action": 2, "ts": 1700000000}, ...],
      "k": 20, "num_candidates": 500, "exclude_seen": true}
 
+The history may also come columnar, one list per per-action field (the same fields, bounds and
+defaults as the list of objects; an error names `history.ts[3]`), which parses as arrays rather
+than one object per action -- the form to send long histories in:
+
+    {"user_id": 42, "history": {"item_id": [7, 9], "action": [2, 0], "ts": [1700000000, 1700000060]}}
+
 Beyond DESIGN: `request_ts` (default: the last history ts, or now), `stage` ("all" | "retrieve"
 | "rank") with `handle` and `candidates` for the split flow. Numbers must be JSON integers
 (no strings, floats, NaN or booleans). A history longer than the model's L is truncated to its
@@ -21,6 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, StrictStr, ValidationError,
                       ValidationInfo, model_validator)
 from pydantic_core import PydanticCustomError
@@ -96,11 +103,22 @@ class Request(BaseModel):
     candidates: list[Annotated[Int64, Field(ge=0, le=INT64_MAX)]] | None = None  # stage "rank": item ids to rank (default: the retrieved ones)
     deadline_ms: Int64 | None = Field(default=None, ge=1, le=600_000)  # None: the server default
     _history_offset: int = PrivateAttr(default=0)
+    _columns: Any = PrivateAttr(default=None)  # a columnar history: record name -> int64 array
 
     @property
     def history_offset(self) -> int:
         """Leading actions of the client's history dropped before validation (beyond the model's L)."""
         return self._history_offset
+
+    @property
+    def has_history(self) -> bool:
+        """The client sent a history (either form); False: read it from the online store."""
+        return self.history is not None or self._columns is not None
+
+    @property
+    def history_columns(self) -> dict[str, np.ndarray] | None:
+        """A columnar history as validated arrays by record name (None for the list form)."""
+        return self._columns
 
 
 def _field_name(loc: tuple) -> str:
@@ -155,17 +173,24 @@ def parse_request(body: Any, limits: Limits = Limits()) -> Request:
     data = decode_json(body, limits)
     if not isinstance(data, dict):
         raise ServingError(400, "body", f"expected a JSON object, got {type(data).__name__}")
-    _check_finite(data)
-    if isinstance(data.get("history"), list) and len(data["history"]) > limits.max_history_request:
-        raise ServingError(413, "history", f"{len(data['history'])} actions is over the limit of "
-                                           f"{limits.max_history_request}")
+    columns = None
+    if isinstance(data.get("history"), dict):
+        columns, offset = _parse_columns(data["history"], limits)
+        data = {k: v for k, v in data.items() if k != "history"}
+        _check_finite(data)
+    else:
+        _check_finite(data)
+        if isinstance(data.get("history"), list) and len(data["history"]) > limits.max_history_request:
+            raise ServingError(413, "history", f"{len(data['history'])} actions is over the limit of "
+                                               f"{limits.max_history_request}")
+        data, offset = _cut_history(data, limits.keep_history)
     if isinstance(data.get("candidates"), list) and len(data["candidates"]) > limits.max_rank_candidates:
         raise ServingError(413, "candidates", f"{len(data['candidates'])} candidates is over the limit of "
                                               f"{limits.max_rank_candidates}")
-    data, offset = _cut_history(data, limits.keep_history)
     try:
         req = Request.model_validate(data, context={"extra_action_fields": limits.extra_action_fields})
         req._history_offset = offset
+        req._columns = columns
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         loc = tuple(err["loc"])
@@ -190,8 +215,8 @@ def parse_request(body: Any, limits: Limits = Limits()) -> Request:
     if req.stage != "rank" and (req.handle is not None or req.candidates is not None):
         field = "handle" if req.handle is not None else "candidates"
         raise ServingError(422, field, "only allowed with stage 'rank'")
-    if req.stage == "rank" and (req.history is not None or req.request_ts is not None):
-        field = "history" if req.history is not None else "request_ts"
+    if req.stage == "rank" and (req.has_history or req.request_ts is not None):
+        field = "history" if req.has_history else "request_ts"
         raise ServingError(422, field, "not allowed with stage 'rank': the handle holds the history and request time")
     return req
 
@@ -203,3 +228,55 @@ def _cut_history(data: dict, keep: int | None) -> tuple[dict, int]:
     if keep is None or not isinstance(hist, list) or len(hist) <= keep:
         return data, 0
     return {**data, "history": hist[len(hist) - keep:]}, len(hist) - keep
+
+
+def _column_rules() -> dict[str, tuple[int, int, bool, Any]]:
+    """record name -> (lowest, highest, required, default), read off `ActionIn` (one definition;
+    a model's extra per-action fields are integers >= 0, as in the list form)."""
+    out = {}
+    for name, f in ActionIn.model_fields.items():
+        lo = next(m.ge for m in f.metadata if hasattr(m, "ge"))
+        hi = next(m.le for m in f.metadata if hasattr(m, "le"))
+        out[name] = (lo, hi, f.is_required(), f.default)
+    return out
+
+
+def _parse_columns(hist: dict, limits: Limits) -> tuple[dict[str, np.ndarray], int]:
+    """A columnar history -> (int64 arrays of its last `keep_history` actions, actions dropped),
+    with the list form's checks: known fields, JSON integers only, bounds, equal lengths."""
+    rules = {**_column_rules(), **{name: (0, INT64_MAX, False, 0) for name in limits.extra_action_fields}}
+    for name in hist:
+        if name not in rules:
+            raise ServingError(422, f"history.{name}", "unknown field")
+    for name, (_, _, required, _) in rules.items():
+        if required and name not in hist:
+            raise ServingError(422, f"history.{name}", "required field is missing")
+    n = None
+    for name, col in hist.items():
+        if not isinstance(col, list):
+            raise ServingError(422, f"history.{name}", "expected a list of integers (one per action)")
+        if n is not None and len(col) != n:
+            raise ServingError(422, f"history.{name}", f"has {len(col)} values, history.item_id has {n}")
+        n = len(col)
+    if n > limits.max_history_request:
+        raise ServingError(413, "history", f"{n} actions is over the limit of {limits.max_history_request}")
+    offset = max(0, n - limits.keep_history) if limits.keep_history is not None else 0
+    return {name: _int_column(f"history.{name}", col[offset:], offset, *rules[name][:2])
+            for name, col in hist.items()}, offset
+
+
+def _int_column(field: str, col: list, offset: int, lo: int, hi: int) -> np.ndarray:
+    if set(map(type, col)) - {int}:  # bool is not int here, as in the list form (StrictInt)
+        j = next(i for i, v in enumerate(col) if type(v) is not int)
+        raise ServingError(422, f"{field}[{j + offset}]", "Input should be a valid integer")
+    try:
+        arr = np.array(col, dtype=np.int64)
+    except OverflowError:
+        j = next(i for i, v in enumerate(col) if not -2**63 <= v <= INT64_MAX)
+        raise ServingError(422, f"{field}[{j + offset}]", f"Input should be less than or equal to {hi}") from None
+    bad = np.flatnonzero((arr < lo) | (arr > hi))
+    if len(bad):
+        j = int(bad[0])
+        side = f"greater than or equal to {lo}" if arr[j] < lo else f"less than or equal to {hi}"
+        raise ServingError(422, f"{field}[{j + offset}]", f"Input should be {side}")
+    return arr

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..sequences import ActionError, Actions, History, check_history
+from ..sequences import ActionError, Actions, History, check_histories, check_history
 from .request import Request, ServingError
 from .store import OnlineStore
 from .timing import StageTimer
@@ -30,6 +30,14 @@ class Resolved:
         return self.history.with_items(self.rows).take(slice(n0 + start, None))
 
 
+def _client_history(req: Request, spec: type[Actions] = Actions) -> History:
+    """The request's history as arrays: columnar as sent, or the list of objects in one pass."""
+    cols = req.history_columns
+    if cols is None:
+        return History.from_actions(req.history, spec)
+    return History(spec, **{attr: cols[rec] for attr, (rec, _) in spec.record_names().items() if rec in cols})
+
+
 class HistoryResolver:
     def __init__(self, vocab, num_actions: int, store: OnlineStore | None = None, actions_type: type[Actions] = Actions):
         self.vocab = vocab
@@ -38,23 +46,32 @@ class HistoryResolver:
         self.actions_type = actions_type  # the model's per-action fields
 
     def resolve(self, reqs: Sequence[Request], timer: StageTimer) -> list[Resolved | ServingError]:
-        need = [i for i, r in enumerate(reqs) if r.history is None]
+        need = [i for i, r in enumerate(reqs) if not r.has_history]
         stored: dict[int, History | None] = {}
         if need and self.store is None:
             return [ServingError(422, "history", "required: this server has no online store to read it from")
-                    if r.history is None else self.resolve_one(r, None) for r in reqs]
+                    if not r.has_history else self.resolve_one(r, None) for r in reqs]
         if need:
             with timer.stage("lookup"):
                 stored = dict(zip(need, self.store.get_histories([reqs[i].user_id for i in need])))
-        return [self.resolve_one(r, stored.get(i)) for i, r in enumerate(reqs)]
+        given = [i for i, r in enumerate(reqs) if r.has_history]  # validated together: one pass
+        hs = [_client_history(reqs[i], self.actions_type) for i in given]
+        checked = dict(zip(given, zip(hs, check_histories(hs, self.vocab, self.num_actions,
+                                                          offsets=[reqs[i].history_offset for i in given]))))
+        return [self.resolve_one(r, stored.get(i), checked.get(i)) for i, r in enumerate(reqs)]
 
-    def resolve_one(self, req: Request, from_store: History | None) -> Resolved | ServingError:
-        if req.history is not None:
-            h, source = History.from_actions(req.history, self.actions_type), "request"
-            try:
-                rows = check_history(h, self.vocab, self.num_actions, offset=req.history_offset)
-            except ActionError as e:
-                return ServingError(422, e.field, e.message)
+    def resolve_one(self, req: Request, from_store: History | None, checked=None) -> Resolved | ServingError:
+        """checked: (the client's history, its rows or ActionError) when validated already."""
+        if req.has_history:
+            h, rows = checked if checked is not None else (_client_history(req, self.actions_type), None)
+            source = "request"
+            if rows is None:
+                try:
+                    rows = check_history(h, self.vocab, self.num_actions, offset=req.history_offset)
+                except ActionError as e:
+                    rows = e
+            if isinstance(rows, ActionError):
+                return ServingError(422, rows.field, rows.message)
         else:
             h, source = (from_store if from_store is not None else History.empty(self.actions_type)), "store"
             h, rows = self._clean(h)

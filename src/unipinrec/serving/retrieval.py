@@ -40,22 +40,36 @@ class Popularity:
 
 
 class Retriever:
-    def __init__(self, index: ItemIndex, popularity: Popularity):
+    def __init__(self, index: ItemIndex, popularity: Popularity, vocab=None):
         self.index = index
         self.popularity = popularity
+        # an index that searches on the device (TorchIndex) hands the ranker candidate rows
+        # without a trip through the host: index position -> embedding row, once
+        self._pos_to_row = self._row_to_pos = None
+        if vocab is not None and hasattr(index, "search_device"):
+            rows = vocab.lookup(np.asarray(index.item_ids), unknown=0)
+            self._pos_to_row = torch.from_numpy(rows).to(index.vectors.device)
+            row_to_pos = np.full(vocab.num_rows, index.num_items, dtype=np.int64)  # num_items: not indexed
+            row_to_pos[rows[rows > 0]] = np.flatnonzero(rows > 0)
+            self._row_to_pos = torch.from_numpy(row_to_pos).to(index.vectors.device)
 
     def retrieve(self, preps: Sequence[Resolved], user_vectors: torch.Tensor, timer: StageTimer):
-        """Top num_candidates ids and scores per request, seen items excluded when asked."""
+        """Top num_candidates ids and scores per request, seen items excluded when asked; and
+        the candidates' embedding rows (B, C) on the device when every row came from a device
+        index (None otherwise: the ranker looks them up)."""
         C = max(p.req.num_candidates for p in preps)
         warm = [i for i, p in enumerate(preps) if len(p.rows) > 0]
         ids: list = [None] * len(preps)
         scores: list = [None] * len(preps)
+        rows = None
         with timer.stage("retrieve"):
             if warm:
-                on_device = hasattr(self.index, "vectors")  # the exact index searches torch tensors
-                q = user_vectors[warm] if on_device else user_vectors[warm].float().cpu().numpy()
-                excl = [preps[i].history.items if preps[i].req.exclude_seen else None for i in warm]
-                s, found = self.index.search(q, C, exclude=excl)
+                q = user_vectors[warm] if len(warm) < len(preps) else user_vectors
+                if self._pos_to_row is None:
+                    excl = [preps[i].history.items if preps[i].req.exclude_seen else None for i in warm]
+                    s, found, rows = self._search(q, C, excl)
+                else:
+                    s, found, rows = self._search_device(q, C, [preps[i] for i in warm])
                 for j, i in enumerate(warm):
                     n = preps[i].req.num_candidates
                     ok = found[j, :n] >= 0
@@ -64,4 +78,25 @@ class Retriever:
                 if ids[i] is None:
                     seen = p.history.items if p.req.exclude_seen else None
                     ids[i], scores[i] = self.popularity.top(p.req.num_candidates, seen)
-        return ids, scores
+        return ids, scores, (rows if len(warm) == len(preps) else None)
+
+    def _search(self, q: torch.Tensor, C: int, excl):
+        on_device = hasattr(self.index, "vectors")  # the exact index searches torch tensors
+        s, found = self.index.search(q if on_device else q.float().cpu().numpy(), C, exclude=excl)
+        return s, found, None
+
+    def _search_device(self, q: torch.Tensor, C: int, preps: Sequence[Resolved]):
+        """Device top-K: seen items (the preps' embedding rows, one pinned copy) masked by one
+        scatter; scores and ids come back in one copy, candidate rows stay on the device."""
+        from .graphs import to_device, to_host
+
+        W = max([1] + [len(p.rows) if p.req.exclude_seen else 0 for p in preps])
+        seen = np.zeros((len(preps), W), dtype=np.int64)  # row 0 (padding) maps to "none"
+        for j, p in enumerate(preps):
+            if p.req.exclude_seen:
+                seen[j, :len(p.rows)] = p.rows
+        positions = self._row_to_pos[to_device(seen, q.device)]
+        top, pos = self.index.search_device(q, C, exclude_positions=positions)
+        ids = torch.where(torch.isfinite(top), self.index._ids_t[pos], -1)
+        both = to_host(torch.stack([top.float().view(torch.int32).long(), ids]))  # (2, Q, C)
+        return both[0].astype(np.int32).view(np.float32), both[1], self._pos_to_row[pos]

@@ -1,0 +1,119 @@
+"""The whole request in one CUDA graph: encode, retrieval (seen items masked, exact top-K over
+the item vectors), ranking (on the same KV cache, or after a second encode when the engine
+re-encodes or ranks with another model) and utility, for a batch of plain requests. One copy in (the batch's actions and seen items), one
+replay, one copy out: on a GPU the staged path's host round trips between the stages cost more
+than the stages themselves at small batches (docs/serving.md, "On a GPU").
+
+Plain: stage "all", a history of at least one action, no deadline (the staged path checks it
+between retrieval and ranking), a device index (`TorchIndex`), and every cross-request cache
+lookup a miss (the misses are stored as usual). Anything else takes the staged path, which
+computes the same scores (tests/serving/test_graphs.py runs both on CPU, where the graph is
+replaced by the same function run eagerly).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..sequences import Actions
+from .resolve import Resolved
+from .timing import StageTimer
+
+
+def eligible(engine, preps: Sequence[Resolved]) -> bool:
+    r = engine.retriever
+    return (r._pos_to_row is not None and engine.config.deadline_ms == 0
+            and all(p.req.stage == "all" and len(p.rows) > 0 and p.req.deadline_ms is None for p in preps))
+
+
+def serve_fn(model, ranking, index, row_to_pos, pos_to_row, weights, acts: Actions, seen_rows, cands: int):
+    """The fused computation: -> (kv, (B, C', T + 3) int64: float32 bits of task probabilities,
+    utility and retrieval score, then the item id (-1 where fewer were left)). ranking: None
+    when ranking attends to the retrieval encode's KV cache, else the model that encodes again."""
+    _, kv = model.encode_history(acts)
+    scores = F.pad(kv.user_vectors.to(index.vectors.dtype) @ index.vectors.T, (0, 1))
+    scores = scores.scatter_(1, row_to_pos[seen_rows], float("-inf"))[:, :-1]  # (B, N), seen masked
+    top, pos = scores.topk(min(cands, index.num_items), dim=1)
+    rank_kv = kv if ranking is None else ranking.encode_history(acts)[1]
+    ranker = model if ranking is None else ranking
+    gaps = ranker.default_candidate_gaps(kv.lengths, kv.last_ts(), acts.request_ts)
+    probs = torch.sigmoid(ranker.rank(pos_to_row[pos], rank_kv, gaps).float())  # (B, C', T)
+    floats = torch.cat([probs, (probs @ weights)[..., None], top.float()[..., None]], dim=-1)
+    ids = torch.where(torch.isfinite(top), index._ids_t[pos], -1)
+    return kv, torch.cat([floats.view(torch.int32).long(), ids[..., None]], dim=-1)
+
+
+class FusedGraphs:
+    """Fused graphs of one engine, per (rows, history width, seen width, candidates) bucket."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.graphs: dict[tuple, tuple] = {}
+
+    def run(self, acts: Actions, seen_rows: torch.Tensor, cands: int):
+        e = self.engine
+        r = e.retriever
+        args = (e.ret.model, None if e.share_kv else e.rnk.model, r.index, r._row_to_pos, r._pos_to_row,
+                e.ranker.weights)
+        if e.graphs is None:  # CPU: the same function, eagerly
+            return serve_fn(*args, acts, seen_rows, cands)
+        from .graphs import _dummy_actions, _Graph
+
+        key = (acts.batch_size, acts.width, seen_rows.shape[1], cands)
+        if key not in self.graphs:
+            if len(self.graphs) >= e.config.max_graphs:
+                return serve_fn(*args, acts, seen_rows, cands)
+            st_acts = _dummy_actions(acts.batch_size, acts.width, e.device)
+            st_seen = torch.zeros_like(seen_rows)
+            self.graphs[key] = (st_acts, st_seen, _Graph(lambda: serve_fn(*args, st_acts, st_seen, cands)))
+        st_acts, st_seen, graph = self.graphs[key]
+        for name in (*Actions.per_action_fields(), "lengths", "request_ts"):
+            getattr(st_acts, name).copy_(getattr(acts, name))
+        st_seen.copy_(seen_rows)
+        return graph.replay()
+
+
+def serve(engine, preps: Sequence[Resolved], timer: StageTimer, fused: FusedGraphs):
+    """-> (a response per prep, or None when the batch is not plain; the cache lookups made)."""
+    from .graphs import Buckets, _first_rows, bucket, to_device, to_host
+
+    if not eligible(engine, preps):
+        return None, None
+    L = engine.ret.model.config.max_history
+    cache = engine.user_cache
+    looked = [cache.lookup(p.req.user_id, p.window(L), p.request_ts, L) for p in preps] if cache.enabled else None
+    if looked is not None and any(lk.status != "miss" for lk in looked):
+        return None, looked
+    b = Buckets(max_history=L)
+    B = len(preps)
+    C = max(p.req.num_candidates for p in preps)
+    with timer.stage("serve"):
+        windows = [p.window(L) for p in preps]
+        rows = b.batch(B)
+        acts = Actions.from_histories(windows, [p.request_ts for p in preps], device=engine.device, rows=rows,
+                                      width=b.width(max(len(w) for w in windows)))
+        seen = np.zeros((rows, bucket(max([1] + [len(p.rows) for p in preps if p.req.exclude_seen]), lo=16)), np.int64)
+        for j, p in enumerate(preps):  # the whole history is excluded, not only the encoded window
+            if p.req.exclude_seen:
+                seen[j, :len(p.rows)] = p.rows
+        kv, packed = fused.run(acts, to_device(seen, engine.device), b.candidates(C))
+        host = to_host(packed[:B])
+    if looked is not None:
+        kv = _first_rows(kv, B, acts)
+        for i, p in enumerate(preps):
+            cache.put(p.req.user_id, kv.row(i), p.window(L), p.request_ts)
+    T = len(engine.ranker.task_names)
+    floats = host[..., :T + 2].astype(np.int32).view(np.float32)
+    ids, timings = host[..., T + 2], timer.as_dict()
+    out = []
+    for j, p in enumerate(preps):
+        n = p.req.num_candidates
+        keep = int((ids[j, :n] >= 0).sum())  # found items come first (top-K is sorted)
+        f = floats[j, :keep]
+        items = engine.ranker.items(p.req.k, ids[j, :keep], f[:, T + 1], f[:, :T], f[:, T])
+        out.append({"items": items, "model_version": engine.model_version, "timings_ms": timings,
+                    "kv_cache": "miss", **engine._history_meta(p)})
+    return out, looked

@@ -1,0 +1,154 @@
+"""The GPU serving path's static shapes, on CPU (CI has no GPU): bucket rules, and padding a
+batch to its bucket (rows, history width, candidates) leaves every real score unchanged; the
+device top-K's one-scatter exclusion equals excluding row by row."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from unipinrec.index import TorchIndex
+from unipinrec.model import ModelConfig, UniPinRec
+from unipinrec.sequences import Actions, History
+from unipinrec.serving.graphs import Buckets, bucket, pad_kv, padded_rank
+
+N_ITEMS, L = 60, 40
+
+
+def test_buckets_are_half_octave_steps_and_powers_of_two_stay():
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 17, 25)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 16, 24, 32]
+    assert all(bucket(2**k) == 2**k for k in range(12))
+    assert bucket(656) == 768 and bucket(992, hi=992) == 992 and bucket(3, lo=16) == 16
+    b = Buckets(max_history=L)
+    assert b.width(1) == 16 and b.width(33) == L and b.candidates(1) == 8 and b.batch(5) == 6
+
+
+def model(kind: str) -> UniPinRec:
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_items=N_ITEMS, num_actions=4, num_tasks=3, d_model=32, n_layers=2, n_heads=4,
+                      max_history=L, dropout=0.0, kind=kind, use_surface=True)
+    return UniPinRec(cfg).float().eval()
+
+
+def histories(lengths, seed=1) -> list[History]:
+    rng = np.random.default_rng(seed)
+    return [History(items=rng.integers(1, N_ITEMS + 1, n), actions=rng.integers(0, 4, n),
+                    ts=np.cumsum(rng.integers(0, 5000, n)) + 1_700_000_000, surfaces=rng.integers(0, 3, n))
+            for n in lengths]
+
+
+@pytest.mark.parametrize("kind", ["unified", "interleaved", "ranking_only"])
+def test_padding_to_the_bucket_gives_the_same_scores_fp32(kind):
+    m = model(kind)
+    hs, rts = histories([5, 13, 0, 21, 9]), [1_800_000_000] * 5
+    cand = torch.randint(1, N_ITEMS + 1, (5, 11), generator=torch.Generator().manual_seed(3))
+    b = Buckets(max_history=L)
+    with torch.no_grad():
+        plain = Actions.from_histories(hs, rts)
+        u, kv = m.encode_history(plain)
+        gaps = m.default_candidate_gaps(kv.lengths, kv.last_ts(), kv.request_ts)
+        ref = m.rank(cand, kv, gaps)
+        # the encode graph's input: the batch built straight at the bucket shape
+        big = Actions.from_histories(hs, rts, rows=b.batch(5), width=b.width(21))
+        assert big.items.shape == (6, 24) and big.lengths.tolist() == [5, 13, 0, 21, 9, 0]
+        u_big, kv_big = m.encode_history(big)
+        got = m.rank(cand, kv_big[:5], gaps)
+        padded = padded_rank(m, cand, kv, gaps, b)  # the rank graph's shape: rows, width and candidates padded
+    assert torch.isfinite(u_big).all() and (u_big[:5] - u).abs().max() < 1e-5
+    assert (got - ref).abs().max() < 1e-5
+    assert padded.shape == ref.shape and (padded - ref).abs().max() < 1e-5
+
+
+def test_pad_kv_keeps_rows_and_masks_the_padding():
+    m = model("unified")
+    with torch.no_grad():
+        _, kv = m.encode_history(Actions.from_histories(histories([3, 7]), [1_800_000_000] * 2))
+        big = pad_kv(kv, 4, 16)
+    assert big.keys[0].shape[0] == 4 and big.keys[0].shape[2] == 16
+    assert big.lengths.tolist() == [3, 7, 0, 0] and not big.padding_mask[2:].any()
+    assert torch.equal(big.keys[1][:2, :, :7], kv.keys[1])
+
+
+def test_device_topk_exclusion_equals_row_by_row():
+    rng = np.random.default_rng(0)
+    v = torch.nn.functional.normalize(torch.randn(50, 8), dim=-1)
+    ids = rng.permutation(1000)[:50] + 7
+    index = TorchIndex(v, ids, "v")
+    q = torch.randn(4, 8)
+    excl = [ids[[1, 1, 5]], None, np.array([999_999, ids[3]]), ids[:49]]  # duplicates, unknown ids, nearly all
+    scores, found = index.search(q, 10, exclude=excl)
+    full = (q @ v.T).numpy()
+    for i, e in enumerate(excl):
+        s = full[i].copy()
+        if e is not None:
+            s[np.isin(ids, e)] = -np.inf
+        order = np.argsort(-s, kind="stable")[:10]
+        keep = np.isfinite(s[order])
+        assert found[i][keep].tolist() == ids[order][keep].tolist()
+        assert (found[i][~keep] == -1).all()
+    assert (found[3] >= 0).sum() == 1  # 49 of 50 excluded
+
+
+def test_engine_over_the_device_index_equals_the_faiss_engine(tiny):
+    """The device path of retrieval (TorchIndex: seen items masked by one scatter, candidate rows
+    handed to the ranker without a host lookup) serves what the faiss path serves."""
+    from unipinrec.checkpoint import load_model
+    from unipinrec.serving.engine import Engine
+    from unipinrec.serving.request import parse_request
+    from unipinrec.serving.synthetic import random_history
+
+    faiss_engine = Engine.from_dirs(tiny.unified, tiny.unified_index)
+    m = load_model(tiny.unified)
+    dev_engine = Engine(m, TorchIndex.for_model(m, m.vocab.item_ids))
+    rng = np.random.default_rng(4)
+    bodies = [{"user_id": i, "history": random_history(rng, n, 300), "k": 10, "num_candidates": 30,
+               "request_ts": 1_800_000_000, "exclude_seen": i != 2} for i, n in enumerate([16, 3, 9, 0])]
+    reqs = [parse_request(b, faiss_engine.limits) for b in bodies]
+    for a, b, body in zip(faiss_engine.handle_batch(reqs), dev_engine.handle_batch(reqs), bodies):
+        assert [x["item_id"] for x in a["items"]] == [x["item_id"] for x in b["items"]]
+        assert np.allclose([x["score"] for x in a["items"]], [x["score"] for x in b["items"]], atol=1e-5)
+        seen = {h["item_id"] for h in body["history"]}
+        if body["exclude_seen"]:
+            assert not seen & {x["item_id"] for x in b["items"]}
+
+
+@pytest.mark.parametrize("mode", ["a", "b", "c"])
+def test_fused_serving_equals_the_staged_path(tiny, mode):
+    """The one-graph path (fused.py; eager on CPU) answers a plain batch exactly as the staged
+    encoder -> retriever -> ranker path does, in all three modes, and stores the same cache entries."""
+    from unipinrec.checkpoint import load_model
+    from unipinrec.serving import fused
+    from unipinrec.serving.engine import Engine, EngineConfig
+    from unipinrec.serving.request import parse_request
+    from unipinrec.serving.synthetic import random_history
+    from unipinrec.serving.timing import StageTimer
+
+    m = load_model(tiny.unified if mode != "c" else tiny.retrieval)
+    rnk = load_model(tiny.ranking) if mode == "c" else None
+    eng = Engine(m, TorchIndex.for_model(m, m.vocab.item_ids), ranking=rnk,
+                 config=EngineConfig(share_kv=mode == "a"))
+    rng = np.random.default_rng(6)
+    bodies = [{"user_id": 100 + i, "history": random_history(rng, n, 300), "k": 7, "num_candidates": c,
+               "request_ts": 1_800_000_000, "exclude_seen": i != 1} for i, (n, c) in enumerate([(16, 30), (5, 12), (9, 20)])]
+    reqs = [parse_request(b, eng.limits) for b in bodies]
+    staged = eng.handle_batch(reqs)
+    for r in reqs:  # forget the staged run's cache entries
+        eng.user_cache.lru.pop(r.user_id)
+    preps = eng.resolver.resolve(reqs, StageTimer(eng.device))
+    with torch.inference_mode():  # as the engine serves
+        got, looked = fused.serve(eng, preps, StageTimer(eng.device), fused.FusedGraphs(eng))
+    assert got is not None and all(lk.status == "miss" for lk in looked)
+    for a, b in zip(staged, got):
+        assert [x["item_id"] for x in a["items"]] == [x["item_id"] for x in b["items"]]
+        for x, y in zip(a["items"], b["items"]):
+            assert abs(x["score"] - y["score"]) < 1e-5 and abs(x["retrieval_score"] - y["retrieval_score"]) < 1e-5
+            assert x["tasks"].keys() == y["tasks"].keys()
+        assert {k: v for k, v in a.items() if k not in ("items", "timings_ms")} == \
+               {k: v for k, v in b.items() if k not in ("items", "timings_ms")}
+    assert len(eng.user_cache.lru) == 3  # the fused misses were stored
+    again = eng.handle_batch(reqs)  # now hits: the staged path serves them, from what fused stored
+    assert [r["kv_cache"] for r in again] == ["hit"] * 3
+    assert [x["item_id"] for x in again[0]["items"]] == [x["item_id"] for x in staged[0]["items"]]
+    deadline = [parse_request({**bodies[0], "deadline_ms": 5000}, eng.limits)]
+    assert fused.serve(eng, eng.resolver.resolve(deadline, StageTimer(eng.device)), StageTimer(eng.device),
+                       fused.FusedGraphs(eng))[0] is None  # a deadline takes the staged path
