@@ -236,6 +236,10 @@ BAD_V2 = [
     ("k over the limit", _v2(USER, ("k", [1], "INT64", [10**9])), 422, "k[0]"),
     ("action out of range", _v2(USER, *HIST[:2], ("history_action", [1], "INT64", [99]), HIST[3]), 422,
      "history_action[0]"),
+    ("malformed JSON", b'{"inputs": [', 400, "body"),
+    ("inputs not a list", {"inputs": 3}, 422, "inputs"),
+    ("no shape", {"inputs": [{"name": "user_id", "datatype": "INT64", "data": [1]}]}, 422, "inputs[0].shape"),
+    ("NaN outside a request", b'[NaN]', 422, "body"),  # FastAPI's own handler fails to render it: a 500
 ]
 
 

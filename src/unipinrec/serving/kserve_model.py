@@ -52,7 +52,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .handler_support import SERVING_JSON, build_engine
-from .request import ServingError, decode_json, parse_request
+from .request import ServingError, _field_name, decode_json, parse_request
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "unipinrec"
@@ -130,27 +130,33 @@ def _model_config(folder: Path) -> dict:
 
 
 class _Batcher:
-    """Concurrent requests -> one `handle_batch` call on the engine's own thread (the engine is
-    used by one thread only, as in a TorchServe worker). Each submit gets its own results."""
+    """Concurrent requests -> `handle_batch` calls, one engine per worker, each engine on its own
+    thread (as a TorchServe worker owns its engine). A batch forms while every engine is busy:
+    up to `max_batch_size` requests, waiting at most `max_delay_ms` for company."""
 
-    def __init__(self, engine, max_batch_size: int, max_delay_ms: float, stuck_s: float):
-        self.engine, self.max_batch_size, self.max_delay = engine, max(1, max_batch_size), max_delay_ms / 1000
+    def __init__(self, engines: list, max_batch_size: int, max_delay_ms: float, stuck_s: float):
+        self.engines, self.max_batch_size, self.max_delay = engines, max(1, max_batch_size), max_delay_ms / 1000
         self.stuck_s = stuck_s
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unipinrec-engine")
+        self.pools = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"unipinrec-engine-{i}")
+                      for i in range(len(engines))]
         self.queue: asyncio.Queue | None = None
+        self.free: asyncio.Queue | None = None
         self.task: asyncio.Task | None = None
-        self.busy_since: float | None = None
+        self.busy_since: dict[int, float] = {}
 
     async def submit(self, requests: Sequence) -> list:
         if self.task is None or self.task.done():
-            self.queue = asyncio.Queue()
+            self.queue, self.free = asyncio.Queue(), asyncio.Queue()
+            for i in range(len(self.engines)):
+                self.free.put_nowait(i)
             self.task = asyncio.get_running_loop().create_task(self._run())
         fut = asyncio.get_running_loop().create_future()
         await self.queue.put((list(requests), fut))
         return await fut
 
     def healthy(self) -> bool:
-        stuck = self.busy_since is not None and time.monotonic() - self.busy_since > self.stuck_s
+        now = time.monotonic()
+        stuck = any(now - t > self.stuck_s for t in list(self.busy_since.values()))
         return not stuck and (self.task is None or not self.task.done())
 
     async def _gather(self) -> list:
@@ -174,21 +180,27 @@ class _Batcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            worker = await self.free.get()  # requests queue up (and batch) while every engine is busy
             items = await self._gather()
-            reqs = [r for batch, _ in items for r in batch]
-            self.busy_since = time.monotonic()
-            try:
-                results = await loop.run_in_executor(self.pool, self.engine.handle_batch, reqs)
-            except Exception:  # a bug, not bad input: 500 for this batch, keep serving
-                log.exception("unipinrec engine failed on a batch of %d", len(reqs))
-                results = [ServingError(500, "server", "internal error while serving this request")] * len(reqs)
-            finally:
-                self.busy_since = None
-            at = 0
-            for batch, fut in items:
-                if not fut.done():
-                    fut.set_result(results[at:at + len(batch)])
-                at += len(batch)
+            loop.create_task(self._serve(worker, items))
+
+    async def _serve(self, worker: int, items: list) -> None:
+        reqs = [r for batch, _ in items for r in batch]
+        self.busy_since[worker] = time.monotonic()
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self.pools[worker], self.engines[worker].handle_batch, reqs)
+        except Exception:  # a bug, not bad input: 500 for this batch, keep serving
+            log.exception("unipinrec engine failed on a batch of %d", len(reqs))
+            results = [ServingError(500, "server", "internal error while serving this request")] * len(reqs)
+        finally:
+            self.busy_since.pop(worker, None)
+            self.free.put_nowait(worker)
+        at = 0
+        for batch, fut in items:
+            if not fut.done():
+                fut.set_result(results[at:at + len(batch)])
+            at += len(batch)
 
 
 # --- v2 tensors -----------------------------------------------------------------------------------
@@ -303,10 +315,10 @@ class UniPinRecModel(kserve.Model):
     and v2 (tensors) requests through the batcher."""
 
     def __init__(self, name: str, archive: str | Path, *, work_dir: str | Path, batch_size: int | None = None,
-                 max_batch_delay_ms: float | None = None):
+                 max_batch_delay_ms: float | None = None, workers: int | None = None):
         super().__init__(name)
         self.archive, self.work_dir = Path(archive), Path(work_dir)
-        self.batch_size, self.max_batch_delay_ms = batch_size, max_batch_delay_ms
+        self.batch_size, self.max_batch_delay_ms, self.workers = batch_size, max_batch_delay_ms, workers
         self.engine = None
         self.batcher: _Batcher | None = None
 
@@ -314,17 +326,21 @@ class UniPinRecModel(kserve.Model):
         t = time.perf_counter()
         folder = resolve_archive(self.archive, self.work_dir, self.name)
         mcfg = _model_config(folder)
-        self.engine = build_engine(folder, mcfg)
-        # readiness means the engine answers: one request through every stage before we say ready
-        first = int(self.engine.vocab.item_ids[0])
-        self.engine.handle({"user_id": 0, "history": [{"item_id": first, "action": 0, "ts": 0}], "k": 1,
-                            "num_candidates": 1, "request_ts": 1})
+        # the archive's TorchServe settings, so one archive behaves alike on both runtimes:
+        # minWorkers engines (each its own thread and caches), batchSize, maxBatchDelay
+        workers = self.workers or int(mcfg.get("minWorkers", 1))
+        engines = [build_engine(folder, mcfg) for _ in range(max(1, workers))]
+        first = int(engines[0].vocab.item_ids[0])
+        for e in engines:  # readiness means the engine answers: one request through every stage first
+            e.handle({"user_id": 0, "history": [{"item_id": first, "action": 0, "ts": 0}], "k": 1,
+                      "num_candidates": 1, "request_ts": 1})
+        self.engine = engines[0]
         size = self.batch_size or int(mcfg.get("batchSize", 1))
         delay = self.max_batch_delay_ms if self.max_batch_delay_ms is not None else float(mcfg.get("maxBatchDelay", 0))
-        self.batcher = _Batcher(self.engine, size, delay, stuck_s=float(mcfg.get("responseTimeout", 300)))
+        self.batcher = _Batcher(engines, size, delay, stuck_s=float(mcfg.get("responseTimeout", 300)))
         self.ready = True
-        log.info("unipinrec engine %s ready in %.1f s (batch %d, delay %g ms)", self.engine.model_version,
-                 time.perf_counter() - t, size, delay)
+        log.info("unipinrec engine %s ready in %.1f s (%d workers, batch %d, delay %g ms)", self.engine.model_version,
+                 time.perf_counter() - t, len(engines), size, delay)
         return self.ready
 
     async def healthy(self) -> bool:
@@ -429,12 +445,23 @@ def _token_check(token_file: Path | None):
 def install(app, token_file: Path | None) -> None:
     """Our error bodies for ServingError; token auth on everything but health and metrics;
     KServe's model repository (load/unload) closed: management never faces clients."""
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
     async def serving_error(request, exc: ServingError):
         return JSONResponse(exc.to_dict(), status_code=exc.status)
 
+    async def envelope_error(request, exc: RequestValidationError):
+        # a v2 body that is not an inference request; FastAPI's own answer echoes the input,
+        # and fails to render (a 500) when that input holds NaN or Infinity
+        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
+        status = 400 if err.get("type") == "json_invalid" else 422
+        loc = () if status == 400 else tuple(p for p in err.get("loc", ()) if p not in ("body", "InferenceRequest"))
+        field = _field_name(loc)  # ("inputs", 0, "shape") -> "inputs[0].shape"
+        return await serving_error(request, ServingError(status, field, str(err.get("msg", "invalid request"))))
+
     app.add_exception_handler(ServingError, serving_error)
+    app.add_exception_handler(RequestValidationError, envelope_error)
     check = _token_check(token_file)
 
     @app.middleware("http")
@@ -473,11 +500,12 @@ class _ModelServer(kserve.ModelServer):
 
 def serve(models: dict[str, Path], *, host: str = "127.0.0.1", port: int = 8080, work_dir: str | Path,
           token_file: Path | None = None, batch_size: int | None = None,
-          max_batch_delay_ms: float | None = None) -> None:
+          max_batch_delay_ms: float | None = None, workers: int | None = None) -> None:
     """Load every archive (NAME -> path) and serve them until SIGTERM/SIGINT."""
     loaded = []
     for name, path in models.items():
-        m = UniPinRecModel(name, path, work_dir=work_dir, batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms)
+        m = UniPinRecModel(name, path, work_dir=work_dir, batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms,
+                           workers=workers)
         m.load()
         loaded.append(m)
     install(_model_server.app, token_file)
@@ -494,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token-file", type=Path, help="inference tokens, one per line (no file: no token auth)")
     p.add_argument("--batch-size", type=int, help="default: the archive's batchSize")
     p.add_argument("--max-batch-delay", type=float, help="ms; default: the archive's maxBatchDelay")
+    p.add_argument("--workers", type=int, help="engines per model (default: the archive's minWorkers; more than "
+                   "one breaks the split retrieve/rank flow, whose handles live in one engine)")
     args = p.parse_args(argv)
     models = {}
     for spec in args.model:
@@ -505,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.token_file is not None and not args.token_file.is_file():
         p.error(f"--token-file: {args.token_file} is not a file")
     serve(models, host=args.host, port=args.http_port, work_dir=args.work_dir, token_file=args.token_file,
-          batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay)
+          batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay, workers=args.workers)
     return 0
 
 

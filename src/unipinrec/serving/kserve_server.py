@@ -68,7 +68,7 @@ def _models(store: Path, models: list[str] | None) -> dict[str, Path]:
 
 def start(model_store: str | Path, run_dir: str | Path, *, models: list[str] | None = None, port: int = 8080,
           host: str = "127.0.0.1", token_auth: bool = True, timeout_s: float = 180.0, batch_size: int | None = None,
-          max_batch_delay_ms: float | None = None) -> KServeInfo:
+          max_batch_delay_ms: float | None = None, workers: int | None = None) -> KServeInfo:
     """Start KServe's model server with the store's archives (or `models`, NAME=FILE) and wait
     until every model is ready."""
     archives = _models(Path(model_store).resolve(), models)
@@ -92,6 +92,8 @@ def start(model_store: str | Path, run_dir: str | Path, *, models: list[str] | N
         cmd += ["--batch-size", str(batch_size)]
     if max_batch_delay_ms is not None:
         cmd += ["--max-batch-delay", str(max_batch_delay_ms)]
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
     with open(run / "logs" / "server.log", "ab") as log:
         proc = subprocess.Popen(cmd, cwd=run, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     info = KServeInfo(str(run), f"http://{host}:{port}", list(archives), proc.pid,
