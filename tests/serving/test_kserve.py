@@ -288,7 +288,29 @@ def test_token_auth_health_and_closed_management(server):
             r = anon.post(f"{server.inference}/v2/repository/models/unipinrec/unload", headers=headers, timeout=10)
             assert r.status_code == 404
         assert anon.get(f"{server.inference}/v2/models/unipinrec/ready", timeout=10).status_code == 200
-        assert "request_predict_seconds" in anon.get(f"{server.inference}/metrics", timeout=10).text
+        for _ in range(2):  # the same history twice: a KV cache hit
+            post(anon, v1(server), body(user_id=400, seed=40), headers={**JSON, **server.headers()})
+        assert post(anon, v1(server), {"k": 3}, headers={**JSON, **server.headers()}).status_code == 422
+        text = anon.get(f"{server.inference}/metrics", timeout=10).text
+        assert "request_predict_seconds" in text  # KServe's own
+        assert 'UniPinRecStageLatencySeconds_count{Stage="encode",model="unipinrec"}' in text
+        hits = [line for line in text.splitlines() if line.startswith("UniPinRecKVCacheLookups_total")
+                and 'Result="hits"' in line and 'model="unipinrec"' in line]
+        assert hits and float(hits[0].rsplit(" ", 1)[1]) >= 1
+        assert 'UniPinRecErrors_total{Status="401"}' not in text  # auth is not a model error
+        assert 'UniPinRecErrors_total{Status="422"}' in text
+
+
+def test_split_retrieve_and_rank_share_state_in_the_engine(http, server):
+    b = body(user_id=70, n=12, seed=7)
+    one = post(http, v1(server), b).json()
+    r = post(http, v1(server), {**b, "stage": "retrieve"})
+    assert r.status_code == 200, r.text
+    ranked = post(http, v1(server), {"user_id": 70, "stage": "rank", "handle": r.json()["handle"], "k": 8})
+    assert ranked.status_code == 200, ranked.text
+    assert [i["item_id"] for i in ranked.json()["items"]] == [i["item_id"] for i in one["items"]]
+    gone = post(http, v1(server), {"user_id": 70, "stage": "rank", "handle": "not-a-handle"})
+    assert gone.status_code == 404 and gone.json()["error"]["field"] == "handle"
 
 
 # --- against TorchServe -----------------------------------------------------------------------------

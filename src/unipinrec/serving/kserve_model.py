@@ -10,7 +10,8 @@ Routes (KServe's model server, one port):
     POST /v2/models/NAME/infer       Open Inference Protocol v2, the tensors below
     GET  /v2/models/NAME/ready, /v1/models/NAME   readiness: engine built, engine thread not stuck
     GET  /v2/health/live, /          liveness (the server answers)
-    GET  /metrics                    Prometheus (KServe's request latency histograms)
+    GET  /metrics                    Prometheus: KServe's request latencies and the TorchServe
+                                     handler's UniPinRec* stage, KV-cache and error metrics
 
 v2 input tensors (B users per request; histories concatenated in user order, N actions):
 
@@ -126,6 +127,45 @@ def _model_config(folder: Path) -> dict:
     return (yaml.safe_load(p.read_text()) or {}) if p.is_file() else {}
 
 
+# --- metrics --------------------------------------------------------------------------------------
+
+
+class _Metrics:
+    """The TorchServe handler's metrics (serving/metrics.yaml) on KServe's /metrics, labelled by
+    model; prometheus_client adds `_total` to counter names. One set per process."""
+
+    _made: "_Metrics | None" = None
+
+    def __init__(self):
+        from prometheus_client import Counter, Histogram
+
+        self.stage = Histogram("UniPinRecStageLatencySeconds", "engine stage latency", ["model", "Stage"])
+        self.lookups = Counter("UniPinRecKVCacheLookups", "cross-request KV cache lookups", ["model", "Result"])
+        self.errors = Counter("UniPinRecErrors", "requests answered with an error", ["Status"])
+        self.cold = Counter("UniPinRecColdStarts", "requests without history", ["model"])
+        self.batch = Counter("UniPinRecBatchRequests", "requests handed to the engine", ["model"])
+
+    @classmethod
+    def get(cls) -> "_Metrics":
+        if cls._made is None:
+            cls._made = cls()
+        return cls._made
+
+    def record(self, model: str, engine, last: dict, results: list) -> None:
+        ok = [r for r in results if isinstance(r, dict)]
+        for stage, ms in (ok[0].get("timings_ms", {}) if ok else {}).items():
+            self.stage.labels(model, stage).observe(ms / 1000.0)
+        cold = sum(1 for r in ok if r.get("cold_start"))
+        if cold:
+            self.cold.labels(model).inc(cold)
+        self.batch.labels(model).inc(len(results))
+        stats = engine.user_cache.stats.as_dict()
+        for result, total in stats.items():
+            if total > last.get(result, 0):
+                self.lookups.labels(model, result).inc(total - last.get(result, 0))
+        last.update(stats)
+
+
 # --- batching -------------------------------------------------------------------------------------
 
 
@@ -134,9 +174,10 @@ class _Batcher:
     thread (as a TorchServe worker owns its engine). A batch forms while every engine is busy:
     up to `max_batch_size` requests, waiting at most `max_delay_ms` for company."""
 
-    def __init__(self, engines: list, max_batch_size: int, max_delay_ms: float, stuck_s: float):
+    def __init__(self, engines: list, max_batch_size: int, max_delay_ms: float, stuck_s: float, model: str):
         self.engines, self.max_batch_size, self.max_delay = engines, max(1, max_batch_size), max_delay_ms / 1000
-        self.stuck_s = stuck_s
+        self.stuck_s, self.model = stuck_s, model
+        self.last_stats = [{} for _ in engines]
         self.pools = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"unipinrec-engine-{i}")
                       for i in range(len(engines))]
         self.queue: asyncio.Queue | None = None
@@ -196,6 +237,7 @@ class _Batcher:
         finally:
             self.busy_since.pop(worker, None)
             self.free.put_nowait(worker)
+        _Metrics.get().record(self.model, self.engines[worker], self.last_stats[worker], results)
         at = 0
         for batch, fut in items:
             if not fut.done():
@@ -337,7 +379,7 @@ class UniPinRecModel(kserve.Model):
         self.engine = engines[0]
         size = self.batch_size or int(mcfg.get("batchSize", 1))
         delay = self.max_batch_delay_ms if self.max_batch_delay_ms is not None else float(mcfg.get("maxBatchDelay", 0))
-        self.batcher = _Batcher(engines, size, delay, stuck_s=float(mcfg.get("responseTimeout", 300)))
+        self.batcher = _Batcher(engines, size, delay, stuck_s=float(mcfg.get("responseTimeout", 300)), model=self.name)
         self.ready = True
         log.info("unipinrec engine %s ready in %.1f s (%d workers, batch %d, delay %g ms)", self.engine.model_version,
                  time.perf_counter() - t, len(engines), size, delay)
@@ -380,6 +422,9 @@ class UniPinRecModel(kserve.Model):
         if valid:
             for i, res in zip(where, await self.batcher.submit(valid)):
                 results[i] = res
+        for r in results:
+            if isinstance(r, ServingError):
+                _Metrics.get().errors.labels(str(r.status)).inc()
         return [r.to_dict() if isinstance(r, ServingError) else r for r in results]
 
     async def _predict_v2(self, req: InferRequest):
@@ -449,6 +494,7 @@ def install(app, token_file: Path | None) -> None:
     from fastapi.responses import JSONResponse
 
     async def serving_error(request, exc: ServingError):
+        _Metrics.get().errors.labels(str(exc.status)).inc()
         return JSONResponse(exc.to_dict(), status_code=exc.status)
 
     async def envelope_error(request, exc: RequestValidationError):
