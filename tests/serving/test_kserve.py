@@ -240,6 +240,7 @@ BAD_V2 = [
     ("inputs not a list", {"inputs": 3}, 422, "inputs"),
     ("no shape", {"inputs": [{"name": "user_id", "datatype": "INT64", "data": [1]}]}, 422, "inputs[0].shape"),
     ("NaN outside a request", b'[NaN]', 422, "body"),  # FastAPI's own handler fails to render it: a 500
+    ("oversize body", b'{"inputs": [], "pad": "' + b"x" * (17 * 2**20) + b'"}', 413, "body"),
 ]
 
 

@@ -82,3 +82,21 @@ def test_v1_rejects_non_json_before_decoding(mar, tmp_path):
     assert (e.value.status, e.value.field) == (415, "Content-Type")
     out = asyncio.run(m.predict(b'{"user_id": 3, "history": [], "k": 2}', {"content-type": "application/json"}))
     assert out["cold_start"] and len(out["items"]) == 2
+
+
+def test_serve_runtime_errors_name_the_option(tmp_path):
+    from typer.testing import CliRunner
+
+    from unipinrec.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["serve", "--runtime", "triton", "--model-store", str(tmp_path)])
+    assert r.exit_code == 1 and "--runtime" in r.output
+    r = runner.invoke(app, ["serve", "--runtime", "kserve"])
+    assert r.exit_code == 1 and "--model-store" in r.output
+    r = runner.invoke(app, ["serve", "--runtime", "kserve", "--stop", "--run-dir", str(tmp_path)])
+    assert r.exit_code == 0 and "no server recorded" in r.output
+    r = runner.invoke(app, ["serve", "--runtime", "kserve", "--model-store", str(tmp_path), "--run-dir", str(tmp_path / "r")])
+    assert r.exit_code == 1 and "no .mar archives" in r.output
+    r = runner.invoke(app, ["serve", "--runtime", "kserve", "--model-store", str(tmp_path), "--model", "x.mar"])
+    assert r.exit_code == 1 and "NAME=FILE" in r.output

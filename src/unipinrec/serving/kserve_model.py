@@ -41,6 +41,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import re
 import shutil
 import sys
@@ -58,6 +59,7 @@ from .request import ServingError, _field_name, decode_json, parse_request
 log = logging.getLogger(__name__)
 MODEL_NAME = "unipinrec"
 MAX_INSTANCES = 256
+MAX_BODY = 16 * 2**20  # any route (v1 bodies are also held to the engine's max_body_bytes)
 HISTORY_TENSORS = ("history_item_id", "history_action", "history_ts", "history_surface")
 TOKEN_HEADER = "x-unipinrec-token"
 OPEN_PATHS = re.compile(r"^/($|metrics$|v2/health/(live|ready)$|v2/models/[^/]+/ready$|v1/models/[^/:]+$)")
@@ -100,7 +102,7 @@ def resolve_archive(path: str | Path, work_dir: str | Path, name: str = MODEL_NA
     if not path.is_file() or path.suffix != ".mar":
         raise FileNotFoundError(f"{path} is not a model archive (.mar) or an unpacked archive folder")
     _check_sha256(path)
-    dest = Path(work_dir) / f"{path.stem}-unpacked"
+    dest = Path(work_dir) / f"{name}-unpacked"  # one folder per served model name
     if dest.exists():
         shutil.rmtree(dest)
     with zipfile.ZipFile(path) as z:  # extractall drops absolute paths and '..' parts
@@ -272,7 +274,7 @@ def _tensor(req: InferRequest, name: str, *, size: int | None = None, one_or: in
         raise
     except Exception as e:  # noqa: BLE001  (binary data that does not fit its shape or type)
         raise ServingError(422, name, f"cannot read the tensor: {e}") from None
-    if not all(isinstance(s, int) and s >= 0 for s in shape) or int(np.prod(shape)) != len(data):
+    if not all(isinstance(s, int) and s >= 0 for s in shape) or math.prod(shape) != len(data):
         raise ServingError(422, name, f"shape {shape} does not match its {len(data)} values")
     if size is not None and len(data) != size and not (one_or is not None and len(data) == 1):
         raise ServingError(422, name, f"expected {size} values{' (or 1)' if one_or is not None else ''}, got {len(data)}")
@@ -518,6 +520,10 @@ def install(app, token_file: Path | None) -> None:
         if check is not None and not OPEN_PATHS.match(path) and not check(request.headers):
             return JSONResponse({"error": {"status": 401, "field": "Authorization",
                                            "message": "missing or invalid inference token"}}, status_code=401)
+        size = request.headers.get("content-length", "0")
+        if not size.isdigit() or int(size) > MAX_BODY:
+            return JSONResponse({"error": {"status": 413, "field": "body", "message": f"Content-Length {size[:20]!r} "
+                                           f"is not a size up to {MAX_BODY} bytes"}}, status_code=413)
         return await call_next(request)
 
 
