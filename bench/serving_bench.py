@@ -2,6 +2,8 @@
 
     # CPU, real TorchServe over HTTP, concurrent clients (headline: L=2048, C=256, d=256, 4 layers)
     .venv/bin/python bench/serving_bench.py http --quick
+    # the same archives on KServe's model server too, rounds interleaved in one run
+    .venv/bin/python bench/serving_bench.py http --quick --runtime torchserve kserve
     .venv/bin/python bench/serving_bench.py http                 # the grid L x C
     # in-process engine (the GPU when there is one; exact torch top-K instead of faiss)
     python bench/serving_bench.py inprocess --device cuda
@@ -13,7 +15,9 @@ again for ranking; (c) two models (retrieval-only + ranking-only), each encoding
 Weights are random (latency does not depend on what they learned). FLOPs per request come
 from torch.utils.flop_counter on the in-process engine (faiss work is not counted; it is tiny
 next to the transformer here). (d) measures the cross-request KV cache: the same user again
-(hit) and with 8 actions appended (extend) against a cold encode (miss).
+(hit) and with 8 actions appended (extend) against a cold encode (miss). With `--runtime`, each
+runtime also reports its p50 overhead over the in-process engine: (a) with one client, the same
+bodies, HTTP against `Engine.handle`.
 """
 from __future__ import annotations
 
@@ -120,9 +124,9 @@ def summarize(lat_ms: list[float], n: int, wall_s: float) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    by = {(r["L"], r["C"], r["mode"]): r for r in rows}
+    by = {(r.get("runtime"), r["L"], r["C"], r["mode"]): r for r in rows}
     for r in rows:
-        c = by.get((r["L"], r["C"], "c"))
+        c = by.get((r.get("runtime"), r["L"], r["C"], "c"))
         if c is None:
             continue
         r["qps_vs_c"] = r["qps"] / c["qps"]
@@ -194,13 +198,98 @@ def run_clients(url: str, payloads: list[bytes], clients: int) -> tuple[list[flo
     return lat, wall
 
 
+def start_servers(store: Path, work: Path, args) -> dict:
+    """runtime -> (url of a model name, stop function), every server on free loopback ports."""
+    from unipinrec.serving import torchserve as ts
+
+    servers = {}
+    if "torchserve" in args.runtime:
+        ports = (ts.free_port(), ts.free_port(), ts.free_port())
+        info = ts.start(store, work / "run", ports=ports, token_auth=False, timeout_s=600)
+        servers["torchserve"] = (lambda name, i=info: f"{i.inference}/predictions/{name}", lambda: ts.stop(work / "run"))
+    if "kserve" in args.runtime:
+        from unipinrec.serving import kserve_server as ks
+
+        # the archives' settings: minWorkers engines x torch_threads, batchSize, maxBatchDelay
+        info = ks.start(store, work / "run-kserve", port=ts.free_port(), token_auth=False, timeout_s=600)
+        servers["kserve"] = (lambda name, i=info: f"{i.inference}/v1/models/{name}:predict",
+                             lambda: ks.stop(work / "run-kserve"))
+    return servers
+
+
+def build_archives(paths: dict, index_dirs: dict, store: Path, args) -> None:
+    from unipinrec.serving import torchserve as ts
+
+    common = dict(batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay, workers=args.workers,
+                  torch_threads=args.threads)
+    ts.build_archive(paths["unified"], index_dirs["unified"], store, engine={"kv_cache_bytes": 0}, **common)
+    ts.build_archive(paths["unified"], index_dirs["unified"], store, name=ARCHIVES["b"],
+                     engine={"kv_cache_bytes": 0, "share_kv": False}, **common)
+    ts.build_archive(paths["retrieval"], index_dirs["retrieval"], store, name=ARCHIVES["c"],
+                     ranking_dir=paths["ranking"], engine={"kv_cache_bytes": 0}, **common)
+    ts.build_archive(paths["unified"], index_dirs["unified"], store, name=ARCHIVES["d"],  # one worker: one cache
+                     engine={"kv_cache_bytes": 1024 * 2**20}, **{**common, "workers": 1})
+
+
+def timed_rounds(servers: dict, L: int, C: int, args) -> tuple[dict, dict]:
+    """Latencies and wall time per (runtime, mode); rounds interleave runtimes and modes, so a
+    noisy neighbour hits all of them."""
+    keys = [(rt, m) for rt in servers for m in MODES]
+    lat, wall = {k: [] for k in keys}, {k: 0.0 for k in keys}
+    for rt, m in keys:  # warm-up
+        warm = make_bodies(args.clients, L, C, args.items, seed=11, first_user=10**6)
+        run_clients(servers[rt][0](ARCHIVES[m]), [json.dumps(b).encode() for b in warm], args.clients)
+    per_round = max(1, args.requests // args.rounds)
+    for rnd in range(args.rounds):
+        order = keys if rnd % 2 == 0 else keys[::-1]
+        for rt, m in order:
+            bodies = make_bodies(per_round, L, C, args.items, seed=1000 * rnd + ord(m), first_user=rnd * 10**5)
+            got, w = run_clients(servers[rt][0](ARCHIVES[m]), [json.dumps(b).encode() for b in bodies], args.clients)
+            lat[(rt, m)] += got
+            wall[(rt, m)] += w
+    return lat, wall
+
+
+def p50_overhead(servers: dict, engine, L: int, C: int, args) -> dict:
+    """(a) one request at a time: p50 over HTTP per runtime against the in-process engine, each
+    body sent to all of them in turn (a noisy neighbour hits every path alike)."""
+    import requests
+    import torch
+
+    bodies = make_bodies(args.overhead_requests, L, C, args.items, seed=5, first_user=7 * 10**6)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # as each server worker runs it
+    lat = {"inprocess": [], **{rt: [] for rt in servers}}
+    with requests.Session() as s:
+        for i, b in enumerate([bodies[0]] + bodies):  # the first one warms every path
+            t = time.perf_counter()
+            engine.handle(b)
+            ms = {"inprocess": (time.perf_counter() - t) * 1000}
+            for rt, (url, _) in servers.items():
+                t = time.perf_counter()
+                r = s.post(url(ARCHIVES["a"]), data=json.dumps(b), headers={"Content-Type": "application/json"},
+                           timeout=600)
+                ms[rt] = (time.perf_counter() - t) * 1000
+                assert r.status_code == 200, r.text[:200]
+            if i:
+                for k, v in ms.items():
+                    lat[k].append(v)
+    torch.set_num_threads(threads)
+    out = {"L": L, "C": C, "n": len(bodies), "inprocess_p50_ms": statistics.median(lat["inprocess"])}
+    for rt in servers:
+        out[f"{rt}_p50_ms"] = statistics.median(lat[rt])
+        # per body, HTTP minus in-process: less noisy than the difference of the medians
+        out[f"{rt}_overhead_ms"] = statistics.median(h - e for h, e in zip(lat[rt], lat["inprocess"]))
+    return out
+
+
 def http_bench(args) -> dict:
     from unipinrec.index import build_index_for_model
-    from unipinrec.serving import torchserve as ts
 
     Ls = [HEADLINE[0]] if args.quick else args.L
     Cs = [HEADLINE[1]] if args.quick else args.C
-    rows, kv_rows = [], []
+    rows, kv_rows, overhead = [], [], []
     work_root = Path(args.work or tempfile.mkdtemp(prefix="serving-bench-"))
     for L in Ls:
         work = work_root / f"L{L}"
@@ -209,56 +298,57 @@ def http_bench(args) -> dict:
         for name in index_dirs:
             build_index_for_model(paths[name], index_dirs[name], num_queries=200)
         store = work / "store"
-        common = dict(batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay, workers=args.workers,
-                      torch_threads=args.threads)
-        ts.build_archive(paths["unified"], index_dirs["unified"], store, engine={"kv_cache_bytes": 0}, **common)
-        ts.build_archive(paths["unified"], index_dirs["unified"], store, name=ARCHIVES["b"],
-                         engine={"kv_cache_bytes": 0, "share_kv": False}, **common)
-        ts.build_archive(paths["retrieval"], index_dirs["retrieval"], store, name=ARCHIVES["c"],
-                         ranking_dir=paths["ranking"], engine={"kv_cache_bytes": 0}, **common)
-        ts.build_archive(paths["unified"], index_dirs["unified"], store, name=ARCHIVES["d"],  # one worker: one cache
-                         engine={"kv_cache_bytes": 1024 * 2**20}, **{**common, "workers": 1})
+        build_archives(paths, index_dirs, store, args)
         in_proc = engines(paths, index_dirs)
-        ports = (ts.free_port(), ts.free_port(), ts.free_port())
-        info = ts.start(store, work / "run", ports=ports, token_auth=False, timeout_s=600)
+        servers = {}
         try:
+            servers = start_servers(store, work, args)
             for C in Cs:
                 flops = {m: flops_per_request(in_proc[m], make_bodies(1, L, C, args.items, seed=7)[0]) for m in MODES}
-                n = args.requests
-                per_round = max(1, n // args.rounds)
-                lat = {m: [] for m in MODES}
-                wall = {m: 0.0 for m in MODES}
-                for m in MODES:  # warm-up
-                    warm = make_bodies(args.clients, L, C, args.items, seed=11, first_user=10**6)
-                    run_clients(f"{info.inference}/predictions/{ARCHIVES[m]}", [json.dumps(b).encode() for b in warm],
-                                args.clients)
-                for rnd in range(args.rounds):  # rounds interleave the modes: a noisy neighbour hits all
-                    order = list(MODES) if rnd % 2 == 0 else list(MODES)[::-1]
-                    for m in order:
-                        bodies = make_bodies(per_round, L, C, args.items, seed=1000 * rnd + ord(m), first_user=rnd * 10**5)
-                        payloads = [json.dumps(b).encode() for b in bodies]
-                        got, w = run_clients(f"{info.inference}/predictions/{ARCHIVES[m]}", payloads, args.clients)
-                        lat[m] += got
-                        wall[m] += w
-                for m in MODES:
-                    row = {"L": L, "C": C, "mode": m, **summarize(lat[m], len(lat[m]), wall[m]),
+                lat, wall = timed_rounds(servers, L, C, args)
+                for (rt, m), got in lat.items():
+                    row = {"runtime": rt, "L": L, "C": C, "mode": m, **summarize(got, len(got), wall[(rt, m)]),
                            "gflops": flops[m] / 1e9}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-                kv_rows.append(kv_cache_bench(f"{info.inference}/predictions/{ARCHIVES['d']}", L, C, args))
+                for rt, (url, _) in servers.items():
+                    kv_rows.append({"runtime": rt, **kv_cache_bench(url(ARCHIVES["d"]), L, C, args)})
+                if args.overhead_requests:
+                    overhead.append(p50_overhead(servers, in_proc["a"], L, C, args))
+                    print(json.dumps(overhead[-1]), flush=True)
         finally:
-            ts.stop(work / "run")
+            for _, stop in servers.values():
+                stop()
     add_ratios(rows)
-    print_table(rows, f"TorchServe over HTTP, {args.clients} clients, {args.workers} workers x {args.threads or 'default'} "
-                      f"torch threads, batchSize {args.batch_size}, d={args.d_model}, {args.layers} layers, "
-                      f"{args.items:,} items, {os.cpu_count()} CPUs")
-    verdict = headline_verdict(rows)
+    verdicts = {}
+    for rt in args.runtime:
+        print_table([r for r in rows if r["runtime"] == rt],
+                    f"{rt} over HTTP, {args.clients} clients, {args.workers} workers x {args.threads or 'default'} "
+                    f"torch threads, batch "
+                    f"{args.batch_size}, d={args.d_model}, {args.layers} layers, {args.items:,} items, {os.cpu_count()} CPUs")
+        print(f"{rt}:", end="")
+        verdicts[rt] = headline_verdict([r for r in rows if r["runtime"] == rt])
+    compare_runtimes(verdicts)
     print("\n(d) cross-request KV cache over HTTP, p50 ms by lookup result:")
     for r in kv_rows:
-        print(f"  L={r['L']:>5} C={r['C']:>4}: miss {r['miss_p50_ms']:.1f}  hit {r['hit_p50_ms']:.1f}  extend(+8) "
-              f"{r['extend_p50_ms']:.1f}  -> hit {r['miss_p50_ms'] / r['hit_p50_ms']:.2f}x, extend "
+        print(f"  {r['runtime']:<10} L={r['L']:>5} C={r['C']:>4}: miss {r['miss_p50_ms']:.1f}  hit {r['hit_p50_ms']:.1f}  "
+              f"extend(+8) {r['extend_p50_ms']:.1f}  -> hit {r['miss_p50_ms'] / r['hit_p50_ms']:.2f}x, extend "
               f"{r['miss_p50_ms'] / r['extend_p50_ms']:.2f}x faster than miss")
-    return {"rows": rows, "kv_cache": kv_rows, "headline": verdict}
+    for o in overhead:
+        print(f"\n(a) one client, L={o['L']} C={o['C']}, {o['n']} bodies: in-process engine p50 "
+              f"{o['inprocess_p50_ms']:.1f} ms; " + "; ".join(f"{rt} p50 {o[f'{rt}_p50_ms']:.1f} ms (median "
+                                                          f"overhead per body {o[f'{rt}_overhead_ms']:+.1f} ms)"
+                                                          for rt in args.runtime))
+    return {"rows": rows, "kv_cache": kv_rows, "headline": verdicts, "overhead": overhead}
+
+
+def compare_runtimes(verdicts: dict) -> None:
+    t, k = verdicts.get("torchserve"), verdicts.get("kserve")
+    if t and k:
+        rel = k["qps_ratio"] / t["qps_ratio"]
+        print(f"\nKServe vs TorchServe, same run: QPS(a)/QPS(c) {k['qps_ratio']:.3f} vs {t['qps_ratio']:.3f} "
+              f"= {rel:.3f}x (target within 10%: {'met' if abs(rel - 1) <= 0.10 else 'NOT met'})")
+        verdicts["kserve_vs_torchserve"] = rel
 
 
 def kv_cache_bench(url: str, L: int, C: int, args) -> dict:
@@ -544,6 +634,10 @@ def main() -> None:
     h.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize")
     h.add_argument("--max-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay (ms)")
     h.add_argument("--kv-users", type=int, default=5, help="users in the cross-request KV cache run (d)")
+    h.add_argument("--runtime", nargs="+", choices=["torchserve", "kserve"], default=["torchserve"],
+                   help="serving runtimes, each on the same archives (kserve: KServe's model server, v1 route)")
+    h.add_argument("--overhead-requests", type=int, default=12,
+                   help="one-client requests of (a) per runtime for the p50 overhead over in-process (0: skip)")
     g = sub.choices["inprocess"]
     g.add_argument("--device", help="cuda | cpu (default: cuda when available)")
     g.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])

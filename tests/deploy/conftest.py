@@ -11,7 +11,7 @@ import yaml
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "manifests"
 # Every kustomization in the project; a test checks this list is complete.
-KUSTOMIZATIONS = ["base", "feast", "retraining", "rbac", "kserve", "training", "training/runtime",
+KUSTOMIZATIONS = ["base", "feast", "retraining", "rbac", "kserve", "kserve/native", "training", "training/runtime",
                   "overlays/dev", "overlays/prod", "overlays/dev/admin", "overlays/prod/admin",
                   "overlays/gpu", "overlays/kserve-gpu"]
 
@@ -53,7 +53,9 @@ def containers(obj: dict) -> list[tuple[str, dict, dict]]:
         out += [("main", c, pod) for c in pod.get("containers", [])]
     if obj["kind"] == "InferenceService":
         pred = obj["spec"]["predictor"]
-        out.append(("main", pred["model"], pred))
+        if "model" in pred:  # a ServingRuntime's model; a custom predictor has containers instead
+            out.append(("main", pred["model"], pred))
+        out += [("main", c, pred) for c in pred.get("containers", [])]
     if obj["kind"] == "ServingRuntime":
         out += [("main", c, obj["spec"]) for c in obj["spec"]["containers"]]
     return out

@@ -53,6 +53,15 @@ def test_dry_run_of_the_kserve_variant_sets_the_storage_uri(no_cluster):
 
 
 @needs_kubectl
+def test_dry_run_of_the_native_kserve_variant_sets_storage_uri_and_version(no_cluster):
+    r = invoke("deploy", "--overlay", str(MANIFESTS / "kserve" / "native"), "--model-version", "v7", "--dry-run")
+    assert r.exit_code == 0, r.output
+    isvc = next(o for o in yaml.safe_load_all(r.stdout) if o and o["kind"] == "InferenceService")
+    env = {e["name"]: e["value"] for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+    assert env["STORAGE_URI"] == "pvc://unipinrec-model-registry/unipinrec/v7" and env["MODEL_VERSION"] == "v7"
+
+
+@needs_kubectl
 def test_bad_input_names_the_field_and_exits_1(no_cluster):
     r = invoke("deploy", "--overlay", "prod", "--model-version", "../x", "--dry-run", "--manifests", str(MANIFESTS))
     assert r.exit_code == 1 and "model_version" in r.output

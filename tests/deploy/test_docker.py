@@ -14,7 +14,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "images"
-IMAGES = {"pipeline": DOCKER / "Dockerfile.pipeline", "serving": DOCKER / "Dockerfile.serving"}
+IMAGES = {"pipeline": DOCKER / "Dockerfile.pipeline", "serving": DOCKER / "Dockerfile.serving",
+          "kserve": DOCKER / "Dockerfile.kserve"}
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
@@ -140,6 +141,17 @@ def test_serving_entrypoint_resolves():
     ts = cmd[cmd.index("--") + 1:]
     assert ts[0] == "torchserve" and "torchserve==0.12.0" in (REPO / "pyproject.toml").read_text()
     assert "--disable-token-auth" not in cmd
+
+
+def test_kserve_image_runs_the_kserve_model_server_without_java():
+    ins = instructions(IMAGES["kserve"])
+    assert _json_or_shell(dict(ins)["ENTRYPOINT"]) == ["tini", "--"]
+    cmd = _json_or_shell(dict(ins)["CMD"])
+    assert cmd[:3] == ["python", "-m", "unipinrec.serving.kserve_model"] and _module_file(cmd[2]).is_file()
+    assert "__main__" in _module_file(cmd[2]).read_text()
+    assert "--token-file=/var/run/secrets/unipinrec/token" in cmd  # token auth on, as in manifests/kserve/native
+    assert "openjdk" not in " ".join(a for i, a in ins if i == "RUN")
+    assert "kserve==" in (REPO / "pyproject.toml").read_text()  # in the platform extra the image installs
 
 
 def test_pipeline_image_runs_the_cli():

@@ -98,6 +98,24 @@ def test_kserve_schema_check_rejects_unknown_and_invalid_fields(rendered, isvc_v
         assert list(isvc_validator.iter_errors(bad))
 
 
+def test_native_kserve_predictor_validates_and_serves_the_registry_layout(rendered, isvc_validator):
+    (isvc,) = [o for o in rendered["kserve/native"] if o["kind"] == "InferenceService"]
+    assert [f"{'.'.join(map(str, e.path))}: {e.message}" for e in isvc_validator.iter_errors(isvc)] == []
+    pred = isvc["spec"]["predictor"]
+    assert "model" not in pred and not any(o["kind"] == "ServingRuntime" for o in rendered["kserve/native"])
+    (c,) = pred["containers"]
+    assert c["name"] == "kserve-container" and c["image"].startswith("registry.example.com/unipinrec/kserve:")
+    assert c["command"][-2:] == ["-m", "unipinrec.serving.kserve_model"] and "--model=unipinrec=/mnt/models" in c["args"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["STORAGE_URI"].startswith("pvc://unipinrec-model-registry/unipinrec/")
+    assert "--token-file=/var/run/secrets/unipinrec/token" in c["args"]  # token auth on
+    assert {m["name"] for m in c["volumeMounts"]} <= {v["name"] for v in pred["volumes"]}
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/models/unipinrec/ready"
+    bad = copy.deepcopy(isvc)
+    bad["spec"]["predictor"]["containers"][0]["readinessProbe"]["httpGett"] = {"path": "/"}
+    assert list(isvc_validator.iter_errors(bad))
+
+
 def test_servingruntime_serves_the_inferenceservice(rendered):
     objs = {o["kind"]: o for o in rendered["kserve"]}
     rt, isvc = objs["ServingRuntime"], objs["InferenceService"]

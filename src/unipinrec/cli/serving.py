@@ -129,11 +129,20 @@ def serve_cmd(
     token_auth: bool = typer.Option(True, "--token-auth/--no-token-auth",
                                     help="TorchServe token auth (on by default; keys in RUN_DIR/key_file.json)."),
     timeout: float = typer.Option(180.0, "--timeout", help="Seconds to wait for the models to be ready."),
+    runtime: str = typer.Option("torchserve", "--runtime", help="torchserve | kserve (KServe's model server: v1 "
+                                "and Open Inference Protocol v2 on --port, no Java)."),
 ) -> None:
-    """Start TorchServe on 127.0.0.1 with the store's archives, wait until ready, print the URLs
-    (or, with --stop, stop it)."""
+    """Start TorchServe (or, with --runtime kserve, KServe's model server) on 127.0.0.1 with the
+    store's archives, wait until ready, print the URLs (or, with --stop, stop it)."""
     from ..serving import torchserve as ts
 
+    if runtime not in ("torchserve", "kserve"):
+        fail(f"--runtime must be torchserve or kserve, got {runtime!r}")
+    if runtime == "kserve":
+        from .serving_kserve import DEFAULT_RUN_DIR as KSERVE_RUN_DIR, serve_kserve
+
+        return serve_kserve(model_store, stop, KSERVE_RUN_DIR if run_dir == DEFAULT_RUN_DIR else run_dir, models,
+                            port, token_auth, timeout)
     if stop:
         with user_errors(ts.ServeError):
             stopped = ts.stop(run_dir)

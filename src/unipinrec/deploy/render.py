@@ -101,8 +101,8 @@ def _set_env(containers: list[Obj], version: str) -> None:
 def with_model_version(objects: list[Obj], version: str) -> list[Obj]:
     """A copy of `objects` with every deploy target (Deployment or InferenceService) set to `version`.
 
-    An InferenceService also gets the last segment of `predictor.model.storageUri` replaced
-    (the registry's version folder).
+    An InferenceService also gets the last segment of `predictor.model.storageUri` (or of a
+    custom predictor container's STORAGE_URI) replaced (the registry's version folder).
     """
     check_model_version(version)
     out = copy.deepcopy(objects)
@@ -112,9 +112,16 @@ def with_model_version(objects: list[Obj], version: str) -> list[Obj]:
     for obj in targets:
         obj["metadata"].setdefault("annotations", {})[VERSION_ANNOTATION] = version
         if obj["kind"] == "InferenceService":
-            model = obj["spec"]["predictor"]["model"]
-            model["storageUri"] = model["storageUri"].rstrip("/").rsplit("/", 1)[0] + "/" + version
-            _set_env([model], version)
+            pred = obj["spec"]["predictor"]
+            # a runtime's model has storageUri; a custom predictor container has it as STORAGE_URI
+            specs = [pred["model"]] if "model" in pred else pred.get("containers", [])
+            for spec in specs:
+                if "storageUri" in spec:
+                    spec["storageUri"] = spec["storageUri"].rstrip("/").rsplit("/", 1)[0] + "/" + version
+                for e in spec.get("env", []):
+                    if e["name"] == "STORAGE_URI":
+                        e["value"] = e["value"].rstrip("/").rsplit("/", 1)[0] + "/" + version
+            _set_env(specs, version)
             continue
         tmeta = obj["spec"]["template"].setdefault("metadata", {})
         tmeta.setdefault("annotations", {})[VERSION_ANNOTATION] = version
