@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("kserve")
 
-from unipinrec.deploy.registry import publish_model  # noqa: E402
+from unipinrec.deploy.publish import publish_model  # noqa: E402
 from unipinrec.serving import torchserve as ts  # noqa: E402
 from unipinrec.serving.kserve_model import UniPinRecModel, resolve_archive, v2_field  # noqa: E402
 from unipinrec.serving.request import ServingError  # noqa: E402

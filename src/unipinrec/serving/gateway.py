@@ -108,7 +108,7 @@ def _rejected_key(reply: Reply) -> bool:
     return isinstance(obj, dict) and set(obj) <= {"code", "type", "message"} and obj.get("type") == "InvalidKeyException"
 
 
-class _WatchedFile:
+class WatchedFile:
     """A small file re-read when its mtime or size changes."""
 
     def __init__(self, path: Path, parse: Callable[[str], Any]):
@@ -144,7 +144,7 @@ def _parse_keys(text: str) -> dict:
     return out
 
 
-def _parse_tokens(text: str) -> list[bytes]:
+def parse_tokens(text: str) -> list[bytes]:
     lines = (line.strip() for line in text.splitlines())
     return [line.encode() for line in lines if line and not line.startswith("#")]
 
@@ -156,8 +156,8 @@ class Gateway:
                  child_alive: Callable[[], bool] = lambda: True, timeout_s: float = 300.0,
                  model: str = "unipinrec"):
         self.upstream, self.management, self.model = urlsplit(upstream), urlsplit(management), model
-        self.keys = _WatchedFile(key_file, _parse_keys)
-        self.tokens = _WatchedFile(token_file, _parse_tokens)
+        self.keys = WatchedFile(key_file, _parse_keys)
+        self.tokens = WatchedFile(token_file, parse_tokens)
         self.child_alive, self.timeout_s = child_alive, timeout_s
         self._local = threading.local()
         self._refresh_lock = threading.Lock()

@@ -115,7 +115,7 @@ def resolve_archive(path: str | Path, work_dir: str | Path, name: str = MODEL_NA
 def _check_sha256(mar: Path) -> None:
     side = mar.with_name(mar.name + ".sha256")
     if side.is_file():
-        from ..deploy.registry import sha256_of
+        from .registry import sha256_of
 
         want = side.read_text().split()[0]
         if sha256_of(mar) != want:
@@ -476,9 +476,9 @@ def _token_check(token_file: Path | None):
     """None (no auth) or a function headers -> bool; tokens re-read when the file changes."""
     if token_file is None:
         return None
-    from ..deploy.gateway import _parse_tokens, _WatchedFile
+    from .gateway import WatchedFile, parse_tokens
 
-    tokens = _WatchedFile(token_file, _parse_tokens)
+    tokens = WatchedFile(token_file, parse_tokens)
 
     def ok(headers) -> bool:
         auth = headers.get("authorization", "")
