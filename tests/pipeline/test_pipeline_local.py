@@ -13,8 +13,8 @@ from unipinrec import format as fmt
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-STEPS = ["ingest", "validate-data", "build-features", "build-examples", "train", "evaluate", "gate",
-         "build-index", "package", "deploy"]
+STEPS = ["ingest", "validate-data", "build-features", "bucket-ids", "build-examples", "merge-examples", "train",
+         "evaluate", "gate", "build-index", "package", "deploy"]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_pipeline_runs_end_to_end_and_deploys(first_run):
     assert current["evaluation"]["model_version"] == version
 
     # the examples the model trained on came from Feast, equal to the builder's rule
-    ex_meta = fmt.read_meta(result.artifact("build-examples", "examples"))
+    ex_meta = fmt.read_meta(result.artifact("merge-examples", "examples"))
     assert ex_meta["history_source"] == "feast:unipinrec_v1"
     assert all(v["history_differs_from_builder"] == 0 for v in ex_meta["feast"].values())
 

@@ -143,7 +143,7 @@ def _summary(result, deploy_dir: Path) -> dict:
     record = DeploymentRecord(deploy_dir)
     s = result.to_dict()
     reports = {}
-    for task, output in (("validate-data", "report"), ("build-examples", "report"), ("evaluate", "report"),
+    for task, output in (("validate-data", "report"), ("merge-examples", "report"), ("evaluate", "report"),
                          ("gate", "report")):
         p = result.artifact(task, output)
         if p is not None:
