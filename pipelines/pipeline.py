@@ -1,8 +1,11 @@
 """The UniPinRec pipeline: wiring only (each step is a component in components/).
 
-    ingest -> validate_data --(passed)--> build_features -> build_examples -> train -> evaluate -> gate
-                            \\-(failed)--> stop_run                                                  |
+    ingest -> validate_data --(passed)--> build_features -> [build_examples per user-hash bucket] -> merge_examples
+                            \\-(failed)--> stop_run                      -> train -> evaluate -> gate
                                                                        (promote) build_index -> package -> deploy
+
+The examples are built in `example_buckets` pods (dsl.ParallelFor over example_buckets' list, each
+pod the users of one bucket) and merged into the folder a one-process build writes.
 
 `make_pipeline()` returns the pipeline for local runs and a plain cluster; `cluster=True`
 adds what the steps need inside Kubernetes (the model-registry volume, the Redis secret,
@@ -13,8 +16,8 @@ from pathlib import Path
 
 from kfp import dsl
 
-from components import (build_examples, build_features, build_index, deploy, evaluate, gate, ingest, package,
-                        stop_run, train, validate_data)
+from components import (bucket_ids, build_examples, build_features, build_index, deploy, evaluate, gate, ingest,
+                        merge_examples, package, stop_run, train, validate_data)
 from unipinrec.kfp_client import PIPELINE_NAME  # the retraining CronJob submits the newest version of this name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +59,7 @@ def make_pipeline(*, cluster: bool = False, registry_pvc: str = "unipinrec-model
         num_users: int = 0,
         num_items: int = 0,
         num_requests_per_user: int = 0,
+        example_buckets: int = 1,
         seed: int = -1,
         epochs: float = 0.0,
         num_processes: int = 0,
@@ -78,8 +82,11 @@ def make_pipeline(*, cluster: bool = False, registry_pvc: str = "unipinrec-model
         check = validate_data(raw=raw.outputs["raw"])
         with dsl.If(check.outputs["passed"] == True, name="data-valid"):  # noqa: E712 (a pipeline condition)
             feats = build_features(raw=raw.outputs["raw"], **cfg, feature_env=feature_env)
-            ex = build_examples(raw=raw.outputs["raw"], feature_repo=feats.outputs["feature_repo"],
-                                **cfg, feature_env=feature_env)
+            ids = bucket_ids(buckets=example_buckets)
+            with dsl.ParallelFor(ids.output, name="example-buckets") as k:
+                part = build_examples(raw=raw.outputs["raw"], feature_repo=feats.outputs["feature_repo"],
+                                      **cfg, feature_env=feature_env, bucket=k, buckets=example_buckets)
+            ex = merge_examples(parts=dsl.Collected(part.outputs["examples"]))
             model = train(examples=ex.outputs["examples"], **cfg, seed=seed, epochs=epochs,
                           num_processes=num_processes, launcher=launcher, num_nodes=num_nodes,
                           keep_job=keep_train_job, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
@@ -111,13 +118,13 @@ def make_pipeline(*, cluster: bool = False, registry_pvc: str = "unipinrec-model
         if cluster:
             from kfp import kubernetes
 
-            for task in (feats, ex, model, decision, release):
+            for task in (feats, part, model, decision, release):
                 kubernetes.mount_pvc(task, pvc_name=registry_pvc, mount_path=REGISTRY_MOUNT)
             # launcher trainjob: the TrainJob is owned by this pod and created in its namespace
             for env, path in (("UNIPINREC_POD_NAME", "metadata.name"), ("UNIPINREC_POD_UID", "metadata.uid"),
                               ("UNIPINREC_NAMESPACE", "metadata.namespace")):
                 kubernetes.use_field_path_as_env(model, env_name=env, field_path=path)
-            for task in (feats, ex):
+            for task in (feats, part):
                 task.set_env_variable("FEAST_REGISTRY_PATH", f"{REGISTRY_MOUNT}/feast/registry.db")
                 kubernetes.use_secret_as_env(task, secret_name="feast-redis",
                                              secret_key_to_env={"password": "REDIS_PASSWORD"})

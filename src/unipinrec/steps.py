@@ -149,29 +149,67 @@ def build_features(raw_dir: str | Path, repo_dir: str | Path, *, config_yaml: st
 
 
 def build_examples(raw_dir: str | Path, repo_dir: str | Path, out_dir: str | Path, *, config_yaml: str = "",
-                   env: str = "local", report_dir: str | Path | None = None) -> dict:
+                   env: str = "local", report_dir: str | Path | None = None, bucket: int | None = None,
+                   buckets: int = 1) -> dict:
     """UnifiedExamples whose histories come from Feast (point in time at request_ts); the slates
-    and splits come from the example builder. The result is checked with the `examples` contract."""
+    and splits come from the example builder. With `report_dir`, checked with the `examples` contract.
+
+    bucket: only the users in user-hash bucket `bucket` of `buckets` (one pod of a parallel build;
+    `merge_examples` assembles the parts). Feast is asked for those users' (user, request_ts)
+    only, and a point-in-time lookup depends on nothing else, so the records are the full build's.
+    """
     from .data import build_examples as build
     from .features import attach_histories
 
+    if buckets < 1:
+        raise StepError(f"buckets: must be at least 1, got {buckets}")
+    if bucket is not None and not 0 <= bucket < buckets:
+        raise StepError(f"bucket: must be in 0..{buckets - 1} (buckets={buckets}), got {bucket}")
     cfg = parse_config(config_yaml)
     with tempfile.TemporaryDirectory(prefix="unipinrec-ex-") as tmp:
         meta = build(raw_dir, tmp, max_history=cfg.data.max_history, slate_size=cfg.data.slate_size, progress=False,
-                     history_impressions=cfg.data.history_impressions)
+                     history_impressions=cfg.data.history_impressions, bucket=bucket, buckets=buckets)
         stats = attach_histories(tmp, repo_dir, out_dir, env=env)
     result = {"splits": meta["splits"], "feast": stats,
               "history_differs_from_builder": sum(v["history_differs_from_builder"] for v in stats.values())}
     if report_dir is not None:
-        from .contracts import validate
-
-        report = validate(out_dir, "examples", out_dir=report_dir)
-        result["contract_passed"] = report.success
-        result["contract_failed"] = [f.rule for f in report.failed]
-        result["html"] = str(Path(report_dir) / "examples_validation.html")
-        if not report.success:
-            raise StepError("the examples built from Feast break their contract:\n" + report.render_text())
+        result.update(_check_examples(out_dir, report_dir))
     return result
+
+
+def bucket_ids(buckets: int) -> list[int]:
+    """The buckets of a parallel example build, 0..buckets-1 (what the pipeline fans out over)."""
+    if buckets < 1:
+        raise StepError(f"example_buckets: must be at least 1, got {buckets}")
+    return list(range(buckets))
+
+
+def merge_examples(part_dirs: Sequence[str | Path], out_dir: str | Path, *,
+                   report_dir: str | Path | None = None) -> dict:
+    """One examples folder from the bucket parts of a parallel build (unipinrec.data.buckets): the
+    folder the one-process build writes. With `report_dir`, checked with the `examples` contract."""
+    from .data.buckets import merge_buckets
+
+    try:
+        meta = merge_buckets(part_dirs, out_dir)
+    except ValueError as e:
+        raise StepError(f"parts: {e}") from e
+    feast = meta.get("feast") or {}
+    result = {"splits": meta["splits"], "feast": feast, "buckets": meta["parallel_build"]["buckets"],
+              "history_differs_from_builder": sum(v["history_differs_from_builder"] for v in feast.values())}
+    if report_dir is not None:
+        result.update(_check_examples(out_dir, report_dir))
+    return result
+
+
+def _check_examples(examples_dir: str | Path, report_dir: str | Path) -> dict:
+    from .contracts import validate
+
+    report = validate(examples_dir, "examples", out_dir=report_dir)
+    if not report.success:
+        raise StepError("the examples built from Feast break their contract:\n" + report.render_text())
+    return {"contract_passed": report.success, "contract_failed": [f.rule for f in report.failed],
+            "html": str(Path(report_dir) / "examples_validation.html")}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-EXPECTED = {"ingest", "validate-data", "stop-run", "build-features", "build-examples", "train", "evaluate", "gate",
-            "build-index", "package", "deploy"}
+EXPECTED = {"ingest", "validate-data", "stop-run", "build-features", "bucket-ids", "build-examples", "merge-examples",
+            "train", "evaluate", "gate", "build-index", "package", "deploy"}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_caching_is_off_only_for_steps_with_side_effects(compiled):
     for comp in doc["components"].values():
         tasks.update(comp.get("dag", {}).get("tasks", {}))
     caching = {n: t.get("cachingOptions", {}).get("enableCache", False) for n, t in tasks.items()
-               if not n.startswith("condition")}
+               if not n.startswith(("condition", "for-loop"))}
     assert {n for n, on in caching.items() if not on} == {"gate", "deploy", "stop-run"}
 
 
@@ -190,7 +190,7 @@ def test_cli_compile_and_bad_options(tmp_path):
 
     r = CliRunner().invoke(app, ["pipeline", "compile", "--out", str(tmp_path / "p.yaml")])
     assert r.exit_code == 0, r.output
-    assert "11 components" in r.output and (tmp_path / "p.yaml").exists()
+    assert "13 components" in r.output and (tmp_path / "p.yaml").exists()
     r = CliRunner().invoke(app, ["pipeline", "compile", "--target", "moon", "--out", str(tmp_path / "q.yaml")])
     assert r.exit_code == 1 and "--target" in r.output
     bad = tmp_path / "bad.yaml"
@@ -199,5 +199,7 @@ def test_cli_compile_and_bad_options(tmp_path):
     assert r.exit_code == 1 and "train.lr" in r.output
     r = CliRunner().invoke(app, ["pipeline", "run"])
     assert r.exit_code == 1 and "--local" in r.output
+    r = CliRunner().invoke(app, ["pipeline", "run", "--local", "--example-buckets", "0"])
+    assert r.exit_code == 1 and "--example-buckets must be >= 1" in r.output
     r = CliRunner().invoke(app, ["pipeline", "schedule", "--host", "http://127.0.0.1:9", "--cron", "daily"])
     assert r.exit_code == 1 and "cron" in r.output

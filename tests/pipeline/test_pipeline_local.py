@@ -1,5 +1,6 @@
 """The whole pipeline on kfp's local runner (SubprocessRunner, this environment) on tiny data:
-it trains, gates, packages and deploys; a corrupted input stops the run at validation, with
+it builds the examples in 2 user-hash buckets (ParallelFor) and merges them into the one-process
+build, trains, gates, packages and deploys; a corrupted input stops the run at validation, with
 the failed expectations in the report, and leaves the deployed model untouched."""
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from unipinrec import format as fmt
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-STEPS = ["ingest", "validate-data", "build-features", "build-examples", "train", "evaluate", "gate",
-         "build-index", "package", "deploy"]
+STEPS = ["ingest", "validate-data", "build-features", "bucket-ids", "build-examples", "merge-examples", "train",
+         "evaluate", "gate", "build-index", "package", "deploy"]
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def first_run(tmp_path_factory, tiny_config_text):
 
     root = tmp_path_factory.mktemp("local-run")
     deploy_dir = root / "deploy"
-    args = {"config_yaml": tiny_config_text, "deploy_dir": str(deploy_dir)}
+    args = {"config_yaml": tiny_config_text, "deploy_dir": str(deploy_dir), "example_buckets": 2}
     result = run_local(args, pipeline_root=root / "pipeline", caching=True)
     return root, deploy_dir, result
 
@@ -52,9 +53,26 @@ def test_pipeline_runs_end_to_end_and_deploys(first_run):
     assert current["evaluation"]["model_version"] == version
 
     # the examples the model trained on came from Feast, equal to the builder's rule
-    ex_meta = fmt.read_meta(result.artifact("build-examples", "examples"))
+    ex_meta = fmt.read_meta(result.artifact("merge-examples", "examples"))
     assert ex_meta["history_source"] == "feast:unipinrec_v1"
     assert all(v["history_differs_from_builder"] == 0 for v in ex_meta["feast"].values())
+
+
+def test_the_buckets_built_in_parallel_merge_into_the_one_process_build(first_run, tmp_path, tiny_config_text):
+    from unipinrec import steps
+
+    _, _, result = first_run
+    parts = sorted(result.run_dir.glob("for-loop-*-iteration-*/build-examples/examples"))
+    assert [fmt.read_meta(p)["bucket"] for p in parts] == [0, 1]  # the ParallelFor ran one task per bucket
+    merged = result.artifact("merge-examples", "examples")
+    assert fmt.read_meta(merged)["parallel_build"] == {"buckets": 2}
+    one = tmp_path / "one"
+    steps.build_examples(result.artifact("ingest", "raw"), result.artifact("build-features", "feature_repo"), one,
+                         config_yaml=tiny_config_text)
+    for split in fmt.SPLITS:
+        assert fmt.read_sharded(merged / split).equals(fmt.read_sharded(one / split)), split
+        sizes = [fmt.count_rows(p / split) for p in parts]
+        assert all(sizes) and sum(sizes) == fmt.count_rows(one / split)
 
 
 def test_the_archive_reads_histories_from_the_deployed_feature_store(first_run):

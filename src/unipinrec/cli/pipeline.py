@@ -85,6 +85,8 @@ def run_cmd(
     users: int = typer.Option(0, "--users", help="Synthetic users (0: the config's)."),
     items: int = typer.Option(0, "--items", help="Synthetic items (0: the config's)."),
     requests_per_user: int = typer.Option(0, "--requests-per-user", help="Synthetic feed requests per user (0: the config's)."),
+    example_buckets: int = typer.Option(1, "--example-buckets", help="User-hash buckets the examples are built in, "
+                                        "one build_examples task each (ParallelFor), then merged."),
     seed: int = typer.Option(-1, "--seed", help="Training seed (-1: the config's). A new seed retrains even when "
                              "every earlier step is cached."),
     epochs: float = typer.Option(0.0, "--epochs", help="Training epochs (0: the config's)."),
@@ -112,6 +114,8 @@ def run_cmd(
         fail(f"--data-path is required for --source {source}")
     if data_path is not None and not data_path.is_dir():
         fail(f"--data-path: {data_path} is not a folder")
+    if example_buckets < 1:
+        fail(f"--example-buckets must be >= 1, got {example_buckets}")
     for option, value in (("--users", users), ("--items", items), ("--requests-per-user", requests_per_user),
                           ("--epochs", epochs), ("--gate-tolerance", gate_tolerance)):
         if value < 0:
@@ -120,6 +124,7 @@ def run_cmd(
     text = _config_text(config if config is not None else Path(pipeline.__file__).with_name("demo.yaml"))
     args = {"source": source, "data_path": str(data_path.resolve()) if data_path else "",
             "num_users": users, "num_items": items, "num_requests_per_user": requests_per_user, "seed": seed,
+            "example_buckets": example_buckets,
             "epochs": float(epochs), "deploy_mode": deploy_mode, "deploy_dir": str(deploy_dir.resolve()),
             "gate_metrics": gate_metrics, "gate_tolerance": float(gate_tolerance), "force_promote": force_promote}
     args["config_yaml"] = text
@@ -143,7 +148,7 @@ def _summary(result, deploy_dir: Path) -> dict:
     record = DeploymentRecord(deploy_dir)
     s = result.to_dict()
     reports = {}
-    for task, output in (("validate-data", "report"), ("build-examples", "report"), ("evaluate", "report"),
+    for task, output in (("validate-data", "report"), ("merge-examples", "report"), ("evaluate", "report"),
                          ("gate", "report")):
         p = result.artifact(task, output)
         if p is not None:

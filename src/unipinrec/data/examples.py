@@ -25,7 +25,7 @@ UnifiedExample per row (layout "examples") or as sequences stored once plus requ
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator
 
@@ -172,6 +172,15 @@ def _examples(c: _Chunk, seq: np.ndarray, p: _Plan) -> pa.Table:
     )
 
 
+def restrict_to_bucket(c: _Chunk, bucket: int, buckets: int) -> _Chunk:
+    """The events of the chunk's users in user-hash bucket `bucket` of `buckets` (order kept).
+    The rules are per user, so a bucket's examples are exactly its users' part of the full build."""
+    from .sequence_table import user_bucket
+
+    keep = user_bucket(c.user, buckets) == bucket
+    return _Chunk(**{f.name: getattr(c, f.name)[keep] for f in fields(_Chunk)})
+
+
 def _user_starts(user: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rank of each row's user within the chunk, first row of each user, rows per user)."""
     new = np.ones(len(user), dtype=bool)
@@ -277,7 +286,7 @@ def _copy_shards(src: Path, dst: Path) -> None:
 
 
 def _check(raw: Path, out: Path, raw_meta: dict, max_history: int, slate_size: int | None, chunk_events: int,
-           layout: str, buckets: int) -> int:
+           layout: str, buckets: int, bucket: int | None) -> int:
     """Check build_examples' arguments; returns the slate size S."""
     if out.resolve() == raw.resolve():  # items/ would be copied onto itself and lost
         raise ValueError(f"out_dir must differ from raw_dir ({raw})")
@@ -290,17 +299,26 @@ def _check(raw: Path, out: Path, raw_meta: dict, max_history: int, slate_size: i
             raise ValueError(f"{name} must be positive, got {value}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got '{layout}'")
+    if bucket is not None and not 0 <= bucket < buckets:
+        raise ValueError(f"bucket must be in 0..{buckets - 1} (buckets={buckets}), got {bucket}")
     return slate_size
 
 
-def _stream(raw: Path, writer, plan: dict, total: int, chunk_events: int, progress: bool) -> dict:
-    """Plan and write every chunk of RAW/events; returns split counts, users and chunk sizes."""
+def _stream(raw: Path, writer, plan: dict, total: int, chunk_events: int, progress: bool,
+            bucket: tuple[int, int] | None = None) -> dict:
+    """Plan and write every chunk of RAW/events (only the users of bucket = (k, N) when given);
+    returns split counts, users and chunk sizes."""
     from tqdm.auto import tqdm
 
     counts = dict.fromkeys(fmt.SPLITS, 0)
     num_users = num_chunks = max_chunk = 0
     with tqdm(total=total, unit="event", unit_scale=True, desc="examples", disable=not progress) as bar:
         for chunk in iter_user_chunks(raw / "events", chunk_events):
+            bar.update(len(chunk))
+            if bucket is not None:
+                chunk = restrict_to_bucket(chunk, *bucket)
+                if len(chunk) == 0:
+                    continue
             chunk_plan = plan_chunk(chunk, **plan)
             writer.write(chunk, chunk_plan)
             for split, p in chunk_plan.splits.items():
@@ -308,14 +326,14 @@ def _stream(raw: Path, writer, plan: dict, total: int, chunk_events: int, progre
             num_users += len(np.unique(chunk.user))
             num_chunks += 1
             max_chunk = max(max_chunk, len(chunk))
-            bar.update(len(chunk))
     return {"splits": counts, "num_examples": sum(counts.values()), "num_users": num_users,
             "chunks": {"count": num_chunks, "max_events": max_chunk, "chunk_events": chunk_events}}
 
 
 def build_examples(raw_dir: str | Path, out_dir: str | Path, *, max_history: int = 50, slate_size: int | None = None,
                    chunk_events: int = 500_000, rows_per_shard: int = 250_000, progress: bool = True,
-                   history_impressions: bool = False, layout: str = "examples", buckets: int = 16) -> dict:
+                   history_impressions: bool = False, layout: str = "examples", buckets: int = 16,
+                   bucket: int | None = None) -> dict:
     """Build EX/ from RAW/ (docs/architecture.md); returns the EX meta dict.
 
     slate_size: MovieLens next-action slate length S; with impressions, slates keep positions
@@ -325,21 +343,25 @@ def build_examples(raw_dir: str | Path, out_dir: str | Path, *, max_history: int
     layout: "examples" writes one UnifiedExample per row (EX/{train,valid,test}/); "sequences"
     stores each user's history material once, in `buckets` user-hash buckets, and request rows
     that reference it (unipinrec.data.sequence_table; read back as UnifiedExamples by iter_examples).
+    bucket: build only the users in user-hash bucket `bucket` of `buckets` (sequence_table.user_bucket),
+    in either layout: the part one pod of a parallel build writes; data.buckets.merge_buckets
+    assembles the parts into the folder the one-process build writes.
     """
     raw, out = Path(raw_dir), Path(out_dir)
     raw_meta = fmt.read_meta(raw)
-    slate_size = _check(raw, out, raw_meta, max_history, slate_size, chunk_events, layout, buckets)
+    slate_size = _check(raw, out, raw_meta, max_history, slate_size, chunk_events, layout, buckets, bucket)
     has_imp = bool(raw_meta.get("has_impressions", False))
     total = raw_meta.get("num_events") or fmt.count_rows(raw / "events")
     if layout == "sequences":
         from .sequence_table import SequenceWriter
 
-        writer = SequenceWriter(out, buckets, rows_per_shard)
+        writer = SequenceWriter(out, buckets, rows_per_shard, only=bucket)
     else:
         writer = _ExampleWriter(out, rows_per_shard)
     plan = dict(L=max_history, S=slate_size, has_impressions=has_imp, history_impressions=history_impressions)
     try:
-        built = _stream(raw, writer, plan, total, chunk_events, progress)
+        built = _stream(raw, writer, plan, total, chunk_events, progress,
+                        bucket=None if bucket is None else (bucket, buckets))
     finally:
         layout_meta = writer.close()
 
@@ -361,6 +383,7 @@ def build_examples(raw_dir: str | Path, out_dir: str | Path, *, max_history: int
         else "leave-one-out sequences (last action = test, second-to-last = valid, train windows on the rest)",
         "raw": str(raw),
         "layout": layout,
+        **({} if bucket is None else {"bucket": bucket, "buckets": buckets}),
         **layout_meta,
     }
     fmt.write_meta(out, meta)

@@ -56,16 +56,18 @@ def _bucket_dir(root: Path, k: int) -> Path:
 class SequenceWriter:
     """Writes the sequence layout from the builder's chunk plans (examples.build_examples)."""
 
-    def __init__(self, out: Path, buckets: int, rows_per_shard: int):
+    def __init__(self, out: Path, buckets: int, rows_per_shard: int, only: int | None = None):
+        """only: write bucket `only` alone (a parallel build's part; the chunks hold its users only)."""
         for split in fmt.SPLITS:  # a folder rebuilt in this layout drops the other one
             shutil.rmtree(out / split, ignore_errors=True)
         for sub in ("sequences", "requests"):
             shutil.rmtree(out / sub, ignore_errors=True)
         self.buckets = buckets
-        self.sequences = [fmt.ShardedWriter(_bucket_dir(out / "sequences", k), SEQUENCE_SCHEMA, rows_per_shard)
-                          for k in range(buckets)]
-        self.requests = {s: [fmt.ShardedWriter(_bucket_dir(out / "requests" / s, k), REQUEST_SCHEMA, rows_per_shard)
-                             for k in range(buckets)] for s in fmt.SPLITS}
+        owned = range(buckets) if only is None else [only]
+        self.sequences = {k: fmt.ShardedWriter(_bucket_dir(out / "sequences", k), SEQUENCE_SCHEMA, rows_per_shard)
+                          for k in owned}
+        self.requests = {s: {k: fmt.ShardedWriter(_bucket_dir(out / "requests" / s, k), REQUEST_SCHEMA,
+                                                  rows_per_shard) for k in owned} for s in fmt.SPLITS}
         self.sequence_rows = 0
 
     def write(self, c: _Chunk, plan: _ChunkPlan) -> None:
@@ -80,15 +82,14 @@ class SequenceWriter:
                  pa.array(p.h_end - p.seq_start, pa.int32()), _slates(c, p)], schema=REQUEST_SCHEMA)
             self._scatter(table, user_bucket(c.user[p.rows], self.buckets), self.requests[split])
 
-    @staticmethod
-    def _scatter(table: pa.Table, bucket: np.ndarray, writers: list[fmt.ShardedWriter]) -> None:
+    def _scatter(self, table: pa.Table, bucket: np.ndarray, writers: dict[int, fmt.ShardedWriter]) -> None:
         order = np.argsort(bucket, kind="stable")  # keeps user order, and event order inside a user
-        bounds = np.searchsorted(bucket[order], np.arange(len(writers) + 1))
+        bounds = np.searchsorted(bucket[order], np.arange(self.buckets + 1))
         for k in np.flatnonzero(np.diff(bounds)):
             writers[k].write(table.take(order[bounds[k]:bounds[k + 1]]))
 
     def close(self) -> dict:
-        for w in [*self.sequences, *(w for ws in self.requests.values() for w in ws)]:
+        for w in [*self.sequences.values(), *(w for ws in self.requests.values() for w in ws.values())]:
             w.close()
         return {"buckets": self.buckets, "sequence_rows": self.sequence_rows}
 
@@ -120,7 +121,8 @@ def iter_examples(ex_dir: str | Path, split: str, *, max_history: int | None = N
     """Stream the UnifiedExamples of `split` from a sequence-layout EX folder, bucket by bucket.
 
     max_history: L of the cut (default, and at most, the L the folder was built with);
-    buckets: the buckets to read (a DDP rank or loader worker reads a disjoint part).
+    buckets: the buckets to read (a DDP rank or loader worker reads a disjoint part; default all,
+    or the one bucket of a parallel build's part).
     Memory: one bucket's sequences plus one batch.
     """
     ex = Path(ex_dir)
@@ -133,7 +135,9 @@ def iter_examples(ex_dir: str | Path, split: str, *, max_history: int | None = N
     if not 0 < L <= int(meta["max_history"]):
         raise ValueError(f"max_history must be in 1..{meta['max_history']} (the L of {ex}), got {L}")
     n = int(meta["buckets"])
-    for k in range(n) if buckets is None else buckets:
+    if buckets is None:  # a part of a parallel build holds its own bucket only
+        buckets = [int(meta["bucket"])] if "bucket" in meta else range(n)
+    for k in buckets:
         if not 0 <= k < n:
             raise ValueError(f"bucket {k} is not in 0..{n - 1}")
         seq = None
