@@ -214,7 +214,7 @@ def evaluate_model_with_predictions(
     ks_all = sorted(set(int(k) for k in ks) | set(extra_ks))
     items = model.item_vectors().to(device)  # (N+1, D)
     pop = _popularity(examples_dir, vocab, spec).to(device) if popularity else None
-    can_rank = model.config.kind != "retrieval_only"
+    can_rank = model.config.has_ranking_head
     sinks: dict[str, dict] = {k: {} for k in ("retrieval", "popularity", "retrieval_new_items", "popularity_new_items")}
     ranked: list[dict[str, np.ndarray]] = []
     for start in tqdm(range(0, table.num_rows, batch_size), disable=not progress, desc=f"evaluate {split}", unit="batch"):

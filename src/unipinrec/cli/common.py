@@ -21,3 +21,19 @@ def user_errors(*kinds: type[BaseException]):
         yield
     except (ConfigError, FormatError, FileNotFoundError, *kinds) as e:
         fail(str(e))
+
+
+def stop_server(stop, error: type[BaseException], run_dir, what: str) -> None:
+    """`serve --stop`: stop the server recorded in run_dir and say so."""
+    with user_errors(error):
+        stopped = stop(run_dir)
+    typer.echo(f"{what} stopped." if stopped else f"no server recorded in {run_dir}")
+
+
+def check_ports(model_store, **ports: int) -> None:
+    """`serve`'s shared checks: a model store is given, each port is a TCP port (named as its option)."""
+    if model_store is None:
+        fail("--model-store is required (or --stop)")
+    for option, value in ports.items():
+        if not 0 < value < 65536:
+            fail(f"--{option.replace('_', '-')} must be a TCP port, got {value}")

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from .common import fail, user_errors
+from .common import check_ports, fail, stop_server, user_errors
 
 index_app = typer.Typer(help="The faiss item index over a model's item vectors.", no_args_is_help=True)
 
@@ -144,15 +144,8 @@ def serve_cmd(
         return serve_kserve(model_store, stop, KSERVE_RUN_DIR if run_dir == DEFAULT_RUN_DIR else run_dir, models,
                             port, token_auth, timeout)
     if stop:
-        with user_errors(ts.ServeError):
-            stopped = ts.stop(run_dir)
-        typer.echo("TorchServe stopped." if stopped else f"no server recorded in {run_dir}")
-        return
-    if model_store is None:
-        fail("--model-store is required (or --stop)")
-    for option, value in (("--port", port), ("--management-port", management_port), ("--metrics-port", metrics_port)):
-        if not 0 < value < 65536:
-            fail(f"{option} must be a TCP port, got {value}")
+        return stop_server(ts.stop, ts.ServeError, run_dir, "TorchServe")
+    check_ports(model_store, port=port, management_port=management_port, metrics_port=metrics_port)
     with user_errors(ts.ServeError):
         info = ts.start(model_store, run_dir, models=models, ports=(port, management_port, metrics_port),
                         token_auth=token_auth, timeout_s=timeout)

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from .common import fail, user_errors
+from .common import check_ports, stop_server, user_errors
 
 DEFAULT_RUN_DIR = Path("runs/kserve")
 
@@ -18,14 +18,8 @@ def serve_kserve(model_store: Optional[Path], stop: bool, run_dir: Path, models:
     from ..serving import kserve_server as ks
 
     if stop:
-        with user_errors(ks.ServeError):
-            stopped = ks.stop(run_dir)
-        typer.echo("KServe model server stopped." if stopped else f"no server recorded in {run_dir}")
-        return
-    if model_store is None:
-        fail("--model-store is required (or --stop)")
-    if not 0 < port < 65536:
-        fail(f"--port must be a TCP port, got {port}")
+        return stop_server(ks.stop, ks.ServeError, run_dir, "KServe model server")
+    check_ports(model_store, port=port)
     with user_errors(ks.ServeError, ValueError):
         info = ks.start(model_store, run_dir, models=models, port=port, token_auth=token_auth, timeout_s=timeout)
     for name in info.models:

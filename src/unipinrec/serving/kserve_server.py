@@ -7,40 +7,28 @@ and, with token auth on, the token file (mode 0600) clients send as `Authorizati
 """
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from .torchserve import ServeError, _alive
+from .torchserve import STATE, RunState, ServeError, _alive, not_ready
 
-STATE = "state.json"
 
 
 @dataclass
-class KServeInfo:
-    run_dir: str
+class KServeInfo(RunState):
     inference: str  # base URL: POST {inference}/v1/models/NAME:predict, {inference}/v2/models/NAME/infer
     models: list
     pid: int | None = None
     token_file: str | None = None
 
-    def save(self) -> None:
-        (Path(self.run_dir) / STATE).write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, run_dir: str | Path) -> "KServeInfo":
-        p = Path(run_dir) / STATE
-        if not p.exists():
-            raise ServeError(f"no server state in {run_dir} (was it started with `unipinrec serve --runtime kserve`?)")
-        return cls(**json.loads(p.read_text()))
+    STARTED_BY = "`unipinrec serve --runtime kserve`"
 
     def headers(self) -> dict:
         if not self.token_file:
@@ -113,17 +101,16 @@ def wait_ready(info: KServeInfo, timeout_s: float = 180.0, proc: subprocess.Pope
     while time.monotonic() < deadline:
         if (proc is not None and proc.poll() is not None) or (info.pid and not _alive(info.pid)):
             raise ServeError(f"the KServe model server exited; see {Path(info.run_dir) / 'logs' / 'server.log'}")
-        for name in list(pending):
-            try:
-                with urllib.request.urlopen(f"{info.inference}/v2/models/{name}/ready", timeout=2) as r:
-                    if r.status == 200:
-                        pending.remove(name)
-            except (urllib.error.URLError, OSError, ValueError):
-                pass
+        pending = not_ready(pending, lambda name: _model_ready(info, name))
         if not pending:
             return
         time.sleep(0.3)
     raise ServeError(f"models {pending} not ready after {timeout_s:.0f} s; see {Path(info.run_dir) / 'logs'}")
+
+
+def _model_ready(info: KServeInfo, name: str) -> bool:
+    with urllib.request.urlopen(f"{info.inference}/v2/models/{name}/ready", timeout=2) as r:
+        return r.status == 200
 
 
 def stop(run_dir: str | Path, timeout_s: float = 30.0) -> bool:

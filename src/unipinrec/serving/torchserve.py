@@ -146,24 +146,32 @@ def build_archive(model_dir: str | Path, index_dir: str | Path, store_dir: str |
 
 
 @dataclass
-class ServerInfo:
+class RunState:
+    """A local server's state.json in its run folder: what `stop` and clients read."""
+
     run_dir: str
+
+    STARTED_BY = "`unipinrec serve`"
+
+    def save(self) -> None:
+        (Path(self.run_dir) / STATE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, run_dir: str | Path):
+        p = Path(run_dir) / STATE
+        if not p.exists():
+            raise ServeError(f"no server state in {run_dir} (was it started with {cls.STARTED_BY}?)")
+        return cls(**json.loads(p.read_text()))
+
+
+@dataclass
+class ServerInfo(RunState):
     inference: str
     management: str
     metrics: str
     models: list
     pid: int | None = None
     token_auth: bool = False
-
-    def save(self) -> None:
-        (Path(self.run_dir) / STATE).write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, run_dir: str | Path) -> "ServerInfo":
-        p = Path(run_dir) / STATE
-        if not p.exists():
-            raise ServeError(f"no server state in {run_dir} (was it started with `unipinrec serve`?)")
-        return cls(**json.loads(p.read_text()))
 
 
 def free_port() -> int:
@@ -292,19 +300,32 @@ def wait_ready(info: ServerInfo, timeout_s: float = 180.0, log_from: int | None 
         failure = _load_failure(log.new_lines(), pending, Path(info.run_dir) / "logs")
         if failure:
             raise ServeError(failure)
-        for name in list(pending):
-            try:
-                req = urllib.request.Request(f"{info.management}/models/{name}", headers=_headers(info))
-                with urllib.request.urlopen(req, timeout=2) as r:
-                    desc = json.loads(r.read())
-                if any(w.get("status") == "READY" for m in desc for w in m.get("workers", [])):
-                    pending.remove(name)
-            except (urllib.error.URLError, OSError, ValueError):
-                pass
+        pending = not_ready(pending, lambda name: _worker_ready(info, name))
         if not pending:
             return
         time.sleep(0.5)
     raise ServeError(f"models {pending} not ready after {timeout_s:.0f} s; see {Path(info.run_dir) / 'logs'}")
+
+
+def _worker_ready(info: "ServerInfo", name: str) -> bool:
+    req = urllib.request.Request(f"{info.management}/models/{name}", headers=_headers(info))
+    with urllib.request.urlopen(req, timeout=2) as r:
+        desc = json.loads(r.read())
+    return any(w.get("status") == "READY" for m in desc for w in m.get("workers", []))
+
+
+def not_ready(pending: list[str], probe) -> list[str]:
+    """The models of `pending` that one `probe(name) -> bool` each does not find ready (a
+    connection error counts as not ready)."""
+    left = []
+    for name in pending:
+        try:
+            ready = probe(name)
+        except (urllib.error.URLError, OSError, ValueError):
+            ready = False
+        if not ready:
+            left.append(name)
+    return left
 
 
 class _LogTail:
