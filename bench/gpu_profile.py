@@ -94,7 +94,8 @@ def host_steps(eng, reqs, n=30):
         ids, timings = host[..., T + 2], timer.as_dict()
         n_ = np.array([p.req.num_candidates for p in preps])
         found = (ids >= 0) & (np.arange(ids.shape[1]) < n_[:, None])
-        eng.ranker.items_batch([p.req.k for p in preps], ids, floats[..., T + 1], floats[..., :T], floats[..., T], found)
+        eng.ranker.items_batch([p.req.k for p in preps], ids, floats[..., T + 1], floats[..., :T], floats[..., T],
+                               found)
         t = mark("items", t)
         for p in preps:
             eng._history_meta(p)
@@ -161,7 +162,7 @@ def main():
             for m in ("a", "c"):
                 e = eng[m]
                 hb = events_ms(lambda: e.handle_batch(reqs), 30)
-                (st_acts, st_seen, graph), = [v for k, v in e.fused.graphs.items() if k[0] == B]
+                (st_acts, st_seen, _, graph), = [v for k, v in e.fused.graphs.items() if k[0] == B and not k[-1]]
                 gr = events_ms(graph.replay)
                 lg = _Graph(lims["l" + m])
                 lr = events_ms(lg.replay)

@@ -128,8 +128,9 @@ def test_fused_serving_equals_the_staged_path(tiny, mode):
     eng = Engine(m, TorchIndex.for_model(m, m.vocab.item_ids), ranking=rnk,
                  config=EngineConfig(share_kv=mode == "a"))
     rng = np.random.default_rng(6)
+    shapes = [(16, 30), (5, 12), (9, 20), (m.model.config.max_history + 9, 25)]  # (history, candidates)
     bodies = [{"user_id": 100 + i, "history": random_history(rng, n, 300), "k": 7, "num_candidates": c,
-               "request_ts": 1_800_000_000, "exclude_seen": i != 1} for i, (n, c) in enumerate([(16, 30), (5, 12), (9, 20), (m.model.config.max_history + 9, 25)])]
+               "request_ts": 1_800_000_000, "exclude_seen": i != 1} for i, (n, c) in enumerate(shapes)]
     reqs = [parse_request(b, eng.limits) for b in bodies]
     staged = eng.handle_batch(reqs)
     for r in reqs:  # forget the staged run's cache entries
@@ -151,6 +152,13 @@ def test_fused_serving_equals_the_staged_path(tiny, mode):
     assert len(eng.user_cache.lru) == 4  # the fused misses were stored
     again = eng.handle_batch(reqs)  # now hits: the staged path serves them, from what fused stored
     assert [r["kv_cache"] for r in again] == ["hit"] * 4
+    with torch.inference_mode():  # hits through the fused path: the cached KV, no encode, the same answers
+        hit, _ = fused.serve(eng, eng.resolver.resolve(reqs, StageTimer(eng.device)), StageTimer(eng.device),
+                             fused.FusedGraphs(eng))
+    assert [r["kv_cache"] for r in hit] == ["hit"] * 4
+    for a, b in zip(again, hit):
+        assert [x["item_id"] for x in a["items"]] == [x["item_id"] for x in b["items"]]
+        assert np.allclose([x["score"] for x in a["items"]], [x["score"] for x in b["items"]], atol=1e-5)
     assert [x["item_id"] for x in again[0]["items"]] == [x["item_id"] for x in staged[0]["items"]]
     deadline = [parse_request({**bodies[0], "deadline_ms": 5000}, eng.limits)]
     assert fused.serve(eng, eng.resolver.resolve(deadline, StageTimer(eng.device)), StageTimer(eng.device),

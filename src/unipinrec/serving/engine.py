@@ -63,7 +63,7 @@ class EngineConfig:
     fused: bool = True  # plain batches through one graph of every stage (fused.py), with cuda_graphs
     graph_warmup: tuple = ((1, 0, 512), (8, 0, 512))
     max_graphs: int = 64
-    pipeline_rows: int = 16  # fused batches of at least twice this many run in chunks of it (0: never)
+    pipeline_rows: int = 32  # fused batches of at least twice this many run in chunks of it (0: never)
     torch_index_max_items: int = 5_000_000
 
     def validate(self) -> None:
