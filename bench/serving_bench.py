@@ -91,13 +91,13 @@ def flops_per_request(engine, body: dict) -> float:
 
 
 def engines(paths: dict, index_dirs: dict | None, device: str = "cpu", torch_index: bool = False,
-            graph_warmup: tuple = ()) -> dict:
+            graph_warmup: tuple = (), **config) -> dict:
     """The three modes in-process (kv cache off: every request is a new user anyway); on CUDA
     the graphs of `graph_warmup` (batch, history, candidates) are captured at load."""
     from unipinrec.checkpoint import load_model
     from unipinrec.serving.engine import Engine, EngineConfig
 
-    cfg = dict(kv_cache_bytes=0, device=device, **({"graph_warmup": graph_warmup} if graph_warmup else {}))
+    cfg = dict(kv_cache_bytes=0, device=device, **({"graph_warmup": graph_warmup} if graph_warmup else {}), **config)
     uni, ret, rnk = (load_model(paths[k], device=device) for k in ("unified", "retrieval", "ranking"))
 
     def index_for(loaded, name):
@@ -518,7 +518,8 @@ def inprocess_cell(args, layers: int, L: int, Cs, batches, device: str, work: Pa
     shape_args = argparse.Namespace(**{**vars(args), "layers": layers})
     paths = make_models(work / f"l{layers}-L{L}", L, shape_args)
     warm = tuple((B, L, C) for B in batches for C in Cs)
-    eng = engines(paths, None, device=device, torch_index=True, graph_warmup=warm)
+    eng = engines(paths, None, device=device, torch_index=True, graph_warmup=warm,
+                  **({} if args.pipeline_rows is None else {"pipeline_rows": args.pipeline_rows}))
     rows, kv = [], []
     for C in Cs:
         for B in batches:
@@ -646,6 +647,7 @@ def main() -> None:
     g.add_argument("--paper", action="store_true", help="add the paper-like cell: 12 layers, L=992, C=656, batch 8")
     g.add_argument("--kv-batches", type=int, nargs="*", default=[1, 8], help="batch sizes of the KV cache cell (d)")
     g.add_argument("--kv-rounds", type=int, default=5)
+    g.add_argument("--pipeline-rows", type=int, help="EngineConfig.pipeline_rows (default: the engine's; 0: off)")
     a = sub.add_parser("ann")
     a.add_argument("--items-ann", "--items", dest="items_ann", type=int, default=1_000_000)
     a.add_argument("--dim", type=int, default=64)

@@ -186,7 +186,10 @@ class Actions:
         flat = host.numpy()
         buf = flat[:F_ * B * W].reshape(F_, B, W)
         buf[:, n:] = 0  # padding rows
-        for b, h in enumerate(kept):
+        full = n and vocab is None and all(len(h) == W for h in kept)
+        for j, name in enumerate(names if full else ()):  # every row full width: one stack per field
+            np.stack([h.arrays[name] for h in kept], out=buf[j, :n])
+        for b, h in enumerate(kept if not full else ()):
             k = len(h)
             for j, name in enumerate(names):
                 row = buf[j, b]

@@ -128,8 +128,9 @@ def test_fused_serving_equals_the_staged_path(tiny, mode):
     eng = Engine(m, TorchIndex.for_model(m, m.vocab.item_ids), ranking=rnk,
                  config=EngineConfig(share_kv=mode == "a"))
     rng = np.random.default_rng(6)
+    shapes = [(16, 30), (5, 12), (9, 20), (m.model.config.max_history + 9, 25)]  # (history, candidates)
     bodies = [{"user_id": 100 + i, "history": random_history(rng, n, 300), "k": 7, "num_candidates": c,
-               "request_ts": 1_800_000_000, "exclude_seen": i != 1} for i, (n, c) in enumerate([(16, 30), (5, 12), (9, 20)])]
+               "request_ts": 1_800_000_000, "exclude_seen": i != 1} for i, (n, c) in enumerate(shapes)]
     reqs = [parse_request(b, eng.limits) for b in bodies]
     staged = eng.handle_batch(reqs)
     for r in reqs:  # forget the staged run's cache entries
@@ -145,10 +146,54 @@ def test_fused_serving_equals_the_staged_path(tiny, mode):
             assert x["tasks"].keys() == y["tasks"].keys()
         assert {k: v for k, v in a.items() if k not in ("items", "timings_ms")} == \
                {k: v for k, v in b.items() if k not in ("items", "timings_ms")}
-    assert len(eng.user_cache.lru) == 3  # the fused misses were stored
+    L = m.model.config.max_history  # a longer history is cut to its last L at parsing; those are excluded
+    seen = {h["item_id"] for h in bodies[3]["history"][-L:]}
+    assert got[3]["history_truncated"] == 9 and not seen & {x["item_id"] for x in got[3]["items"]}
+    assert len(eng.user_cache.lru) == 4  # the fused misses were stored
     again = eng.handle_batch(reqs)  # now hits: the staged path serves them, from what fused stored
-    assert [r["kv_cache"] for r in again] == ["hit"] * 3
+    assert [r["kv_cache"] for r in again] == ["hit"] * 4
+    with torch.inference_mode():  # hits through the fused path: the cached KV, no encode, the same answers
+        hit, _ = fused.serve(eng, eng.resolver.resolve(reqs, StageTimer(eng.device)), StageTimer(eng.device),
+                             fused.FusedGraphs(eng))
+    assert [r["kv_cache"] for r in hit] == ["hit"] * 4
+    for a, b in zip(again, hit):
+        assert [x["item_id"] for x in a["items"]] == [x["item_id"] for x in b["items"]]
+        assert np.allclose([x["score"] for x in a["items"]], [x["score"] for x in b["items"]], atol=1e-5)
     assert [x["item_id"] for x in again[0]["items"]] == [x["item_id"] for x in staged[0]["items"]]
     deadline = [parse_request({**bodies[0], "deadline_ms": 5000}, eng.limits)]
     assert fused.serve(eng, eng.resolver.resolve(deadline, StageTimer(eng.device)), StageTimer(eng.device),
                        fused.FusedGraphs(eng))[0] is None  # a deadline takes the staged path
+
+
+def test_pipelined_chunks_answer_as_one_batch(tiny):
+    """A large fused batch served in chunks (fused.serve_pipelined; eager on CPU) answers every
+    request as the staged path does, in order, with a bad request and a deadline request (a
+    chunk that is not plain takes the staged path) among them."""
+    from unipinrec.checkpoint import load_model
+    from unipinrec.serving import fused
+    from unipinrec.serving.engine import Engine
+    from unipinrec.serving.request import ServingError, parse_request
+    from unipinrec.serving.synthetic import random_history
+
+    m = load_model(tiny.unified)
+    eng = Engine(m, TorchIndex.for_model(m, m.vocab.item_ids))
+    rng = np.random.default_rng(8)
+    bodies = [{"user_id": 300 + i, "history": random_history(rng, 3 + i, 300), "k": 5, "num_candidates": 10 + i,
+               "request_ts": 1_800_000_000} for i in range(7)]
+    bodies[2]["request_ts"] = 5  # before its history: a 422 for this request alone
+    bodies[5]["deadline_ms"] = 5000  # its chunk is not plain
+    reqs = [parse_request(b, eng.limits) for b in bodies]
+    staged = eng.handle_batch(reqs)
+    for r in reqs:
+        eng.user_cache.lru.pop(r.user_id)
+    eng.fused = fused.FusedGraphs(eng)
+    with torch.inference_mode():
+        got = fused.serve_pipelined(eng, reqs, 2)
+    assert len(got) == 7 and isinstance(got[2], ServingError) and got[2].status == 422
+    for i, (a, b) in enumerate(zip(staged, got)):
+        if i == 2:
+            continue
+        assert [x["item_id"] for x in a["items"]] == [x["item_id"] for x in b["items"]], i
+        assert np.allclose([x["score"] for x in a["items"]], [x["score"] for x in b["items"]], atol=1e-5)
+        assert a["history_length"] == b["history_length"] and b["kv_cache"] == "miss"
+    assert len(eng.user_cache.lru) == 6  # every served miss was stored

@@ -63,6 +63,7 @@ class EngineConfig:
     fused: bool = True  # plain batches through one graph of every stage (fused.py), with cuda_graphs
     graph_warmup: tuple = ((1, 0, 512), (8, 0, 512))
     max_graphs: int = 64
+    pipeline_rows: int = 32  # fused batches of at least twice this many run in chunks of it (0: never)
     torch_index_max_items: int = 5_000_000
 
     def validate(self) -> None:
@@ -219,14 +220,22 @@ class Engine:
     # --- the two flows --------------------------------------------------------------------------
 
     def _retrieve_and_rank(self, reqs: Sequence[Request]) -> list[dict | ServingError]:
+        chunk = self.config.pipeline_rows
+        if self.fused is not None and self.device.type == "cuda" and chunk and len(reqs) >= 2 * chunk:
+            return fused.serve_pipelined(self, reqs, chunk)  # host work of one chunk under another's GPU work
         timer = StageTimer(self.device)
-        resolved = self.resolver.resolve(reqs, timer)
+        return self._serve_resolved(self.resolver.resolve(reqs, timer), timer)
+
+    def _serve_resolved(self, resolved: list, timer: StageTimer, looked=None,
+                        fused_ok: bool = True) -> list[dict | ServingError]:
         out: list[dict | ServingError | None] = [p if isinstance(p, ServingError) else None for p in resolved]
         ok = [i for i, p in enumerate(resolved) if not isinstance(p, ServingError)]
         if not ok:
             return out  # type: ignore[return-value]
         preps: list[Resolved] = [resolved[i] for i in ok]  # type: ignore[misc]
-        fast, looked = fused.serve(self, preps, timer, self.fused) if self.fused is not None else (None, None)
+        fast = None
+        if self.fused is not None and fused_ok:
+            fast, looked = fused.serve(self, preps, timer, self.fused)
         if fast is not None:  # a plain batch on a GPU: one graph for all stages (fused.py)
             for j, res in zip(ok, fast):
                 out[j] = res

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..sequences import Actions
+from .graphs import bucket
 from .resolve import Resolved
 from .timing import StageTimer
 
@@ -29,17 +30,22 @@ def eligible(engine, preps: Sequence[Resolved]) -> bool:
             and all(p.req.stage == "all" and len(p.rows) > 0 and p.req.deadline_ms is None for p in preps))
 
 
-def serve_fn(model, ranking, index, row_to_pos, pos_to_row, weights, acts: Actions, seen_rows, cands: int):
+def serve_fn(model, ranking, index, row_to_pos, pos_to_row, weights, acts: Actions, seen, cands: int, kv=None):
     """The fused computation: -> (kv, (B, C', T + 3) int64: float32 bits of task probabilities,
     utility and retrieval score, then the item id (-1 where fewer were left)). ranking: None
-    when ranking attends to the retrieval encode's KV cache, else the model that encodes again."""
-    _, kv = model.encode_history(acts)
+    when ranking attends to the retrieval encode's KV cache, else the model that encodes again.
+    seen (B, 1 + W): column 0 is 1 where the row excludes seen items, then the embedding rows of
+    its actions before the encoded window (the window's own rows are acts.items, already here).
+    kv: the batch's cached encode (cross-request cache hits): no encode here."""
+    if kv is None:
+        _, kv = model.encode_history(acts)
     scores = F.pad(kv.user_vectors.to(index.vectors.dtype) @ index.vectors.T, (0, 1))
-    scores = scores.scatter_(1, row_to_pos[seen_rows], float("-inf"))[:, :-1]  # (B, N), seen masked
+    masked = torch.cat([acts.items * seen[:, :1], seen[:, 1:]], dim=1)  # row 0 (padding) maps to "none"
+    scores = scores.scatter_(1, row_to_pos[masked], float("-inf"))[:, :-1]  # (B, N), seen masked
     top, pos = scores.topk(min(cands, index.num_items), dim=1)
     rank_kv = kv if ranking is None else ranking.encode_history(acts)[1]
     ranker = model if ranking is None else ranking
-    gaps = ranker.default_candidate_gaps(kv.lengths, kv.last_ts(), acts.request_ts)
+    gaps = ranker.default_candidate_gaps(acts.lengths, kv.last_ts(), acts.request_ts)
     probs = torch.sigmoid(ranker.rank(pos_to_row[pos], rank_kv, gaps).float())  # (B, C', T)
     floats = torch.cat([probs, (probs @ weights)[..., None], top.float()[..., None]], dim=-1)
     ids = torch.where(torch.isfinite(top), index._ids_t[pos], -1)
@@ -53,67 +59,169 @@ class FusedGraphs:
         self.engine = engine
         self.graphs: dict[tuple, tuple] = {}
 
-    def run(self, acts: Actions, seen_rows: torch.Tensor, cands: int):
+    def run(self, acts: Actions, seen_rows: torch.Tensor, cands: int, cached: list | None = None):
+        """cached: the batch's cross-request cache entries (all hits), copied into the graph's
+        KV buffers; else the graph encodes."""
         e = self.engine
         r = e.retriever
         args = (e.ret.model, None if e.share_kv else e.rnk.model, r.index, r._row_to_pos, r._pos_to_row,
                 e.ranker.weights)
         if e.graphs is None:  # CPU: the same function, eagerly
-            return serve_fn(*args, acts, seen_rows, cands)
+            return serve_fn(*args, acts, seen_rows, cands, kv=None if cached is None else self._cat(cached, acts))
         from .graphs import _dummy_actions, _Graph
 
-        key = (acts.batch_size, acts.width, seen_rows.shape[1], cands)
+        key = (acts.batch_size, acts.width, seen_rows.shape[1], cands, cached is not None)
         if key not in self.graphs:
             if len(self.graphs) >= e.config.max_graphs:
-                return serve_fn(*args, acts, seen_rows, cands)
+                return serve_fn(*args, acts, seen_rows, cands, kv=None if cached is None else self._cat(cached, acts))
             st_acts = _dummy_actions(acts.batch_size, acts.width, e.device)
             st_seen = torch.zeros_like(seen_rows)
-            self.graphs[key] = (st_acts, st_seen, _Graph(lambda: serve_fn(*args, st_acts, st_seen, cands)))
-        st_acts, st_seen, graph = self.graphs[key]
+            st_kv = None if cached is None else self._static_kv(st_acts, cached[0])
+            self.graphs[key] = (st_acts, st_seen, st_kv,
+                                _Graph(lambda: serve_fn(*args, st_acts, st_seen, cands, kv=st_kv)))
+        st_acts, st_seen, st_kv, graph = self.graphs[key]
         for name in (*Actions.per_action_fields(), "lengths", "request_ts"):
             getattr(st_acts, name).copy_(getattr(acts, name))
         st_seen.copy_(seen_rows)
+        if cached is not None:
+            for i, c in enumerate(cached):  # each entry is trimmed to its length: copy into the padded buffers
+                w = c.keys[0].shape[2]
+                for dst, src in zip((*st_kv.keys, *st_kv.values), (*c.keys, *c.values)):
+                    dst[i:i + 1, :, :w].copy_(src)
+            st_kv.user_vectors[:len(cached)].copy_(torch.cat([c.user_vectors for c in cached]))
         return graph.replay()
+
+    def _static_kv(self, st_acts: Actions, like):
+        """Zeroed KV buffers of the bucket's shape (zeros: padding stays finite), on st_acts."""
+        from ..model import KVCache
+
+        B, Wt = st_acts.batch_size, st_acts.width * like.tokens_per_action
+        z = lambda t: t.new_zeros((B, t.shape[1], Wt, t.shape[3]))  # noqa: E731
+        return KVCache(keys=[z(k) for k in like.keys], values=[z(v) for v in like.values], history=st_acts,
+                       user_vectors=like.user_vectors.new_zeros((B, like.user_vectors.shape[1])),
+                       tokens_per_action=like.tokens_per_action)
+
+    @staticmethod
+    def _cat(cached: list, acts: Actions):
+        from ..model import KVCache
+        from .graphs import pad_kv
+
+        kv = pad_kv(KVCache.cat(cached), acts.batch_size, acts.width * cached[0].tokens_per_action)
+        return KVCache(keys=kv.keys, values=kv.values, history=acts, user_vectors=kv.user_vectors,
+                       tokens_per_action=kv.tokens_per_action)
 
 
 def serve(engine, preps: Sequence[Resolved], timer: StageTimer, fused: FusedGraphs):
     """-> (a response per prep, or None when the batch is not plain; the cache lookups made)."""
-    from .graphs import Buckets, _first_rows, bucket, to_device, to_host
+    with timer.stage("serve"):
+        pending, looked = launch(engine, preps, fused)
+        host = None if pending is None else pending.wait()
+    return (None if pending is None else pending.responses(host, timer.as_dict())), looked
+
+
+class Pending:
+    """A launched fused batch: its output on its way to a pinned host buffer."""
+
+    def __init__(self, engine, preps: Sequence[Resolved], packed: torch.Tensor, status: str = "miss"):
+        self.engine, self.preps, self.status = engine, preps, status
+        if packed.device.type == "cuda":
+            self.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self.host.copy_(packed, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+        else:
+            self.host, self.done = packed, None
+
+    def wait(self) -> np.ndarray:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.numpy()
+
+    def responses(self, host: np.ndarray, timings: dict) -> list[dict]:
+        engine, preps = self.engine, self.preps
+        T = len(engine.ranker.task_names)
+        floats = host[..., :T + 2].astype(np.int32).view(np.float32)
+        ids = host[..., T + 2]
+        n = np.fromiter((p.req.num_candidates for p in preps), dtype=np.int64, count=len(preps))
+        found = (ids >= 0) & (np.arange(ids.shape[1]) < n[:, None])  # found items come first (top-K is sorted)
+        items = engine.ranker.items_batch([p.req.k for p in preps], ids, floats[..., T + 1], floats[..., :T],
+                                          floats[..., T], found)
+        return [{"items": it, "model_version": engine.model_version, "timings_ms": timings,
+                 "kv_cache": self.status, **engine._history_meta(p)} for it, p in zip(items, preps)]
+
+
+def launch(engine, preps: Sequence[Resolved], fused: FusedGraphs):
+    """Start a plain batch on the device (no wait) -> (Pending, the cache lookups made), or
+    (None, lookups) when the batch is not plain. Misses are stored in the cross-request cache
+    here, while the graph's KV buffers still hold this batch."""
+    from .graphs import Buckets, _first_rows, to_device
 
     if not eligible(engine, preps):
         return None, None
     L = engine.ret.model.config.max_history
     cache = engine.user_cache
     looked = [cache.lookup(p.req.user_id, p.window(L), p.request_ts, L) for p in preps] if cache.enabled else None
-    if looked is not None and any(lk.status != "miss" for lk in looked):
+    status = [lk.status for lk in looked] if looked is not None else ["miss"] * len(preps)
+    hits = status[0] == "hit" and all(s == "hit" for s in status)
+    if not hits and any(s != "miss" for s in status):  # extends and mixed batches: the staged path
         return None, looked
     b = Buckets(max_history=L)
     B = len(preps)
     C = max(p.req.num_candidates for p in preps)
-    with timer.stage("serve"):
-        windows = [p.window(L) for p in preps]
-        rows = b.batch(B)
-        acts = Actions.from_histories(windows, [p.request_ts for p in preps], device=engine.device, rows=rows,
-                                      width=b.width(max(len(w) for w in windows)))
-        seen = np.zeros((rows, bucket(max([1] + [len(p.rows) for p in preps if p.req.exclude_seen]), lo=16)), np.int64)
-        for j, p in enumerate(preps):  # the whole history is excluded, not only the encoded window
-            if p.req.exclude_seen:
-                seen[j, :len(p.rows)] = p.rows
-        kv, packed = fused.run(acts, to_device(seen, engine.device), b.candidates(C))
-        host = to_host(packed[:B])
-    if looked is not None:
+    windows = [p.window(L) for p in preps]
+    rows = b.batch(B)
+    acts = Actions.from_histories(windows, [p.request_ts for p in preps], device=engine.device, rows=rows,
+                                  width=b.width(max(len(w) for w in windows)))
+    kv, packed = fused.run(acts, to_device(_seen_before_window(preps, rows, L), engine.device), b.candidates(C),
+                           cached=[lk.kv for lk in looked] if hits else None)
+    pending = Pending(engine, preps, packed[:B], "hit" if hits else "miss")
+    if looked is not None and not hits:
         kv = _first_rows(kv, B, acts)
         for i, p in enumerate(preps):
             cache.put(p.req.user_id, kv.row(i), p.window(L), p.request_ts)
-    T = len(engine.ranker.task_names)
-    floats = host[..., :T + 2].astype(np.int32).view(np.float32)
-    ids, timings = host[..., T + 2], timer.as_dict()
-    out = []
+    return pending, looked
+
+
+def serve_pipelined(engine, reqs: Sequence, chunk: int) -> list:
+    """A large batch in chunks of `chunk` requests, so that the host work of one chunk (resolving
+    the next, building the responses of the last) runs while the device computes another: the
+    same answers as one batch, with the host time mostly hidden behind the device's."""
+    from .request import ServingError
+
+    out: list = []
+    last = None  # (Pending, resolved, ok rows, timer, start) of the chunk on the device
+    for s in range(0, len(reqs), chunk):
+        timer = StageTimer(torch.device("cpu"))  # no synchronising stages here: the chunks overlap
+        resolved = engine.resolver.resolve(reqs[s:s + chunk], timer)
+        ok = [i for i, p in enumerate(resolved) if not isinstance(p, ServingError)]
+        t = timer.elapsed_ms()
+        pending, looked = launch(engine, [resolved[i] for i in ok], engine.fused) if ok else (None, None)
+        if last is not None:
+            out += _finish(*last)
+            last = None
+        if pending is None:  # not plain (or every request bad): the staged path, with the lookups made
+            out += engine._serve_resolved(resolved, StageTimer(engine.device), looked=looked, fused_ok=False)
+        else:
+            last = (pending, resolved, ok, timer, t)
+    return out + (_finish(*last) if last is not None else [])
+
+
+def _finish(pending: Pending, resolved: list, ok: list, timer: StageTimer, start: float) -> list:
+    host = pending.wait()
+    timer.ms["serve"] = timer.elapsed_ms() - start
+    out = list(resolved)
+    for i, res in zip(ok, pending.responses(host, timer.as_dict())):
+        out[i] = res
+    return out
+
+
+def _seen_before_window(preps: Sequence[Resolved], rows: int, L: int) -> np.ndarray:
+    """(rows, 1 + W): the exclude flag, then the rows of each history's actions before its last L
+    (the whole history is excluded, not only the encoded window)."""
+    before = [max(0, len(p.rows) - L) if p.req.exclude_seen else 0 for p in preps]
+    seen = np.zeros((rows, 1 + bucket(max(before), lo=16)), np.int64)
+    seen[:len(preps), 0] = [p.req.exclude_seen for p in preps]
     for j, p in enumerate(preps):
-        n = p.req.num_candidates
-        keep = int((ids[j, :n] >= 0).sum())  # found items come first (top-K is sorted)
-        f = floats[j, :keep]
-        items = engine.ranker.items(p.req.k, ids[j, :keep], f[:, T + 1], f[:, :T], f[:, T])
-        out.append({"items": items, "model_version": engine.model_version, "timings_ms": timings,
-                    "kv_cache": "miss", **engine._history_meta(p)})
-    return out, looked
+        if before[j]:
+            seen[j, 1:1 + before[j]] = p.rows[:before[j]]
+    return seen

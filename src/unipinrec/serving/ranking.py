@@ -64,6 +64,21 @@ class Ranker:
                 for i, u, r, p in zip(ids[top].tolist(), utility[top].tolist(), ret_scores[top].tolist(),
                                       probs[top].tolist())]
 
+    def items_batch(self, ks: Sequence[int], ids, ret_scores, probs, utility, found) -> list[list[dict]]:
+        """`items` of a whole batch at once: (B, C) ids, retrieval scores and utility, (B, C, T)
+        probabilities, found (B, C) marking each row's real candidates (a prefix). One sort and
+        one `tolist` per array for the batch, not per request; the same order as `items`."""
+        util = np.where(found, utility, -np.inf)  # not found: after every found one
+        kmax = max(ks)
+        top = np.argsort(-util, axis=1, kind="stable")[:, :kmax]  # (B, kmax)
+        take = lambda a: np.take_along_axis(a, top, axis=1).tolist()  # noqa: E731
+        i_, u_, r_ = take(ids), take(utility), take(ret_scores)
+        p_ = np.take_along_axis(probs, top[..., None], axis=1).tolist()
+        names = self.task_names
+        keep = np.minimum(np.asarray(ks), found.sum(axis=1)).tolist()
+        return [[{"item_id": i, "score": u, "retrieval_score": r, "tasks": dict(zip(names, p))}
+                 for i, u, r, p in zip(i_[b][:n], u_[b][:n], r_[b][:n], p_[b][:n])] for b, n in enumerate(keep)]
+
     @staticmethod
     def retrieval_order(k: int, ids, ret_scores) -> list[dict]:
         """The answer when ranking is skipped: the first k in retrieval order."""

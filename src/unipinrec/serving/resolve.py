@@ -35,7 +35,10 @@ def _client_history(req: Request, spec: type[Actions] = Actions) -> History:
     cols = req.history_columns
     if cols is None:
         return History.from_actions(req.history, spec)
-    return History(spec, **{attr: cols[rec] for attr, (rec, _) in spec.record_names().items() if rec in cols})
+    names = spec.record_names()
+    if all(rec in cols for rec, _ in names.values()):  # validated at parsing: int64, equal lengths
+        return History._trusted(spec, {attr: cols[rec] for attr, (rec, _) in names.items()})
+    return History(spec, **{attr: cols[rec] for attr, (rec, _) in names.items() if rec in cols})
 
 
 class HistoryResolver:
