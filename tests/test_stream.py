@@ -197,3 +197,17 @@ def test_two_ddp_ranks_gloo_see_every_example_exactly_once(tmp_path):
         a, b = gathered[0][epoch], gathered[1][epoch]
         assert not set(a) & set(b) and sorted(a + b) == list(range(333)), epoch
         assert abs(len(a) - len(b)) <= 1
+
+
+def test_pin_memory_maps_every_tensor_of_the_batch(tmp_path):
+    """DataLoader's pin thread calls StreamBatch.pin_memory: every tensor of the TrainBatch and of
+    its Actions goes through the map (checked with a map that marks each tensor)."""
+    from unipinrec.stream import StreamBatch, _map_tensors
+
+    batch = _collate()(_examples(5))
+    seen = []
+    mapped = _map_tensors(batch, lambda t: seen.append(t) or t.clone())
+    assert len(seen) == 6 + 7  # Actions: 4 per-action fields, lengths, request_ts; TrainBatch: 7 more
+    assert mapped.history.ts is not batch.history.ts and torch.equal(mapped.history.ts, batch.history.ts)
+    assert mapped.slate_valid is not batch.slate_valid and torch.equal(mapped.slate_valid, batch.slate_valid)
+    assert StreamBatch(3, batch).step == 3
