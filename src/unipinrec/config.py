@@ -321,7 +321,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True
     data_loader: str = "stream"  # stream (unipinrec.stream: row groups read as needed) | memory (split collated once)
-    loader_workers: int = 1  # DataLoader worker processes per rank reading the stream; 0 = in the training process
+    loader_workers: int = -1  # stream reader processes per rank; 0 = in the training process; -1 = 2 on CUDA, 0 on CPU
     shuffle_buffer: int = 16384  # rows each stream reader shuffles through (bounds its memory)
 
     def validate(self) -> None:
@@ -329,8 +329,8 @@ class TrainConfig:
             raise ValueError("one of epochs or max_steps must be positive")
         if self.data_loader not in ("stream", "memory"):
             raise ValueError(f"data_loader {self.data_loader!r} is not one of stream, memory")
-        if self.loader_workers < 0:
-            raise ValueError("loader_workers must be >= 0")
+        if self.loader_workers < -1:
+            raise ValueError("loader_workers must be >= 0, or -1 (2 on CUDA, 0 on CPU)")
         if self.shuffle_buffer < self.batch_size:
             raise ValueError(f"shuffle_buffer ({self.shuffle_buffer}) must be at least batch_size ({self.batch_size})")
         for name in ("batch_size", "log_every", "checkpoint_every", "max_slate"):

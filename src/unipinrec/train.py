@@ -200,12 +200,14 @@ def make_loader(config: ExperimentConfig, data: TrainData, dist: Dist,
     tc = config.train
     if tc.data_loader == "memory":
         return MemoryLoader(data, seed=tc.seed, batch_size=tc.batch_size, dist=dist, device=device)
+    # on CPU a reader process competes with the training for the same cores (measured: docs/data.md)
+    workers = tc.loader_workers if tc.loader_workers >= 0 else (2 if device.type == "cuda" else 0)
     source = data.source()
     plan = StreamPlan(part_rows=tuple(source.part_rows()), batch_size=tc.batch_size, seed=tc.seed, rank=dist.rank,
-                      world=dist.world, readers=max(1, tc.loader_workers))
+                      world=dist.world, readers=max(1, workers))
     return StreamLoader(source, plan, data.collate(), buffer_size=tc.shuffle_buffer,
                         total_steps=_total_steps(tc, plan.steps_per_epoch),
-                        device=device, workers=tc.loader_workers)
+                        device=device, workers=workers)
 
 
 def _total_steps(tc, steps_per_epoch: int) -> int:
