@@ -223,3 +223,72 @@ def test_check_examples_names_what_does_not_fit(tiny_examples):
     with pytest.raises(ValueError, match="data.history_impressions is True"):
         check_examples(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, history_impressions=True)),
                        tiny_examples, meta)
+
+
+def _kill_after_checkpoint(cmd: list[str], out: Path, min_step: int) -> dict:
+    """Start a training, SIGKILL it once a checkpoint at or past min_step is on disk; its state."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    state_path, state, deadline = out / "checkpoint" / "state.json", {}, time.time() + 90
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            state = json.loads(state_path.read_text())
+        except (json.JSONDecodeError, FileNotFoundError):
+            state = {}
+        if state.get("step", 0) >= min_step:
+            break
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return state
+
+
+def test_stream_killed_mid_epoch_resumes_to_the_same_weights(tiny_examples, tmp_path):
+    """The streaming loader with 2 workers over 5 shards: a run SIGKILLed mid-epoch and restarted
+    ends on exactly the weights of an uninterrupted run (same batches, masks and negatives)."""
+    from unipinrec.data import build_examples
+
+    raw = Path(json.loads((tiny_examples / "meta.json").read_text())["raw"])
+    ex = tmp_path / "ex"
+    build_examples(raw, ex, max_history=load_config(TINY).data.max_history, rows_per_shard=50, progress=False)
+    assert len(list((ex / "train").glob("part-*.parquet"))) == 5
+    args = CLI + ["train", "--config", str(TINY), "--examples", str(ex), "--max-steps", "60", "--no-progress",
+                  "--set", "train.loader_workers=2", "--set", "train.shuffle_buffer=64"]
+    ref = subprocess.run(args + ["--out", str(tmp_path / "ref")], env=_env(), capture_output=True, text=True,
+                         timeout=180)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "killed"
+    state = _kill_after_checkpoint(args + ["--out", str(out)], out, 10)
+    assert 10 <= state.get("step", 0) < 60, f"the kill did not land mid-run ({state})"
+    pos = state["stream"]
+    assert pos["steps_per_epoch"] == 8 and pos["epoch"] * 8 + pos["batches_taken"] == state["step"]
+    assert pos["batches_taken"] > 0  # mid-epoch
+    resumed = subprocess.run(args + ["--out", str(out)], env=_env(), capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "train_summary.json").read_text())["resumed_from_step"] == state["step"]
+    a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_memory_loader_trains_and_a_stream_position_off_its_step_is_refused(tiny_examples, tmp_path):
+    import dataclasses
+
+    from unipinrec.train import MemoryLoader, Trainer
+
+    torch.set_num_threads(1)
+    cfg = load_config(TINY)
+    mem = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, data_loader="memory", max_steps=6,
+                                                             progress=False))
+    t = Trainer.build(mem, tiny_examples, tmp_path / "mem")
+    assert isinstance(t.loader, MemoryLoader) and t.steps_per_epoch == 8
+    assert t.fit()["num_train_examples"] == 227 and load_model(tmp_path / "mem").kind == "unified"
+    stream = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=6, progress=False))
+    part = Trainer.build(stream, tiny_examples, tmp_path / "s")
+    part.train_step(part.batch_for(0))
+    part.checkpointer.save(part.step, part.model, part.optimizer, part.state_dict(), stream=part.loader.position(2))
+    with pytest.raises(ValueError, match="stream position .* does not match step 1"):
+        Trainer.build(stream, tiny_examples, tmp_path / "s").fit()
+    with pytest.raises(ValueError, match="train.data_loader 'disk' is not one of stream, memory"):
+        from unipinrec.config import with_overrides
+
+        with_overrides(cfg, ["train.data_loader=disk"])

@@ -15,7 +15,9 @@ too, in the same no-pickle way:
 
     checkpoint/model.safetensors      weights
     checkpoint/optimizer.safetensors  optimizer tensors (AdamW moments, per parameter id)
-    checkpoint/state.json             {"step", "fingerprint", "trainer", "param_groups", "scalars"}
+    checkpoint/state.json             {"step", "fingerprint", "trainer", "stream", "param_groups", "scalars"}
+
+"stream" is the training input's position (epoch, batches_taken, steps_per_epoch; unipinrec.stream).
 """
 from __future__ import annotations
 
@@ -166,7 +168,8 @@ class TrainCheckpoint:
     def exists(self) -> bool:
         return self._readable() is not None
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer: dict) -> None:
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer: dict,
+             stream: dict | None = None) -> None:
         tmp = self.directory.with_name(self.directory.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -181,13 +184,19 @@ class TrainCheckpoint:
                     scalars[f"{pid}.{name}"] = value
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, "fingerprint": self.fingerprint, "trainer": trainer,
-                                                    "param_groups": sd["param_groups"], "scalars": scalars}))
+                                                    "stream": stream, "param_groups": sd["param_groups"],
+                                                    "scalars": scalars}))
         old = self.directory.with_name(self.directory.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         if self.directory.exists():
             os.replace(self.directory, old)
         os.replace(tmp, self.directory)
         shutil.rmtree(old, ignore_errors=True)
+
+    def stream_position(self) -> dict | None:
+        """The training input's position saved with the last checkpoint (None: not recorded)."""
+        directory = self._readable()
+        return None if directory is None else json.loads((directory / "state.json").read_text()).get("stream")
 
     def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """Restore model and optimizer in place; returns the trainer's saved state."""

@@ -331,6 +331,9 @@ class TrainConfig:
     job_timeout_s: float = 86400.0  # trainjob: the step's wait, and the job's activeDeadlineSeconds
     keep_job: bool = False  # trainjob: keep the TrainJob and its PVC work folder after the step
     trainjob_runtime: str = "ClusterTrainingRuntime/torch-distributed"  # KIND/NAME of the runtimeRef
+    data_loader: str = "stream"  # stream (unipinrec.stream: row groups read as needed) | memory (split collated once)
+    loader_workers: int = -1  # stream reader processes per rank; 0 = in the training process; -1 = 2 on CUDA, 0 on CPU
+    shuffle_buffer: int = 16384  # rows each stream reader shuffles through (bounds its memory)
 
     def validate(self) -> None:
         from .training_launch import validate_launch
@@ -338,6 +341,12 @@ class TrainConfig:
         validate_launch(self)
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ValueError("one of epochs or max_steps must be positive")
+        if self.data_loader not in ("stream", "memory"):
+            raise ValueError(f"data_loader {self.data_loader!r} is not one of stream, memory")
+        if self.loader_workers < -1:
+            raise ValueError("loader_workers must be >= 0, or -1 (2 on CUDA, 0 on CPU)")
+        if self.shuffle_buffer < self.batch_size:
+            raise ValueError(f"shuffle_buffer ({self.shuffle_buffer}) must be at least batch_size ({self.batch_size})")
         for name in ("batch_size", "log_every", "checkpoint_every", "max_slate"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

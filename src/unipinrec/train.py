@@ -11,13 +11,17 @@ It is a thin wrapper over `Trainer`, shaped like torchtitan's: `Trainer.build` c
 the examples (`read_examples`, `check_examples`) and builds model, loss (`losses.UniPinRecLoss`),
 optimizer and checkpointer; `train_step` is one optimizer step; `fit` resumes, loops, logs,
 checkpoints, evaluates and writes the model folder; `state_dict` is what a resume needs beyond
-the model and optimizer. Data order and randomness are functions of (seed, step, rank), so a
-resumed run takes the same batches, masks and negatives as an uninterrupted one.
+the model and optimizer. The batches come from a loader (`make_loader`, train.data_loader):
+`stream` (the default; `unipinrec.stream`) reads Parquet row groups as it goes, so host memory
+does not grow with the data; `memory` collates the splits once onto the device. Data order and
+randomness are functions of (seed, step, rank), so a resumed run takes the same batches, masks
+and negatives as an uninterrupted one; the checkpoint also records the stream position.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -35,6 +39,7 @@ from .checkpoint import TrainCheckpoint, run_fingerprint, save_model
 from .config import ExperimentConfig
 from .losses import UniPinRecLoss
 from .model import UniPinRec, resolve
+from .stream import ParquetExamples, StreamLoader, StreamPlan
 
 if TYPE_CHECKING:
     import numpy as np
@@ -90,23 +95,34 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Examples: checked against the config, collated once
+# Examples: checked against the config; the loaders that read them
 
 
 @dataclasses.dataclass
 class TrainData:
-    """What training reads from EX/: the collated rows and what reading them needs."""
+    """What training reads from EX/: the split folders trained on and what collating them needs."""
 
     examples_dir: Path
-    rows: TrainBatch  # the train split (+ valid with include_valid), on the training device
+    splits: list[Path]  # train (+ valid with include_valid)
     vocab: ItemVocab
     spec: TaskSpec
     ex_meta: dict
     categories: "np.ndarray | None"  # category per item row, with model.use_category
+    max_history: int
+    max_slate: int
+    actions_type: type = None  # the model's per-action fields (sequences.Actions or a subclass)
 
     @property
     def num_rows(self) -> int:
-        return self.rows.history.lengths.shape[0]
+        return sum(fmt.count_rows(d) for d in self.splits)
+
+    def collate(self) -> "functools.partial[TrainBatch]":
+        """Record batches -> TrainBatch with this run's vocabulary and sizes (picklable, for workers)."""
+        return functools.partial(collate_examples, vocab=self.vocab, spec=self.spec, max_history=self.max_history,
+                                 max_slate=self.max_slate, actions_type=self.actions_type or UniPinRec.actions_type)
+
+    def source(self) -> ParquetExamples:
+        return ParquetExamples(self.splits)
 
 
 def check_examples(config: ExperimentConfig, examples_dir: Path, ex_meta: dict) -> ActionVocab:
@@ -128,8 +144,9 @@ def check_examples(config: ExperimentConfig, examples_dir: Path, ex_meta: dict) 
 
 
 def read_examples(config: ExperimentConfig, examples_dir: Path, *, kind: str | None,
-                  device: torch.device, actions_type: type | None = None) -> tuple[ExperimentConfig, TrainData]:
-    """Check EX/ against the config, fill the model's data-dependent sizes, collate the rows."""
+                  actions_type: type | None = None) -> tuple[ExperimentConfig, TrainData]:
+    """Check EX/ against the config and fill the model's data-dependent sizes (the rows are read
+    by the loader, `make_loader`, into `actions_type`: the model's per-action fields)."""
     ex_meta = fmt.read_meta(examples_dir)
     actions = check_examples(config, examples_dir, ex_meta)
     vocab = ItemVocab.from_examples_dir(examples_dir)
@@ -139,14 +156,64 @@ def read_examples(config: ExperimentConfig, examples_dir: Path, *, kind: str | N
                    num_categories=max(1, int(categories.max()) + 1) if categories is not None and len(categories) else 1)
     mcfg.validate()
     tc = config.train
-    split = lambda name: load_split(examples_dir, name, vocab, spec, mcfg.max_history, tc.max_slate,  # noqa: E731
-                                    actions_type=actions_type)
-    rows = split("train")
-    if tc.include_valid:
-        rows = cat_batches([rows, split("valid")])
-    data = TrainData(examples_dir=examples_dir, rows=rows.to(device), vocab=vocab, spec=spec, ex_meta=ex_meta,
-                     categories=categories)
+    splits = [examples_dir / "train"] + ([examples_dir / "valid"] if tc.include_valid else [])
+    data = TrainData(examples_dir=examples_dir, splits=splits, vocab=vocab, spec=spec, ex_meta=ex_meta,
+                     categories=categories, max_history=mcfg.max_history, max_slate=tc.max_slate,
+                     actions_type=actions_type or UniPinRec.actions_type)
+    if data.num_rows == 0:
+        raise ValueError(f"{splits[0]}: no examples")
     return dataclasses.replace(config, model=mcfg), data
+
+
+class MemoryLoader:
+    """train.data_loader = memory: the splits collated once into padded tensors on the device;
+    the batch of a step is this rank's share of a permutation per (seed, epoch)."""
+
+    def __init__(self, data: TrainData, *, seed: int, batch_size: int, dist: Dist, device: torch.device):
+        parts = [load_split(d.parent, d.name, data.vocab, data.spec, data.max_history, data.max_slate,
+                            actions_type=data.actions_type) for d in data.splits]
+        self.rows = cat_batches(parts).to(device)
+        self.num_rows = self.rows.history.lengths.shape[0]
+        self.seed, self.global_batch, self.dist, self.device = seed, batch_size * dist.world, dist, device
+        self.steps_per_epoch = max(1, math.ceil(self.num_rows / self.global_batch))
+        self._perm_epoch, self._perm = -1, None
+
+    def position(self, step: int) -> dict:
+        epoch, taken = divmod(step, self.steps_per_epoch)
+        return {"epoch": epoch, "batches_taken": taken, "steps_per_epoch": self.steps_per_epoch}
+
+    def batch_for(self, step: int) -> TrainBatch:
+        epoch = step // self.steps_per_epoch
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.num_rows, generator=g).to(self.device), epoch
+        i = step % self.steps_per_epoch
+        rows = self._perm[i * self.global_batch:(i + 1) * self.global_batch][self.dist.rank::self.dist.world]
+        return select(self.rows, rows)
+
+    def close(self) -> None:
+        pass
+
+
+def make_loader(config: ExperimentConfig, data: TrainData, dist: Dist,
+                device: torch.device) -> "StreamLoader | MemoryLoader":
+    """The loader train.data_loader names; both give `batch_for(step)`, `position(step)`,
+    `num_rows`, `steps_per_epoch` and `close()`."""
+    tc = config.train
+    if tc.data_loader == "memory":
+        return MemoryLoader(data, seed=tc.seed, batch_size=tc.batch_size, dist=dist, device=device)
+    # on CPU a reader process competes with the training for the same cores (measured: docs/data.md)
+    workers = tc.loader_workers if tc.loader_workers >= 0 else (2 if device.type == "cuda" else 0)
+    source = data.source()
+    plan = StreamPlan(part_rows=tuple(source.part_rows()), batch_size=tc.batch_size, seed=tc.seed, rank=dist.rank,
+                      world=dist.world, readers=max(1, workers))
+    return StreamLoader(source, plan, data.collate(), buffer_size=tc.shuffle_buffer,
+                        total_steps=_total_steps(tc, plan.steps_per_epoch),
+                        device=device, workers=workers)
+
+
+def _total_steps(tc, steps_per_epoch: int) -> int:
+    return tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(tc.epochs * steps_per_epoch))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,8 +272,9 @@ class Trainer:
         self.config, self.data, self.out_dir, self.dist, self.device = config, data, Path(out_dir), dist, device
         self.progress = progress and dist.main
         self.global_batch = tc.batch_size * dist.world
-        self.steps_per_epoch = max(1, math.ceil(data.num_rows / self.global_batch))
-        self.total_steps = tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(tc.epochs * self.steps_per_epoch))
+        self.loader = make_loader(config, data, dist, device)
+        self.steps_per_epoch = self.loader.steps_per_epoch  # ceil(rows / global_batch)
+        self.total_steps = _total_steps(tc, self.steps_per_epoch)
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         model = model_cls(config.model)
         if data.categories is not None:
@@ -219,7 +287,6 @@ class Trainer:
                                             run_fingerprint(config, data.ex_meta, dist.world))
         self.bf16 = tc.bf16 and device.type == "cuda"
         self.step = 0
-        self._perm_epoch, self._perm = -1, None
         self.module = self._wrap(TrainingModule(self.model, self.loss_fn, tc.mam_rate))
 
     @classmethod
@@ -231,7 +298,7 @@ class Trainer:
         tc = config.train
         dist = init_distributed(device or tc.device)
         dev = pick_device(device or tc.device, dist)
-        config, data = read_examples(config, Path(examples_dir), kind=kind, device=dev, actions_type=model_cls.actions_type)
+        config, data = read_examples(config, Path(examples_dir), kind=kind, actions_type=model_cls.actions_type)
         return cls(config=config, data=data, out_dir=Path(out_dir), dist=dist, device=dev,
                    progress=tc.progress if progress is None else progress, model_cls=model_cls)
 
@@ -250,14 +317,16 @@ class Trainer:
         self.step = int(state["step"])
 
     def batch_for(self, step: int) -> TrainBatch:
-        """This rank's share of the global batch of `step` (a permutation per (seed, epoch))."""
-        epoch = step // self.steps_per_epoch
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.config.train.seed * 100_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.data.num_rows, generator=g).to(self.device), epoch
-        i = step % self.steps_per_epoch
-        rows = self._perm[i * self.global_batch:(i + 1) * self.global_batch][self.dist.rank::self.dist.world]
-        return select(self.data.rows, rows)
+        """This rank's batch of `step`, on the device (cheap for consecutive steps)."""
+        return self.loader.batch_for(step)
+
+    def resume(self) -> None:
+        """Model, optimizer and step from the checkpoint; its stream position must be the step's."""
+        self.load_state_dict(self.checkpointer.load(self.model, self.optimizer))
+        pos = self.checkpointer.stream_position()
+        if pos is not None and pos != self.loader.position(self.step):
+            raise ValueError(f"{self.checkpointer.directory}: stream position {pos} does not match step {self.step} "
+                             f"({self.loader.position(self.step)})")
 
     def train_step(self, batch: TrainBatch) -> dict:
         """One optimizer step at self.step; returns lr, grad_norm and the loss stats (tensors: no sync)."""
@@ -281,7 +350,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         if self.checkpointer.exists():
-            self.load_state_dict(self.checkpointer.load(self.model, self.optimizer))
+            self.resume()
         summary_path = self.out_dir / "train_summary.json"
         if self.step >= self.total_steps and summary_path.exists() and (self.out_dir / "meta.json").exists():
             return json.loads(summary_path.read_text())
@@ -316,7 +385,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)
         if self.dist.main and (step % tc.checkpoint_every == 0 or last):
-            self.checkpointer.save(step, self.model, self.optimizer, self.state_dict())
+            self.checkpointer.save(step, self.model, self.optimizer, self.state_dict(),
+                                   stream=self.loader.position(step))
         epoch, epoch_end = divmod(step, self.steps_per_epoch)
         if tc.eval_every_epochs > 0 and self.dist.main and epoch_end == 0 and epoch % tc.eval_every_epochs == 0:
             self.evaluate()
@@ -341,7 +411,7 @@ class Trainer:
         dev, total, spe = self.device, self.total_steps, self.steps_per_epoch
         return {
             "steps": total, "resumed_from_step": start_step, "epochs": round(total / spe, 3),
-            "steps_per_epoch": spe, "num_train_examples": self.data.num_rows, "world_size": self.dist.world,
+            "steps_per_epoch": spe, "num_train_examples": self.loader.num_rows, "world_size": self.dist.world,
             "device": str(dev), "bf16": self.bf16, "wall_s": round(wall, 2),
             "tokens_per_s": round(tokens / max(wall, 1e-9), 1),
             "s_per_epoch": round(wall / max((total - start_step) / spe, 1e-9), 3),
@@ -352,6 +422,7 @@ class Trainer:
     def _finish(self, start_step: int, meter: _Throughput) -> dict:
         """The model folder, train_summary.json and curves.png (main rank); DDP ranks' weight digests."""
         summary = self.summary(start_step, time.perf_counter() - meter.t0, meter.total_tokens)
+        self.loader.close()
         if self.dist.world > 1:
             _write_param_digest(self.model, self.out_dir, self.dist)
         if self.dist.main:
