@@ -114,14 +114,20 @@ class TrainData:
 
     @property
     def num_rows(self) -> int:
-        return sum(fmt.count_rows(d) for d in self.splits)
+        return sum(self.source().part_rows())
 
     def collate(self) -> "functools.partial[TrainBatch]":
         """Record batches -> TrainBatch with this run's vocabulary and sizes (picklable, for workers)."""
         return functools.partial(collate_examples, vocab=self.vocab, spec=self.spec, max_history=self.max_history,
                                  max_slate=self.max_slate, actions_type=self.actions_type or UniPinRec.actions_type)
 
-    def source(self) -> ParquetExamples:
+    def source(self):
+        """The splits as a stream source: per-example Parquet, or the sequence layout (request rows
+        joined with each user's sequence and cut to the window while streaming)."""
+        if self.ex_meta.get("layout") == "sequences":
+            from .data.sequence_table import SequenceExamples
+
+            return SequenceExamples(self.examples_dir, [d.name for d in self.splits], max_history=self.max_history)
         return ParquetExamples(self.splits)
 
 
@@ -508,8 +514,10 @@ def _write_param_digest(model: UniPinRec, out_dir: Path, d: Dist) -> None:
 
 def load_split(examples_dir: str | Path, split: str, vocab: ItemVocab, spec: TaskSpec, max_history: int,
                max_slate: int, batch_rows: int = 65_536, actions_type: type | None = None) -> TrainBatch:
+    from .data.sequence_table import iter_split  # either layout
+
     parts = [collate_examples(rb, vocab, spec, max_history, max_slate, actions_type=actions_type or UniPinRec.actions_type)
-             for rb in fmt.iter_batches(Path(examples_dir) / split, batch_size=batch_rows) if rb.num_rows]
+             for rb in iter_split(examples_dir, split, batch_size=batch_rows) if rb.num_rows]
     if not parts:
         raise ValueError(f"{examples_dir}/{split}: no examples")
     return cat_batches(parts)

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .. import format as fmt
 from .examples import _HISTORY_TYPE, _Chunk, _ChunkPlan, _history_values, _offsets, _ranges, _slates
@@ -155,3 +156,32 @@ def iter_split(ex_dir: str | Path, split: str, *, columns: list[str] | None = No
             yield batch.select(columns) if columns else batch
     else:
         yield from fmt.iter_batches(ex / split, columns=columns, batch_size=batch_size)
+
+
+class SequenceExamples:
+    """The sequence layout as a training stream's source (`unipinrec.stream.ExampleSource`): one
+    part per (split, bucket); reading a part joins its request rows with the bucket's sequences
+    and cuts each history window (strictly before request_ts, the last L) on the fly."""
+
+    def __init__(self, ex_dir: str | Path, splits: Sequence[str], *, max_history: int | None = None,
+                 batch_rows: int = 1024):
+        self.ex, self.max_history, self.batch_rows = Path(ex_dir), max_history, batch_rows
+        n = int(fmt.read_meta(self.ex)["buckets"])
+        self._parts = [(split, k, _rows(_bucket_dir(self.ex / "requests" / split, k)))
+                       for split in splits for k in range(n)]
+
+    def part_rows(self) -> list[int]:
+        return [rows for _, _, rows in self._parts]
+
+    def read(self, part: int, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        split, k, _ = self._parts[part]
+        for batch in iter_examples(self.ex, split, max_history=self.max_history, batch_size=self.batch_rows,
+                                   buckets=[k]):
+            yield batch.select(columns) if columns else batch
+
+
+def _rows(directory: Path) -> int:
+    """Rows of a bucket's request files, from their Parquet metadata (0 when the bucket is empty)."""
+    if not directory.exists():
+        return 0
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in sorted(directory.glob("part-*.parquet")))
