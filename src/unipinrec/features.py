@@ -22,6 +22,8 @@ imports torch, which the rest of the library must not pay for.
 """
 from __future__ import annotations
 
+import warnings
+
 import json
 import os
 import shutil
@@ -333,11 +335,19 @@ def materialize(repo_dir: str | Path, env: str = "local", *, start_ts: int | Non
         start_ts = meta["sources"]["first_ts"] if start_ts is None else start_ts
         end_ts = meta["sources"]["last_ts"] if end_ts is None else end_ts
     store = open_store(repo, env)
-    with _cwd(repo):
+    with _cwd(repo), _quiet_ibis():
         store.materialize(
             start_date=datetime.fromtimestamp(start_ts - 1, tz=timezone.utc),
             end_date=datetime.fromtimestamp(end_ts + 1, tz=timezone.utc),
         )
+
+
+@contextmanager
+def _quiet_ibis():
+    """Feast's DuckDB store calls an ibis method ibis 12 deprecates (third-party, harmless)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"fetch_arrow_table\(\) is deprecated", category=DeprecationWarning)
+        yield
 
 
 def read_feature_meta(repo_dir: str | Path) -> dict:
@@ -417,7 +427,7 @@ def historical_histories(repo_dir: str | Path, user_ids: Sequence[int] | np.ndar
         "event_timestamp": pd.to_datetime(when, unit="s", utc=True),
         "row": np.arange(len(users), dtype=np.int64),  # Feast may reorder rows; this puts them back
     })
-    with _cwd(Path(store.repo_path)):
+    with _cwd(Path(store.repo_path)), _quiet_ibis():
         job = store.get_historical_features(entity_df=entity_df, features=store.get_feature_service(FEATURE_SERVICE))
         table = job.to_arrow()
     found = table.column("row").to_numpy()
