@@ -31,18 +31,11 @@ from unipinrec.serving.timing import StageTimer  # noqa: E402
 
 
 def events_ms(fn, n=50):
+    """Median milliseconds of `n` calls of fn (CUDA events), after 3 warm-up calls."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    out = []
-    for _ in range(n):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        out.append(s.elapsed_time(e))
-    return float(np.median(out))
+    return float(np.median(sb._timed(fn, n, cuda=True)))
 
 
 def kernels(fn, title, n=10, rows=14):

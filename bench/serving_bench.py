@@ -123,10 +123,11 @@ def summarize(lat_ms: list[float], n: int, wall_s: float) -> dict:
     return {"p50_ms": float(q[0]), "p95_ms": float(q[1]), "p99_ms": float(q[2]), "qps": n / wall_s, "n": n}
 
 
-def add_ratios(rows: list[dict]) -> None:
-    by = {(r.get("runtime"), r["L"], r["C"], r["mode"]): r for r in rows}
+def add_ratios(rows: list[dict], cell=lambda r: (r.get("runtime"), r["L"], r["C"]), base=lambda r: "c") -> None:
+    """Each row's QPS, p50 and FLOPs against its cell's base mode (the two-model (c))."""
+    by = {(*cell(r), r["mode"]): r for r in rows}
     for r in rows:
-        c = by.get((r.get("runtime"), r["L"], r["C"], "c"))
+        c = by.get((*cell(r), base(r)))
         if c is None:
             continue
         r["qps_vs_c"] = r["qps"] / c["qps"]
@@ -489,13 +490,9 @@ def kv_rows(paths: dict, L: int, C: int, B: int, args, device: str) -> dict:
 
 
 def add_limit_ratios(rows: list[dict]) -> None:
-    by = {(r["L"], r["C"], r["batch"], r["mode"]): r for r in rows}
-    for r in rows:
-        base = by.get((r["L"], r["C"], r["batch"], "lc" if r["mode"].startswith("l") else "c"))
-        if base is not None:
-            r["qps_vs_c"] = r["qps"] / base["qps"]
-            r["p50_vs_c"] = r["p50_ms"] / base["p50_ms"]
-            r["flop_ratio_c_over"] = base["gflops"] / r["gflops"] if r.get("gflops") else None
+    """GPU cells: engine modes against (c), limit modes against the limit's own (lc)."""
+    add_ratios(rows, cell=lambda r: (r["L"], r["C"], r["batch"]),
+               base=lambda r: "lc" if r["mode"].startswith("l") else "c")
 
 
 def print_gpu_table(rows: list[dict], title: str) -> None:

@@ -43,6 +43,26 @@ def kserve_crd() -> Path:
     return _require(SHARED / "kserve" / "serving.kserve.io_inferenceservices.yaml", "KServe CRD test data")
 
 
+def build_tiny_examples(root: Path, data=None, *, out: str = "ex", raw: bool = True, **build) -> Path:
+    """configs/tiny.yaml's synthetic world (or `data`, a DataConfig) in root/raw, and its examples
+    in root/<out> (`build`: more build_examples options, e.g. layout="sequences")."""
+    from unipinrec.config import load_config
+    from unipinrec.data import build_examples, generate_synthetic
+
+    d = data if data is not None else load_config(REPO / "configs" / "tiny.yaml").data
+    if raw:
+        generate_synthetic(root / "raw", num_users=d.synthetic_users, num_items=d.synthetic_items,
+                           num_requests_per_user=d.synthetic_requests_per_user, seed=d.synthetic_seed, progress=False)
+    build_examples(root / "raw", root / out, max_history=d.max_history, progress=False, **build)
+    return root / out
+
+
+@pytest.fixture(scope="session")
+def tiny_builder():
+    """build_tiny_examples, for tests that need their own copy of the tiny examples."""
+    return build_tiny_examples
+
+
 @pytest.fixture(scope="session")
 def train_tiny(tmp_path_factory):
     """train_tiny(**model_overrides) -> (model_dir, examples_dir): configs/tiny.yaml's synthetic data
@@ -52,16 +72,13 @@ def train_tiny(tmp_path_factory):
     import torch
 
     from unipinrec.config import load_config
-    from unipinrec.data import build_examples, generate_synthetic
     from unipinrec.train import train
 
     def make(**model_overrides):
         root = tmp_path_factory.mktemp("tiny")
         cfg = load_config(REPO / "configs" / "tiny.yaml")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model_overrides))
-        generate_synthetic(root / "raw", num_users=cfg.data.synthetic_users, num_items=cfg.data.synthetic_items,
-                           num_requests_per_user=cfg.data.synthetic_requests_per_user, seed=cfg.data.synthetic_seed, progress=False)
-        build_examples(root / "raw", root / "ex", max_history=cfg.data.max_history, progress=False)
+        build_tiny_examples(root, cfg.data)
         torch.set_num_threads(1)
         train(cfg, root / "ex", root / "model", progress=False)
         return root / "model", root / "ex"

@@ -64,17 +64,13 @@ def add_devices(split_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from unipinrec.data import build_examples, generate_synthetic
+def trained(tmp_path_factory, tiny_builder):
     from unipinrec.index import build_index_for_model
     from unipinrec.train import train
 
     root = tmp_path_factory.mktemp("extending")
     cfg = load_config(REPO / "configs" / "tiny.yaml")
-    d = cfg.data
-    generate_synthetic(root / "raw", num_users=d.synthetic_users, num_items=d.synthetic_items,
-                       num_requests_per_user=d.synthetic_requests_per_user, seed=d.synthetic_seed, progress=False)
-    build_examples(root / "raw", root / "ex", max_history=d.max_history, progress=False)
+    tiny_builder(root, cfg.data)
     for split in fmt.SPLITS:
         add_devices(root / "ex" / split)
     torch.set_num_threads(1)

@@ -14,16 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def both_layouts(tmp_path_factory):
-    from unipinrec.data import build_examples, generate_synthetic
-
+def both_layouts(tmp_path_factory, tiny_builder):
     root = tmp_path_factory.mktemp("layouts")
-    d = load_config(REPO / "configs" / "tiny.yaml").data
-    generate_synthetic(root / "raw", num_users=d.synthetic_users, num_items=d.synthetic_items,
-                       num_requests_per_user=d.synthetic_requests_per_user, seed=d.synthetic_seed, progress=False)
-    build_examples(root / "raw", root / "ex", max_history=d.max_history, progress=False)
-    build_examples(root / "raw", root / "seq", max_history=d.max_history, progress=False, layout="sequences",
-                   buckets=3)
+    tiny_builder(root)
+    tiny_builder(root, out="seq", raw=False, layout="sequences", buckets=3)
     return root
 
 

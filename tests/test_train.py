@@ -23,15 +23,8 @@ CLI = [sys.executable, "-c", "from unipinrec.cli import main; main()"]
 
 
 @pytest.fixture(scope="module")
-def tiny_examples(tmp_path_factory) -> Path:
-    from unipinrec.data import build_examples, generate_synthetic
-
-    root = tmp_path_factory.mktemp("tiny")
-    cfg = load_config(TINY).data
-    generate_synthetic(root / "raw", num_users=cfg.synthetic_users, num_items=cfg.synthetic_items,
-                       num_requests_per_user=cfg.synthetic_requests_per_user, seed=cfg.synthetic_seed, progress=False)
-    build_examples(root / "raw", root / "ex", max_history=cfg.max_history, progress=False)
-    return root / "ex"
+def tiny_examples(tmp_path_factory, tiny_builder) -> Path:
+    return tiny_builder(tmp_path_factory.mktemp("tiny"))
 
 
 def _env() -> dict:

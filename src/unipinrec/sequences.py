@@ -360,11 +360,12 @@ def check_histories(hs: Sequence[History], vocab, num_actions: int | None = None
     first = ends[:-1]
     back[first[first < len(ts)]] = False  # a history's first action follows nothing
     parts = np.split(rows, ends[:-1])
-    if not (bad | back).any():
+    wrong = bad | back
+    if not wrong.any():
         return parts
     out: list = []
     for i, h in enumerate(hs):
-        if (bad | back)[ends[i] - lens[i]:ends[i]].any():  # the slow path names the action
+        if wrong[ends[i] - lens[i]:ends[i]].any():  # the slow path names the action
             try:
                 check_history(h, vocab, num_actions, where, 0 if offsets is None else offsets[i])
             except ActionError as e:

@@ -46,16 +46,12 @@ def test_gate_decisions():
 
 
 @pytest.fixture(scope="module")
-def two_models(tmp_path_factory, tiny_config_text):
+def two_models(tmp_path_factory, tiny_config_text, tiny_builder):
     """A trained model and a barely trained one (1 step), on the same tiny examples."""
     from unipinrec import steps
-    from unipinrec.data import build_examples, generate_synthetic
-
     root = tmp_path_factory.mktemp("gate")
     cfg = steps.parse_config(tiny_config_text)
-    generate_synthetic(root / "raw", num_users=cfg.data.synthetic_users, num_items=cfg.data.synthetic_items,
-                       num_requests_per_user=cfg.data.synthetic_requests_per_user, seed=cfg.data.synthetic_seed, progress=False)
-    build_examples(root / "raw", root / "ex", max_history=cfg.data.max_history, progress=False)
+    tiny_builder(root, cfg.data)
     good = steps.train(root / "ex", root / "good", config_yaml=tiny_config_text, epochs=8)
     bad_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=1))
     bad = steps.train(root / "ex", root / "bad", config_yaml=json.dumps(_plain(bad_cfg)))

@@ -19,6 +19,8 @@ pytest.importorskip("kserve")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+
+import fuzz_bodies  # noqa: E402  (tests/serving/fuzz_bodies.py)
 from typer.testing import CliRunner  # noqa: E402
 
 from unipinrec.cli import app  # noqa: E402
@@ -344,27 +346,8 @@ def test_same_answers_and_errors_as_torchserve(http, server, torchserve):
 
 # --- fuzz -------------------------------------------------------------------------------------------
 
-scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=10)
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=10)
-action = st.fixed_dictionaries({"item_id": st.integers(990, 1310) | scalars, "action": st.integers(-1, 6) | scalars,
-                                "ts": st.integers(-5, 2 * RTS) | scalars},
-                               optional={"surface": st.integers(-1, 200) | scalars, "zz": scalars})
-near_valid = st.fixed_dictionaries(
-    {"user_id": st.integers(-3, 2**64) | scalars},
-    optional={"history": st.lists(action, max_size=20) | json_values, "k": st.integers(-3, 5000) | scalars,
-              "num_candidates": st.integers(-3, 10**5) | scalars, "exclude_seen": scalars,
-              "request_ts": st.integers(-1, 2 * RTS) | scalars, "stage": st.sampled_from(["all", "retrieve", "rank", "?"]),
-              "handle": st.text(max_size=20) | scalars, "candidates": st.lists(st.integers(990, 1310) | scalars, max_size=5)},
-)
-v1_bodies = st.one_of(
-    near_valid.map(lambda d: (json.dumps(d), JSON)),
-    st.lists(near_valid, max_size=3).map(lambda d: (json.dumps({"instances": d}), JSON)),
-    json_values.map(lambda d: (json.dumps(d), JSON)),
-    st.binary(max_size=64).map(lambda b: (b, JSON)),
-    st.tuples(near_valid.map(json.dumps), st.sampled_from(["text/plain", "application/xml", "application/octet-stream"]))
-    .map(lambda t: (t[0], {"Content-Type": t[1]})),
-)
+scalars, json_values, near_valid = fuzz_bodies.scalars, fuzz_bodies.json_values, fuzz_bodies.near_valid
+v1_bodies = fuzz_bodies.bodies(st.lists(near_valid, max_size=3).map(lambda d: (json.dumps({"instances": d}), JSON)))
 tensor = st.fixed_dictionaries(
     {"name": st.sampled_from(["user_id", "history_length", "history_item_id", "history_action", "history_ts",
                               "history_surface", "k", "num_candidates", "request_ts", "exclude_seen", "x"]),

@@ -17,7 +17,7 @@ if shutil.which("java") is None:
     pytest.skip("TorchServe needs Java (17)", allow_module_level=True)
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+import fuzz_bodies  # noqa: E402  (tests/serving/fuzz_bodies.py)
 
 from unipinrec.serving import torchserve as ts  # noqa: E402
 from unipinrec.serving.engine import Engine, EngineConfig  # noqa: E402
@@ -203,29 +203,7 @@ def test_metrics_endpoint_reports_stage_latency_and_kv_cache(http, server):
 
 # --- fuzz: generated bodies to the running server ------------------------------------------
 
-scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=10)
-def _containers(inner):
-    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-
-
-json_values = st.recursive(scalars, _containers, max_leaves=10)
-action = st.fixed_dictionaries({"item_id": st.integers(990, 1310) | scalars, "action": st.integers(-1, 6) | scalars,
-                                "ts": st.integers(-5, 2 * RTS) | scalars},
-                               optional={"surface": st.integers(-1, 200) | scalars, "zz": scalars})
-near_valid = st.fixed_dictionaries(
-    {"user_id": st.integers(-3, 2**64) | scalars},
-    optional={"history": st.lists(action, max_size=20) | json_values, "k": st.integers(-3, 5000) | scalars,
-              "num_candidates": st.integers(-3, 10**5) | scalars, "exclude_seen": scalars,
-              "request_ts": st.integers(-1, 2 * RTS) | scalars, "stage": st.sampled_from(["all", "retrieve", "rank", "?"]),
-              "handle": st.text(max_size=20) | scalars, "candidates": st.lists(st.integers(990, 1310) | scalars, max_size=5)},
-)
-bodies = st.one_of(
-    near_valid.map(lambda d: (json.dumps(d), JSON)),
-    json_values.map(lambda d: (json.dumps(d), JSON)),
-    st.binary(max_size=64).map(lambda b: (b, JSON)),
-    st.tuples(near_valid.map(json.dumps), st.sampled_from(["text/plain", "application/xml", "application/octet-stream"]))
-    .map(lambda t: (t[0], {"Content-Type": t[1]})),
-)
+bodies = fuzz_bodies.bodies()
 
 
 def test_fuzzed_bodies_never_get_a_5xx(http, server):
