@@ -18,6 +18,8 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
+from .model_config import MOVED_TO_TRAIN  # torch-free
+
 T = TypeVar("T")
 
 # YAML 1.1 (PyYAML) reads `2e-3` as a string; a float field takes it as the number it spells
@@ -26,7 +28,8 @@ _FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
 # fields renamed since configs were written (old dotted key -> new); an old key names its new one
 RENAMED = {"data.num_users": "data.synthetic_users", "data.num_items": "data.synthetic_items",
            "data.num_requests_per_user": "data.synthetic_requests_per_user", "data.seed": "data.synthetic_seed",
-           "eval.max_users": "eval.max_examples", "model.mam_rate": "train.mam_rate"}
+           "eval.max_users": "eval.max_examples",
+           **{f"model.{k}": f"train.{k}" for k in MOVED_TO_TRAIN}}  # the one list of training-only moves
 
 
 class ConfigError(ValueError):
