@@ -131,6 +131,8 @@ def add_ratios(rows: list[dict], cell=lambda r: (r.get("runtime"), r["L"], r["C"
         if c is None:
             continue
         r["qps_vs_c"] = r["qps"] / c["qps"]
+        if "sustained_qps" in r and "sustained_qps" in c:
+            r["sustained_vs_c"] = r["sustained_qps"] / c["sustained_qps"]
         r["p50_vs_c"] = r["p50_ms"] / c["p50_ms"]
         r["flop_ratio_c_over"] = c["gflops"] / r["gflops"] if r.get("gflops") else None
 
@@ -400,6 +402,23 @@ def _timed(fn, repeats: int, cuda: bool) -> list[float]:
     return out
 
 
+def _stream_qps(fn, requests: int, cuda: bool, rounds: int = 3) -> float:
+    """Requests per second of fn (a stream of batches, back to back, one wait at the end), median
+    of `rounds`: a serving loop's steady-state throughput."""
+    import torch
+
+    qps = []
+    for _ in range(rounds):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        qps.append(requests / (time.perf_counter() - t))
+    return float(np.median(qps))
+
+
 def limit_fns(eng: dict, L: int, C: int, B: int, items: int, device: str) -> dict:
     """The model's own blocks on pre-made device tensors, per mode: what the engine could reach."""
     import torch
@@ -435,7 +454,8 @@ def limit_rows(eng: dict, L: int, C: int, B: int, args, device: str) -> list[dic
             for _ in range(3):
                 run()
             lat = _timed(run, args.repeats, cuda)
-            rows.append({"L": L, "C": C, "mode": m, "batch": B, "layers": args.layers,
+            sustained = _stream_qps(lambda: [run() for _ in range(args.stream_batches)], B * args.stream_batches, cuda)
+            rows.append({"L": L, "C": C, "mode": m, "batch": B, "layers": args.layers, "sustained_qps": sustained,
                          "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
                          "p99_ms": float(np.percentile(lat, 99)), "qps": B * 1000 / float(np.median(lat)),
                          "gflops": counter.get_total_flops() / 1e9 / B, "n": len(lat)})
@@ -456,7 +476,9 @@ def engine_rows(eng: dict, L: int, C: int, B: int, args, device: str, gflops: di
         out = []
         lat = _timed(lambda: out.append(eng[m].handle_batch(reqs)), args.repeats, cuda)
         assert all(isinstance(o, dict) for o in out[-1]), out[-1]
-        rows.append({"L": L, "C": C, "mode": m, "batch": B, "layers": args.layers,
+        sustained = _stream_qps(lambda: list(eng[m].handle_stream([reqs] * args.stream_batches)),
+                                B * args.stream_batches, cuda)
+        rows.append({"L": L, "C": C, "mode": m, "batch": B, "layers": args.layers, "sustained_qps": sustained,
                      "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
                      "p99_ms": float(np.percentile(lat, 99)), "qps": B * 1000 / float(np.median(lat)),
                      "first_ms": first, "gflops": gflops["l" + m], "n": len(lat),
@@ -498,7 +520,7 @@ def add_limit_ratios(rows: list[dict]) -> None:
 def print_gpu_table(rows: list[dict], title: str) -> None:
     print(f"\n{title}")
     head = f"{'cell':<18} {'mode':<22} {'p50 ms':>8} {'p95 ms':>8} {'first':>7} {'QPS':>9} {'GFLOP/req':>9} " \
-           f"{'QPS/(c)':>8} {'FLOP (c)/x':>10}"
+           f"{'QPS/(c)':>8} {'FLOP (c)/x':>10} {'stream QPS':>10} {'stream/(c)':>10}"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -506,7 +528,8 @@ def print_gpu_table(rows: list[dict], title: str) -> None:
         name = r["mode"] + " " + {**MODES, **LIMITS}.get(r["mode"], "")
         print(f"{cell:<18} {name:<22} {r['p50_ms']:>8.3f} {r['p95_ms']:>8.3f} {r.get('first_ms', float('nan')):>7.2f} "
               f"{r['qps']:>9.1f} {r['gflops']:>9.2f} {r.get('qps_vs_c', float('nan')):>8.3f} "
-              f"{r.get('flop_ratio_c_over') or float('nan'):>10.3f}")
+              f"{r.get('flop_ratio_c_over') or float('nan'):>10.3f} {r.get('sustained_qps', float('nan')):>10.1f} "
+              f"{r.get('sustained_vs_c', float('nan')):>10.3f}")
 
 
 def inprocess_cell(args, layers: int, L: int, Cs, batches, device: str, work: Path) -> tuple[list, list]:
@@ -559,11 +582,14 @@ def inprocess_bench(args) -> dict:
             lim = next(x for x in rows if x["mode"] == "la" and (x["L"], x["C"], x["batch"], x["layers"]) ==
                        (r["L"], r["C"], r["batch"], r["layers"]))
             v = {"p50_ms": r["p50_ms"], "first_ms": r["first_ms"], "qps_ratio": r["qps_vs_c"],
-                 "limit_ratio": lim["qps_vs_c"], "of_limit": r["qps_vs_c"] / lim["qps_vs_c"]}
+                 "limit_ratio": lim["qps_vs_c"], "of_limit": r["qps_vs_c"] / lim["qps_vs_c"],
+                 "stream_ratio": r["sustained_vs_c"], "stream_limit_ratio": lim["sustained_vs_c"],
+                 "stream_of_limit": r["sustained_vs_c"] / lim["sustained_vs_c"]}
             verdicts[f"{r['layers']}l-L{r['L']}-C{r['C']}-b{r['batch']}"] = v
             print(f"{r['layers']}l L={r['L']} C={r['C']} batch {r['batch']}: (a) p50 {r['p50_ms']:.3f} ms (first "
                   f"{r['first_ms']:.2f}), QPS (a)/(c) {r['qps_vs_c']:.3f} vs limit {lim['qps_vs_c']:.3f} "
-                  f"({v['of_limit']:.1%} of it)")
+                  f"({v['of_limit']:.1%} of it); streamed batches: (a)/(c) {v['stream_ratio']:.3f} vs limit "
+                  f"{v['stream_limit_ratio']:.3f} ({v['stream_of_limit']:.1%} of it)")
     for k in kv:
         print(f"(d) KV cache L={k['L']} C={k['C']} batch {k['batch']}: miss {k['miss_p50_ms']:.3f} hit "
               f"{k['hit_p50_ms']:.3f} extend(+8) {k['extend_p50_ms']:.3f} ms -> hit "
@@ -640,6 +666,8 @@ def main() -> None:
     g.add_argument("--device", help="cuda | cpu (default: cuda when available)")
     g.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
     g.add_argument("--repeats", type=int, default=50)
+    g.add_argument("--stream-batches", type=int, default=20,
+                   help="batches per stream for the sustained QPS (Engine.handle_stream, back to back)")
     g.add_argument("--history-form", choices=["columnar", "list"], default="columnar")
     g.add_argument("--paper", action="store_true", help="add the paper-like cell: 12 layers, L=992, C=656, batch 8")
     g.add_argument("--kv-batches", type=int, nargs="*", default=[1, 8], help="batch sizes of the KV cache cell (d)")

@@ -563,3 +563,25 @@ def test_bf16_cached_rank_is_within_3e2_of_float64():
     assert got.dtype == ref.dtype and torch.isfinite(got).all()
     rel = float((got - ref).norm() / ref.norm())
     assert rel < 3e-2, rel
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_candidate_attention_kernels_match_fp64(device):
+    """rank's history attention comes from the device's fused kernel (CPU flash, CUDA
+    memory-efficient in fp32, cuDNN in bf16) with the candidate's own key merged by log-sum-exp:
+    against fp64, ragged histories, one of a single action and an empty one (whose candidates
+    attend to themselves only), fp32 within 1e-5 and bf16 within 3e-2, all finite."""
+    m = make_model(dropout=0.0)
+    h, cand = make_history([L, 7, 1, 0], width=L), candidates(4, 9)
+
+    def run(dev, dt):
+        mm = m.to(dev, dt)
+        hh = h.to(dev)
+        with torch.inference_mode():
+            return mm.rank(cand.to(dev), mm.encode_history(hh)[1]).double().cpu()
+
+    ref = run("cpu", torch.float64)
+    for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        out = run(device, dt)
+        assert torch.isfinite(out).all()
+        assert (out - ref).abs().max() < tol, (dt, float((out - ref).abs().max()))

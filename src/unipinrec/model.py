@@ -176,15 +176,41 @@ class CausalSelfAttention(nn.Module):
         )
         return self._merge(y), k, v
 
-    def attend_candidates(self, x, past_k, past_v, mask):
-        """Each candidate attends to the cached history and to itself only: one fused attention
-        call over [history keys; candidate keys] (no (B, H, C, Wt) scores in memory).
+    def attend_candidates(self, x, past_k, past_v, history_bias):
+        """Each candidate attends to the cached history and to itself only, without copying the
+        cache: one fused attention call over the history keys (with its log-sum-exp), then the
+        candidate's own key folded into the same softmax. No (B, H, C, Wt) scores in memory and
+        no [history; candidate] concatenation (which cost more than the attention on a GPU).
 
-        x (B, C, D); past_k/v (B, H, Wt, Dh); mask (B, 1, C, Wt + C) from `candidate_mask`.
+        x (B, C, D); past_k/v (B, H, Wt, Dh); history_bias (B, 1, 1, Wt) from `history_bias`.
         """
         q, k, v = self._heads(x)  # (B, H, C, Dh)
-        keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, H, Wt + C, Dh)
-        return self._merge(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
+        if past_k.shape[2] == 0:
+            return self._merge(v)
+        y, lse = history_attention(q, past_k, past_v, history_bias)  # (B, H, C, Dh), (B, H, C)
+        f = torch.promote_types(q.dtype, torch.float32)  # the merge in fp32 (fp64 stays fp64)
+        own = (q.to(f) * k.to(f)).sum(-1) * self.d_head ** -0.5  # (B, H, C) each one's own score
+        lse = lse.to(f)
+        m = torch.maximum(lse, own)
+        w_hist, w_own = torch.exp(lse - m)[..., None], torch.exp(own - m)[..., None]
+        y = (w_hist * y.to(f) + w_own * v.to(f)) / (w_hist + w_own)
+        return self._merge(y.to(q.dtype))
+
+
+def history_attention(q, keys, values, bias):
+    """Softmax attention of q over keys with an additive bias -> (out, log-sum-exp (B, H, C) fp32),
+    from the device's fused kernel: cuDNN's in bf16/fp16 on CUDA, the memory-efficient one in fp32
+    on CUDA, the flash kernel on CPU (any float dtype)."""
+    B, H, C, _ = q.shape
+    bias = bias.to(q.dtype).expand(B, H, C, keys.shape[2])
+    ops = torch.ops.aten
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        y, lse = ops._scaled_dot_product_cudnn_attention(q, keys, values, bias, True)[:2]
+    elif q.is_cuda:
+        y, lse = ops._scaled_dot_product_efficient_attention(q, keys, values, bias, True)[:2]
+    else:
+        y, lse = ops._scaled_dot_product_flash_attention_for_cpu(q, keys, values, 0.0, False, attn_mask=bias)
+    return y, lse[..., :C].reshape(B, H, C)
 
 
 class Block(nn.Module):
@@ -203,8 +229,8 @@ class Block(nn.Module):
         x = x + a
         return x + self.mlp(self.ln2(x)), k, v
 
-    def forward_candidates(self, x, past_k, past_v, mask):
-        x = x + self.attn.attend_candidates(self.ln1(x), past_k, past_v, mask)
+    def forward_candidates(self, x, past_k, past_v, history_bias):
+        x = x + self.attn.attend_candidates(self.ln1(x), past_k, past_v, history_bias)
         return x + self.mlp(self.ln2(x))
 
 
@@ -217,12 +243,12 @@ def causal_mask(valid: torch.Tensor) -> torch.Tensor:
     return ((tril[None] & valid[:, None, :]) | eye[None])[:, None]
 
 
-def candidate_mask(past_valid: torch.Tensor, num_candidates: int) -> torch.Tensor:
-    """(B, Wt) real history tokens -> (B, 1, C, Wt + C): each candidate sees every real history
-    token and itself, no other candidate."""
-    B, Wt = past_valid.shape
-    eye = torch.eye(num_candidates, dtype=torch.bool, device=past_valid.device)
-    return torch.cat([past_valid[:, None, :].expand(B, num_candidates, Wt), eye[None].expand(B, -1, -1)], dim=2)[:, None]
+def history_bias(past_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, Wt) real history tokens -> (B, 1, 1, Wt) additive bias: 0 at real tokens, a large
+    finite negative at padding (finite: a row with no real token, a padded batch row, gets
+    weight exactly 0 after the merge with the candidate's own key instead of NaN)."""
+    neg = torch.finfo(dtype).min / 2
+    return torch.zeros(past_valid.shape, dtype=dtype, device=past_valid.device).masked_fill(~past_valid, neg)[:, None, None]
 
 
 def blended_mask(valid: torch.Tensor, num_slate: int) -> torch.Tensor:
@@ -502,9 +528,9 @@ class UniPinRec(nn.Module):
         if candidate_gaps is None:
             candidate_gaps = self.default_candidate_gaps(c.lengths, c.last_ts(), c.request_ts)
         x = self._candidate_tokens(candidates, c.lengths, candidate_gaps, slate_positions)  # (B, C, D)
-        mask = candidate_mask(c.padding_mask, candidates.shape[1])  # built once for every layer
+        bias = history_bias(c.padding_mask, c.keys[0].dtype if c.keys else x.dtype)  # built once for every layer
         for block, pk, pv in zip(self.blocks, c.keys, c.values):
-            x = block.forward_candidates(x, pk, pv, mask)
+            x = block.forward_candidates(x, pk, pv, bias)
         return self._rank_logits(self.ln_f(x), c.user_vectors[:, None, :], candidates)  # (B, C, T)
 
     def item_vectors(self) -> torch.Tensor:

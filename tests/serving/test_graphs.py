@@ -197,3 +197,42 @@ def test_pipelined_chunks_answer_as_one_batch(tiny):
         assert np.allclose([x["score"] for x in a["items"]], [x["score"] for x in b["items"]], atol=1e-5)
         assert a["history_length"] == b["history_length"] and b["kv_cache"] == "miss"
     assert len(eng.user_cache.lru) == 6  # every served miss was stored
+
+
+def test_handle_stream_answers_each_batch_as_handle_batch(tiny):
+    """Engine.handle_stream (a serving loop's pipelined batches; the fused path run eagerly on
+    CPU) gives every batch handle_batch's answers, in order: plain batches, a bad request, a
+    deadline batch (staged), a split-flow retrieve batch and its rank batch between them."""
+    from unipinrec.checkpoint import load_model
+    from unipinrec.serving import fused
+    from unipinrec.serving.engine import Engine, EngineConfig
+    from unipinrec.serving.request import ServingError, parse_request
+    from unipinrec.serving.synthetic import random_history
+
+    m = load_model(tiny.unified)
+    eng = Engine(m, TorchIndex.for_model(m, m.vocab.item_ids), config=EngineConfig(kv_cache_bytes=0))
+    rng = np.random.default_rng(9)
+    body = lambda i, **kw: {"user_id": 400 + i, "history": random_history(rng, 3 + i, 300), "k": 5,  # noqa: E731
+                            "num_candidates": 10 + i, "request_ts": 1_800_000_000, **kw}
+    batches = [[parse_request(body(i), eng.limits) for i in range(3)],
+               [parse_request(body(3, request_ts=5), eng.limits), parse_request(body(4), eng.limits)],
+               [parse_request(body(5, deadline_ms=5000), eng.limits)],
+               [parse_request(body(6), eng.limits) for _ in range(2)]]
+    expected = [eng.handle_batch(b) for b in batches]
+    eng.fused = fused.FusedGraphs(eng)
+    got = list(eng.handle_stream(iter(batches)))
+    assert len(got) == len(batches)
+    for exp, out in zip(expected, got):
+        assert len(exp) == len(out)
+        for a, b in zip(exp, out):
+            if isinstance(a, ServingError):
+                assert isinstance(b, ServingError) and (a.status, a.field) == (b.status, b.field)
+                continue
+            assert [x["item_id"] for x in a["items"]] == [x["item_id"] for x in b["items"]]
+            assert np.allclose([x["score"] for x in a["items"]], [x["score"] for x in b["items"]], atol=1e-5)
+    # a split flow among the batches: the retrieve batch, then its rank batch, answered in order
+    retr = eng.handle_batch([parse_request(body(7, stage="retrieve"), eng.limits)])[0]
+    rank = parse_request({"user_id": 407, "stage": "rank", "handle": retr["handle"], "k": 3}, eng.limits)
+    mixed = list(eng.handle_stream([batches[0], [rank], batches[3]]))
+    assert [len(o) for o in mixed] == [3, 1, 2] and len(mixed[1][0]["items"]) == 3
+    assert [x["item_id"] for x in mixed[2][0]["items"]] == [x["item_id"] for x in expected[3][0]["items"]]

@@ -12,7 +12,7 @@ replaced by the same function run eagerly).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -186,24 +186,32 @@ def serve_pipelined(engine, reqs: Sequence, chunk: int) -> list:
     """A large batch in chunks of `chunk` requests, so that the host work of one chunk (resolving
     the next, building the responses of the last) runs while the device computes another: the
     same answers as one batch, with the host time mostly hidden behind the device's."""
+    return [res for out in serve_chunks(engine, (reqs[s:s + chunk] for s in range(0, len(reqs), chunk)))
+            for res in out]
+
+
+def serve_chunks(engine, chunks: Iterable[Sequence]) -> Iterator[list]:
+    """Batches of requests -> each one's responses, in order, with one batch on the device while
+    the host resolves the next and builds the responses of the one before (a serving loop's
+    steady state: `Engine.handle_stream`)."""
     from .request import ServingError
 
-    out: list = []
     last = None  # (Pending, resolved, ok rows, timer, start) of the chunk on the device
-    for s in range(0, len(reqs), chunk):
+    for reqs in chunks:
         timer = StageTimer(torch.device("cpu"))  # no synchronising stages here: the chunks overlap
-        resolved = engine.resolver.resolve(reqs[s:s + chunk], timer)
+        resolved = engine.resolver.resolve(reqs, timer)
         ok = [i for i, p in enumerate(resolved) if not isinstance(p, ServingError)]
         t = timer.elapsed_ms()
         pending, looked = launch(engine, [resolved[i] for i in ok], engine.fused) if ok else (None, None)
         if last is not None:
-            out += _finish(*last)
+            yield _finish(*last)
             last = None
         if pending is None:  # not plain (or every request bad): the staged path, with the lookups made
-            out += engine._serve_resolved(resolved, StageTimer(engine.device), looked=looked, fused_ok=False)
+            yield engine._serve_resolved(resolved, StageTimer(engine.device), looked=looked, fused_ok=False)
         else:
             last = (pending, resolved, ok, timer, t)
-    return out + (_finish(*last) if last is not None else [])
+    if last is not None:
+        yield _finish(*last)
 
 
 def _finish(pending: Pending, resolved: list, ok: list, timer: StageTimer, start: float) -> list:
