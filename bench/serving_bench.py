@@ -450,6 +450,8 @@ def limit_rows(eng: dict, L: int, C: int, B: int, args, device: str) -> list[dic
         for m, fn in limit_fns(eng, L, C, B, args.items, device).items():
             with FlopCounterMode(display=False) as counter:
                 fn()
+            if cuda and getattr(args, "compile", False):  # the limit compiled too, as the engine's graphs
+                fn = torch.compile(fn, dynamic=False)
             run = _Graph(fn).replay if cuda else fn
             for _ in range(3):
                 run()
@@ -495,7 +497,7 @@ def kv_rows(paths: dict, L: int, C: int, B: int, args, device: str) -> dict:
 
     uni = load_model(paths["unified"], device=device)
     index = TorchIndex.for_model(uni, uni.vocab.item_ids, device)
-    eng = Engine(uni, index, config=EngineConfig(kv_cache_bytes=8 * 2**30, device=device,
+    eng = Engine(uni, index, config=EngineConfig(kv_cache_bytes=8 * 2**30, device=device, compile=args.compile,
                                                  graph_warmup=((B, L - 8, C), (B, L, C))))
     cuda = device.startswith("cuda")
     by = {"miss": [], "hit": [], "extend": []}
@@ -538,7 +540,7 @@ def inprocess_cell(args, layers: int, L: int, Cs, batches, device: str, work: Pa
     shape_args = argparse.Namespace(**{**vars(args), "layers": layers})
     paths = make_models(work / f"l{layers}-L{L}", L, shape_args)
     warm = tuple((B, L, C) for B in batches for C in Cs)
-    eng = engines(paths, None, device=device, torch_index=True, graph_warmup=warm,
+    eng = engines(paths, None, device=device, torch_index=True, graph_warmup=warm, compile=args.compile,
                   **({} if args.pipeline_rows is None else {"pipeline_rows": args.pipeline_rows}))
     rows, kv = [], []
     for C in Cs:
@@ -666,6 +668,7 @@ def main() -> None:
     g.add_argument("--device", help="cuda | cpu (default: cuda when available)")
     g.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
     g.add_argument("--repeats", type=int, default=50)
+    g.add_argument("--compile", action="store_true", help="EngineConfig.compile (and the limit rows compiled)")
     g.add_argument("--stream-batches", type=int, default=20,
                    help="batches per stream for the sustained QPS (Engine.handle_stream, back to back)")
     g.add_argument("--history-form", choices=["columnar", "list"], default="columnar")

@@ -236,3 +236,35 @@ def test_handle_stream_answers_each_batch_as_handle_batch(tiny):
     mixed = list(eng.handle_stream([batches[0], [rank], batches[3]]))
     assert [len(o) for o in mixed] == [3, 1, 2] and len(mixed[1][0]["items"]) == 3
     assert [x["item_id"] for x in mixed[2][0]["items"]] == [x["item_id"] for x in expected[3][0]["items"]]
+
+
+def test_fused_function_traces_as_one_graph(tiny):
+    """EngineConfig.compile: the fused function goes through torch.compile with fullgraph=True
+    (on CUDA with inductor; here dynamo's tracing with the eager backend), so a graph break, which
+    would leave Python between the kernels of a captured replay, fails here; the traced function
+    gives the eager answers."""
+    from unipinrec.checkpoint import load_model
+    from unipinrec.serving import fused
+    from unipinrec.serving.engine import Engine, EngineConfig
+    from unipinrec.serving.request import parse_request
+    from unipinrec.serving.synthetic import random_history
+    from unipinrec.serving.timing import StageTimer
+
+    m = load_model(tiny.unified)
+    eng = Engine(m, TorchIndex.for_model(m, m.vocab.item_ids), config=EngineConfig(kv_cache_bytes=0, compile=True))
+    rng = np.random.default_rng(4)
+    L = m.model.config.max_history
+    reqs = [parse_request({"user_id": i, "history": random_history(rng, n, 300), "k": 5, "num_candidates": 12,
+                           "request_ts": 1_800_000_000, "exclude_seen": i % 2 == 0}, eng.limits)
+            for i, n in enumerate((3, L + 5, 1))]
+    preps = eng.resolver.resolve(reqs, StageTimer(eng.device))
+    acts = Actions.from_histories([p.window(L) for p in preps], [p.request_ts for p in preps], rows=4, width=L)
+    seen = torch.as_tensor(fused._seen_before_window(preps, 4, L))
+    r = eng.retriever
+    args = (m.model, None, r.index, r._row_to_pos, r._pos_to_row, eng.ranker.weights)
+    graphs = fused.FusedGraphs(eng)
+    assert graphs.backend == "eager"
+    with torch.inference_mode():
+        ref = fused.serve_fn(*args, acts, seen, 16)[1]
+        got = graphs.function(lambda: fused.serve_fn(*args, acts, seen, 16))()[1]
+    assert torch.equal(ref, got)

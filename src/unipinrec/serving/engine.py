@@ -65,6 +65,10 @@ class EngineConfig:
     max_graphs: int = 64
     pipeline_rows: int = 32  # fused batches of at least twice this many run in chunks of it (0: never)
     torch_index_max_items: int = 5_000_000
+    # torch.compile each fused graph's function before capture (static shapes, fullgraph): about
+    # 1.4-1.6x less device time per batch on an H200, 2-11 s of compiling per bucket at load
+    # (docs/serving.md, "On a GPU"); off by default: it lowers the KV-sharing gain over two models
+    compile: bool = False
 
     def validate(self) -> None:
         for name in ("max_k", "max_candidates", "max_history_request", "max_body_bytes", "kv_cache_entries",

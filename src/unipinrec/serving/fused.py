@@ -42,7 +42,7 @@ def serve_fn(model, ranking, index, row_to_pos, pos_to_row, weights, acts: Actio
     scores = F.pad(kv.user_vectors.to(index.vectors.dtype) @ index.vectors.T, (0, 1))
     masked = torch.cat([acts.items * seen[:, :1], seen[:, 1:]], dim=1)  # row 0 (padding) maps to "none"
     scores = scores.scatter_(1, row_to_pos[masked], float("-inf"))[:, :-1]  # (B, N), seen masked
-    top, pos = scores.topk(min(cands, index.num_items), dim=1)
+    top, pos = scores.topk(min(cands, scores.shape[1]), dim=1)
     rank_kv = kv if ranking is None else ranking.encode_history(acts)[1]
     ranker = model if ranking is None else ranking
     gaps = ranker.default_candidate_gaps(acts.lengths, kv.last_ts(), acts.request_ts)
@@ -77,8 +77,8 @@ class FusedGraphs:
             st_acts = _dummy_actions(acts.batch_size, acts.width, e.device)
             st_seen = torch.zeros_like(seen_rows)
             st_kv = None if cached is None else self._static_kv(st_acts, cached[0])
-            self.graphs[key] = (st_acts, st_seen, st_kv,
-                                _Graph(lambda: serve_fn(*args, st_acts, st_seen, cands, kv=st_kv)))
+            fn = self.function(lambda: serve_fn(*args, st_acts, st_seen, cands, kv=st_kv))
+            self.graphs[key] = (st_acts, st_seen, st_kv, _Graph(fn))
         st_acts, st_seen, st_kv, graph = self.graphs[key]
         for name in (*Actions.per_action_fields(), "lengths", "request_ts"):
             getattr(st_acts, name).copy_(getattr(acts, name))
@@ -90,6 +90,23 @@ class FusedGraphs:
                     dst[i:i + 1, :, :w].copy_(src)
             st_kv.user_vectors[:len(cached)].copy_(torch.cat([c.user_vectors for c in cached]))
         return graph.replay()
+
+    def function(self, fn):
+        """fn, or fn through torch.compile (EngineConfig.compile): static shapes, one graph with no
+        breaks (a break would leave Python between kernels inside the captured replay)."""
+        if not self.engine.config.compile:
+            return fn
+        import torch._dynamo
+
+        # every bucket is one more compilation of the same code: allow one per graph this engine may hold
+        cfg = torch._dynamo.config
+        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+        setattr(cfg, name, max(getattr(cfg, name), 4 * self.engine.config.max_graphs))
+        return torch.compile(fn, dynamic=False, fullgraph=True, backend=self.backend)
+
+    @property
+    def backend(self) -> str:
+        return "inductor" if self.engine.device.type == "cuda" else "eager"  # CPU: traced, not code-generated
 
     def _static_kv(self, st_acts: Actions, like):
         """Zeroed KV buffers of the bucket's shape (zeros: padding stays finite), on st_acts."""
