@@ -373,7 +373,8 @@ def kv_cache_bench(url: str, L: int, C: int, args) -> dict:
 
 # --- in-process (GPU) ---------------------------------------------------------------------------------
 
-LIMITS = {"la": "limit: (a) blocks", "lb": "limit: (b) blocks", "lc": "limit: (c) blocks"}
+LIMITS = {"la": "limit: (a) blocks", "lb": "limit: (b) blocks", "lc": "limit: (c) blocks",
+          "ta": "limit: (a) + top-K", "tb": "limit: (b) + top-K", "tc": "limit: (c) + top-K"}
 
 
 def columnar(body: dict) -> dict:
@@ -431,9 +432,24 @@ def limit_fns(eng: dict, L: int, C: int, B: int, items: int, device: str) -> dic
     h = Actions.from_histories(hs, [RTS] * B, vocab=eng["a"].vocab, device=device)
     cand = torch.randint(1, items + 1, (B, C), device=device)
     uni, ret, rnk = eng["a"].ret.model, eng["c"].ret.model, eng["c"].rnk.model
-    return {"la": lambda: uni.rank(cand, uni.encode_history(h)[1]),
-            "lb": lambda: (uni.encode_history(h), uni.rank(cand, uni.encode_history(h)[1])),
-            "lc": lambda: (ret.encode_history(h), rnk.rank(cand, rnk.encode_history(h)[1]))}
+    fns = {"la": lambda: uni.rank(cand, uni.encode_history(h)[1]),
+           "lb": lambda: (uni.encode_history(h), uni.rank(cand, uni.encode_history(h)[1])),
+           "lc": lambda: (ret.encode_history(h), rnk.rank(cand, rnk.encode_history(h)[1]))}
+    index = getattr(eng["a"].retriever.index, "vectors", None)
+    if index is None:  # a faiss index: no device top-K to add
+        return fns
+    ua, uc = (eng[m].retriever.index.vectors for m in ("a", "c"))
+    top = lambda kv, vec: (kv.user_vectors.to(vec.dtype) @ vec.T).topk(C, dim=1)  # noqa: E731
+
+    def with_top_k(model, vec, ranker, rank_kv=None):
+        kv = model.encode_history(h)[1]
+        top(kv, vec)
+        return ranker.rank(cand, kv if rank_kv is None else rank_kv())
+
+    # the same plus retrieval (exact top-K over the catalog), as the engine's fused graph does
+    return {**fns, "ta": lambda: with_top_k(uni, ua, uni),
+            "tb": lambda: with_top_k(uni, ua, uni, lambda: uni.encode_history(h)[1]),
+            "tc": lambda: with_top_k(ret, uc, rnk, lambda: rnk.encode_history(h)[1])}
 
 
 def limit_rows(eng: dict, L: int, C: int, B: int, args, device: str) -> list[dict]:
@@ -516,7 +532,7 @@ def kv_rows(paths: dict, L: int, C: int, B: int, args, device: str) -> dict:
 def add_limit_ratios(rows: list[dict]) -> None:
     """GPU cells: engine modes against (c), limit modes against the limit's own (lc)."""
     add_ratios(rows, cell=lambda r: (r["L"], r["C"], r["batch"]),
-               base=lambda r: "lc" if r["mode"].startswith("l") else "c")
+               base=lambda r: {"l": "lc", "t": "tc"}.get(r["mode"][0], "c") if len(r["mode"]) == 2 else "c")
 
 
 def print_gpu_table(rows: list[dict], title: str) -> None:
@@ -587,11 +603,19 @@ def inprocess_bench(args) -> dict:
                  "limit_ratio": lim["qps_vs_c"], "of_limit": r["qps_vs_c"] / lim["qps_vs_c"],
                  "stream_ratio": r["sustained_vs_c"], "stream_limit_ratio": lim["sustained_vs_c"],
                  "stream_of_limit": r["sustained_vs_c"] / lim["sustained_vs_c"]}
+            lt = next((x for x in rows if x["mode"] == "ta" and (x["L"], x["C"], x["batch"], x["layers"]) ==
+                       (r["L"], r["C"], r["batch"], r["layers"])), None)
+            if lt is not None:
+                v.update(topk_limit_ratio=lt["qps_vs_c"], of_topk_limit=r["qps_vs_c"] / lt["qps_vs_c"],
+                         stream_topk_limit_ratio=lt["sustained_vs_c"],
+                         stream_of_topk_limit=r["sustained_vs_c"] / lt["sustained_vs_c"])
             verdicts[f"{r['layers']}l-L{r['L']}-C{r['C']}-b{r['batch']}"] = v
             print(f"{r['layers']}l L={r['L']} C={r['C']} batch {r['batch']}: (a) p50 {r['p50_ms']:.3f} ms (first "
                   f"{r['first_ms']:.2f}), QPS (a)/(c) {r['qps_vs_c']:.3f} vs limit {lim['qps_vs_c']:.3f} "
                   f"({v['of_limit']:.1%} of it); streamed batches: (a)/(c) {v['stream_ratio']:.3f} vs limit "
-                  f"{v['stream_limit_ratio']:.3f} ({v['stream_of_limit']:.1%} of it)")
+                  f"{v['stream_limit_ratio']:.3f} ({v['stream_of_limit']:.1%} of it)"
+                  + (f"; against the limit with top-K: {v['topk_limit_ratio']:.3f} ({v['of_topk_limit']:.1%}), streamed "
+                     f"{v['stream_topk_limit_ratio']:.3f} ({v['stream_of_topk_limit']:.1%})" if lt is not None else ""))
     for k in kv:
         print(f"(d) KV cache L={k['L']} C={k['C']} batch {k['batch']}: miss {k['miss_p50_ms']:.3f} hit "
               f"{k['hit_p50_ms']:.3f} extend(+8) {k['extend_p50_ms']:.3f} ms -> hit "
