@@ -6,10 +6,12 @@ the H200 `rank` took longer than `encode_history`. This bench times, under CUDA 
 batch 1, 8, 64 (L=2048, C=256, d=256, 4 heads, 4 layers, bf16):
 
 - encode_history and rank of the model as it is;
-- rank's attention alone per variant: `cat_mask` (today: [history; candidates] keys, a bool
+- rank's attention alone per variant: `cat_mask` (the model before: [history; candidates] keys, a bool
   mask, SDPA), `split_flash` (flash attention over the history, the candidate's own key merged
-  by its log-sum-exp; full histories only), `split_efficient` (the same with the memory-
-  efficient kernel and a key-padding bias, any lengths), `split_cudnn`;
+  by its log-sum-exp; full histories only), `split_cudnn` (the same with cuDNN), `split_cudnn_bias`
+  (cuDNN with a key-padding bias, any lengths: what the model does now in bf16),
+  `split_efficient` (the memory-efficient kernel with the bias: the model's fp32 path on CUDA),
+  `split_flash_varlen` (flash over the padded cache with per-row key counts);
 - the largest difference of each variant's output from `cat_mask`.
 
     python bench/candidate_attention_bench.py [--batch 1 8 64] [--layers 4]

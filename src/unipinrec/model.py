@@ -198,8 +198,8 @@ class CausalSelfAttention(nn.Module):
 
 
 def history_attention(q, keys, values, bias):
-    """Softmax attention of q over keys with an additive bias -> (out, log-sum-exp (B, H, C) fp32),
-    from the device's fused kernel: cuDNN's in bf16/fp16 on CUDA, the memory-efficient one in fp32
+    """Softmax attention of q over keys with an additive bias -> (out, log-sum-exp (B, H, C); fp32,
+    fp64 for fp64 inputs), from the device's fused kernel: cuDNN's in bf16/fp16 on CUDA, the memory-efficient one in fp32
     on CUDA, the flash kernel on CPU (any float dtype)."""
     B, H, C, _ = q.shape
     bias = bias.to(q.dtype).expand(B, H, C, keys.shape[2])
