@@ -65,7 +65,7 @@ def main():
                     e.handle_batch(reqs)
                 lat = sb._timed(lambda: e.handle_batch(reqs), a.repeats, cuda=False)
                 t = time.perf_counter()
-                list(e.handle_stream([reqs] * a.repeats))
+                sb._drain(e.handle_stream([reqs] * a.repeats))
                 per = (time.perf_counter() - t) * 1000 / a.repeats
                 med = float(np.median(lat))
                 print(f"| {B} | {m} | {med:.3f} | {med / B:.3f} | {per:.3f} |", flush=True)
