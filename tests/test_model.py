@@ -585,3 +585,24 @@ def test_candidate_attention_kernels_match_fp64(device):
         out = run(device, dt)
         assert torch.isfinite(out).all()
         assert (out - ref).abs().max() < tol, (dt, float((out - ref).abs().max()))
+
+
+def test_candidate_attention_falls_back_to_the_next_kernel(monkeypatch):
+    """A history-attention kernel this build or GPU lacks (cuDNN's on an older GPU, say) gives a
+    warning and the next kernel, here the reference formula, with the same scores (fp64 1e-10)."""
+    import unipinrec.model as model_mod
+
+    m = make_model(dropout=0.0)
+    h, cand = make_history([L, 5, 0], width=L), candidates(3, 7)
+    with torch.inference_mode():
+        ref = m.rank(cand, m.encode_history(h)[1])
+
+    def missing(*args):
+        raise NotImplementedError("no such kernel in this build")
+
+    monkeypatch.setitem(model_mod._HISTORY_KERNELS, "flash_cpu", missing)
+    monkeypatch.setattr(model_mod, "_CHOSEN_KERNEL", {})
+    with pytest.warns(UserWarning, match="flash_cpu kernel is not available"), torch.inference_mode():
+        got = m.rank(cand, m.encode_history(h)[1])
+    assert model_mod._CHOSEN_KERNEL[(torch.device("cpu"), torch.float64)] == "reference"
+    assert (got - ref).abs().max() < 1e-10

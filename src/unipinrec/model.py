@@ -28,6 +28,7 @@ returns outputs, the training losses over them are `losses.py`. Imports torch on
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -199,18 +200,50 @@ class CausalSelfAttention(nn.Module):
 
 def history_attention(q, keys, values, bias):
     """Softmax attention of q over keys with an additive bias -> (out, log-sum-exp (B, H, C); fp32,
-    fp64 for fp64 inputs), from the device's fused kernel: cuDNN's in bf16/fp16 on CUDA, the memory-efficient one in fp32
-    on CUDA, the flash kernel on CPU (any float dtype)."""
+    fp64 for fp64 inputs), from the device's fused kernel: cuDNN's in bf16/fp16 on CUDA, the
+    memory-efficient one otherwise on CUDA, the flash kernel on CPU. A kernel this build or GPU
+    does not offer (cuDNN's needs a recent GPU) falls back to the next, and last to the reference
+    formula (scores in memory), chosen once per device and dtype (before any graph capture)."""
     B, H, C, _ = q.shape
     bias = bias.to(q.dtype).expand(B, H, C, keys.shape[2])
-    ops = torch.ops.aten
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        y, lse = ops._scaled_dot_product_cudnn_attention(q, keys, values, bias, True)[:2]
-    elif q.is_cuda:
-        y, lse = ops._scaled_dot_product_efficient_attention(q, keys, values, bias, True)[:2]
-    else:
-        y, lse = ops._scaled_dot_product_flash_attention_for_cpu(q, keys, values, 0.0, False, attn_mask=bias)
+    key = (q.device, q.dtype)
+    if key not in _CHOSEN_KERNEL:
+        _CHOSEN_KERNEL[key] = _first_working_kernel(q, keys, values, bias)
+    y, lse = _HISTORY_KERNELS[_CHOSEN_KERNEL[key]](q, keys, values, bias)
     return y, lse[..., :C].reshape(B, H, C)
+
+
+def _reference_attention(q, keys, values, bias):
+    s = (q @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5 + bias  # (B, H, C, Wt)
+    lse = torch.logsumexp(s.float() if s.dtype.itemsize < 4 else s, dim=-1)
+    return torch.softmax(s, dim=-1) @ values, lse
+
+
+_HISTORY_KERNELS = {
+    "cudnn": lambda q, k, v, b: torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, b, True)[:2],
+    "efficient": lambda q, k, v, b: torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, b, True)[:2],
+    "flash_cpu": lambda q, k, v, b: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=b),
+    "reference": _reference_attention,
+}
+_CHOSEN_KERNEL: dict = {}
+
+
+def _first_working_kernel(q, keys, values, bias) -> str:
+    if q.is_cuda:
+        order = ["cudnn", "efficient"] if q.dtype in (torch.bfloat16, torch.float16) else ["efficient"]
+    else:
+        order = ["flash_cpu"]
+    for name in order:
+        try:
+            _HISTORY_KERNELS[name](q, keys, values, bias)
+            return name
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError, TypeError, AttributeError) as e:
+            warnings.warn(f"candidate attention: the {name} kernel is not available here ({type(e).__name__}: "
+                          f"{str(e)[:120]}); trying the next", stacklevel=3)
+    return "reference"
 
 
 class Block(nn.Module):

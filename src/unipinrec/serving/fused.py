@@ -102,6 +102,7 @@ class FusedGraphs:
         cfg = torch._dynamo.config
         name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
         setattr(cfg, name, max(getattr(cfg, name), 4 * self.engine.config.max_graphs))
+        fn()  # once eagerly first: one-time choices (the attention kernel) are made outside the trace
         return torch.compile(fn, dynamic=False, fullgraph=True, backend=self.backend)
 
     @property
