@@ -606,3 +606,18 @@ def test_candidate_attention_falls_back_to_the_next_kernel(monkeypatch):
         got = m.rank(cand, m.encode_history(h)[1])
     assert model_mod._CHOSEN_KERNEL[(torch.device("cpu"), torch.float64)] == "reference"
     assert (got - ref).abs().max() < 1e-10
+
+
+def test_kv_row_with_a_known_length_equals_the_row_read_from_the_device():
+    """KVCache.row(b, length) (the serving path, which knows each row's length on the host and so
+    does not wait for the device) stores exactly what row(b) does, for ragged rows and an empty one."""
+    m = make_model(dropout=0.0)
+    lengths = [L, 5, 1, 0]
+    kv = m.encode_history(make_history(lengths, width=L))[1]
+    for b, n in enumerate(lengths):
+        a, c = kv.row(b), kv.row(b, n)
+        assert all(torch.equal(x, y) for x, y in zip(a.keys + a.values, c.keys + c.values))
+        assert torch.equal(a.user_vectors, c.user_vectors)
+        for name in (*a.history.per_action_fields(), "lengths", "request_ts"):
+            assert torch.equal(getattr(a.history, name), getattr(c.history, name)), (b, name)
+        assert a.keys[0].is_contiguous() and c.keys[0].shape[2] == max(1, n) * kv.tokens_per_action

@@ -110,11 +110,15 @@ class KVCache:
     def to(self, device) -> "KVCache":
         return self._with(lambda t: t.to(device), self.history.to(device), self.user_vectors.to(device))
 
-    def row(self, b: int) -> "KVCache":
-        """Row b as a cache of one, without padding (what the cross-request cache stores)."""
-        one = self.index_select([b])
-        wt = max(1, int(one.lengths[0]) * self.tokens_per_action)
-        return one._with(lambda t: t[:, :, :wt].contiguous(), one.history.trim(), one.user_vectors)
+    def row(self, b: int, length: int | None = None) -> "KVCache":
+        """Row b as a cache of one, without padding (what the cross-request cache stores), copied.
+        length: row b's number of actions when the caller knows it; else it is read from the
+        device, which waits for the work in flight (on a GPU, the whole batch's graph)."""
+        n = int(self.lengths[b]) if length is None else int(length)
+        wt, w = max(1, n * self.tokens_per_action), max(1, n)
+        copy = lambda t: t.clone(memory_format=torch.contiguous_format)  # noqa: E731  (never a view of a graph buffer)
+        hist = self.history._map(lambda t: copy(t[b:b + 1, :w]), rows=lambda t: copy(t[b:b + 1]))
+        return self._with(lambda t: copy(t[b:b + 1, :, :wt]), hist, copy(self.user_vectors[b:b + 1]))
 
     @staticmethod
     def cat(caches: list["KVCache"]) -> "KVCache":

@@ -57,7 +57,8 @@ class HistoryEncoder:
         if caching:
             for i, p in enumerate(preps):
                 if status[i] != "hit":
-                    self.user_cache.put(p.req.user_id, kv.row(i), p.window(L), p.request_ts)
+                    window = p.window(L)
+                    self.user_cache.put(p.req.user_id, kv.row(i, len(window)), window, p.request_ts)
         return kv, status
 
     def _encode_new(self, model, preps: Sequence[Resolved], L: int, role: str):

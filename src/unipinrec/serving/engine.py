@@ -325,8 +325,9 @@ class Engine:
                 "history_truncated": int(dropped + max(0, len(p.rows) - L)), "cold_start": len(p.rows) == 0}
 
     def _new_handle(self, kv, j: int, p: Resolved, ids, scores) -> dict:
-        state = HandleState(kv=kv.row(j) if self.share_kv else None, history=p.history, request_ts=p.request_ts,
-                            user_id=p.req.user_id, candidates=ids, retrieval_scores=scores,
+        L = self.ret.model.config.max_history
+        state = HandleState(kv=kv.row(j, min(len(p.rows), L)) if self.share_kv else None, history=p.history,
+                            request_ts=p.request_ts, user_id=p.req.user_id, candidates=ids, retrieval_scores=scores,
                             user_vector=kv.user_vectors[j].clone())
         return {"handle": self.handles.new(state), "ttl_s": self.config.handle_ttl_s,
                 "candidates": [{"item_id": int(a), "retrieval_score": float(s)} for a, s in zip(ids, scores)]}

@@ -196,7 +196,8 @@ def launch(engine, preps: Sequence[Resolved], fused: FusedGraphs):
     if looked is not None and not hits:
         kv = _first_rows(kv, B, acts)
         for i, p in enumerate(preps):
-            cache.put(p.req.user_id, kv.row(i), p.window(L), p.request_ts)
+            window = p.window(L)
+            cache.put(p.req.user_id, kv.row(i, len(window)), window, p.request_ts)  # no wait for the graph
     return pending, looked
 
 
