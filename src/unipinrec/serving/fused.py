@@ -83,11 +83,11 @@ class FusedGraphs:
         for name in (*Actions.per_action_fields(), "lengths", "request_ts"):
             getattr(st_acts, name).copy_(getattr(acts, name))
         st_seen.copy_(seen_rows)
-        if cached is not None:
-            for i, c in enumerate(cached):  # each entry is trimmed to its length: copy into the padded buffers
-                w = c.keys[0].shape[2]
-                for dst, src in zip((*st_kv.keys, *st_kv.values), (*c.keys, *c.values)):
-                    dst[i:i + 1, :, :w].copy_(src)
+        if cached is not None:  # each entry is trimmed to its length: copy into the padded buffers
+            dst = [d[i:i + 1, :, :c.keys[0].shape[2]] for i, c in enumerate(cached)
+                   for d in (*st_kv.keys, *st_kv.values)]
+            src = [t for c in cached for t in (*c.keys, *c.values)]
+            torch._foreach_copy_(dst, src)  # one call for every layer of every entry, not 2 x layers x rows
             st_kv.user_vectors[:len(cached)].copy_(torch.cat([c.user_vectors for c in cached]))
         return graph.replay()
 
