@@ -82,13 +82,7 @@ def host_steps(eng, reqs, n=30):
         t = mark("run (copies+replay launch)", t)
         host = to_host(packed[:len(preps)])
         t = mark("to_host (waits for GPU)", t)
-        T = len(eng.ranker.task_names)
-        floats = host[..., :T + 2].astype(np.int32).view(np.float32)
-        ids, timings = host[..., T + 2], timer.as_dict()
-        n_ = np.array([p.req.num_candidates for p in preps])
-        found = (ids >= 0) & (np.arange(ids.shape[1]) < n_[:, None])
-        eng.ranker.items_batch([p.req.k for p in preps], ids, floats[..., T + 1], floats[..., :T], floats[..., T],
-                               found)
+        fused.Pending(eng, preps, torch.from_numpy(host)).responses(host, timer.as_dict())
         t = mark("items", t)
         for p in preps:
             eng._history_meta(p)
@@ -104,6 +98,7 @@ def parts(eng, acts, seen, C):
     out = {}
     _, kv = m.encode_history(acts)
     uv = kv.user_vectors.clone()
+    seen = seen[:, 2:]  # the rows to mask (columns 0 and 1: the exclude flag, num_candidates)
     gaps = m.default_candidate_gaps(kv.lengths, kv.last_ts(), acts.request_ts)
     cand = torch.randint(1, idx.num_items, (acts.batch_size, C), device=eng.device)
 

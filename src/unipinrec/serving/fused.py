@@ -32,23 +32,29 @@ def eligible(engine, preps: Sequence[Resolved]) -> bool:
 
 def serve_fn(model, ranking, index, row_to_pos, pos_to_row, weights, acts: Actions, seen, cands: int, kv=None):
     """The fused computation: -> (kv, (B, C', T + 3) int64: float32 bits of task probabilities,
-    utility and retrieval score, then the item id (-1 where fewer were left)). ranking: None
-    when ranking attends to the retrieval encode's KV cache, else the model that encodes again.
-    seen (B, 1 + W): column 0 is 1 where the row excludes seen items, then the embedding rows of
-    its actions before the encoded window (the window's own rows are acts.items, already here).
-    kv: the batch's cached encode (cross-request cache hits): no encode here."""
+    utility and retrieval score, then the item id (-1 where not found)), each row's candidates in
+    the response's order (utility descending, ties in retrieval order; not found last, utility
+    -inf). ranking: None when ranking attends to the retrieval encode's KV cache, else the model
+    that encodes again. seen (B, 2 + W): column 0 is 1 where the row excludes seen items, column 1
+    its num_candidates, then the embedding rows of its actions before the encoded window (the
+    window's own rows are acts.items, already here). kv: the batch's cached encode (cross-request
+    cache hits): no encode here."""
     if kv is None:
         _, kv = model.encode_history(acts)
     scores = F.pad(kv.user_vectors.to(index.vectors.dtype) @ index.vectors.T, (0, 1))
-    masked = torch.cat([acts.items * seen[:, :1], seen[:, 1:]], dim=1)  # row 0 (padding) maps to "none"
+    masked = torch.cat([acts.items * seen[:, :1], seen[:, 2:]], dim=1)  # row 0 (padding) maps to "none"
     scores = scores.scatter_(1, row_to_pos[masked], float("-inf"))[:, :-1]  # (B, N), seen masked
     top, pos = scores.topk(min(cands, scores.shape[1]), dim=1)
     rank_kv = kv if ranking is None else ranking.encode_history(acts)[1]
     ranker = model if ranking is None else ranking
     gaps = ranker.default_candidate_gaps(acts.lengths, kv.last_ts(), acts.request_ts)
     probs = torch.sigmoid(ranker.rank(pos_to_row[pos], rank_kv, gaps).float())  # (B, C', T)
-    floats = torch.cat([probs, (probs @ weights)[..., None], top.float()[..., None]], dim=-1)
-    ids = torch.where(torch.isfinite(top), index._ids_t[pos], -1)
+    found = torch.isfinite(top) & (torch.arange(top.shape[1], device=top.device)[None] < seen[:, 1:2])
+    utility, order = torch.where(found, probs @ weights, float("-inf")).sort(dim=1, descending=True, stable=True)
+    probs, top, pos, found = (probs.gather(1, order[..., None].expand_as(probs)), top.gather(1, order),
+                              pos.gather(1, order), found.gather(1, order))  # the response's order, here
+    floats = torch.cat([probs, utility[..., None], top.float()[..., None]], dim=-1)
+    ids = torch.where(found, index._ids_t[pos], -1)
     return kv, torch.cat([floats.view(torch.int32).long(), ids[..., None]], dim=-1)
 
 
@@ -158,12 +164,12 @@ class Pending:
     def responses(self, host: np.ndarray, timings: dict) -> list[dict]:
         engine, preps = self.engine, self.preps
         T = len(engine.ranker.task_names)
-        floats = host[..., :T + 2].astype(np.int32).view(np.float32)
-        ids = host[..., T + 2]
-        n = np.fromiter((p.req.num_candidates for p in preps), dtype=np.int64, count=len(preps))
-        found = (ids >= 0) & (np.arange(ids.shape[1]) < n[:, None])  # found items come first (top-K is sorted)
-        items = engine.ranker.items_batch([p.req.k for p in preps], ids, floats[..., T + 1], floats[..., :T],
-                                          floats[..., T], found)
+        ks = np.fromiter((p.req.k for p in preps), dtype=np.int64, count=len(preps))
+        rows = host[:, :int(ks.max())]  # in the response's order already (serve_fn): the first k
+        floats = rows[..., :T + 2].astype(np.int32).view(np.float32)
+        ids = rows[..., T + 2]
+        counts = np.minimum(ks, (ids >= 0).sum(axis=1))  # found ones come first
+        items = engine.ranker.items_ranked(ids, floats[..., T + 1], floats[..., :T], floats[..., T], counts)
         return [{"items": it, "model_version": engine.model_version, "timings_ms": timings,
                  "kv_cache": self.status, **engine._history_meta(p)} for it, p in zip(items, preps)]
 
@@ -243,12 +249,13 @@ def _finish(pending: Pending, resolved: list, ok: list, timer: StageTimer, start
 
 
 def _seen_before_window(preps: Sequence[Resolved], rows: int, L: int) -> np.ndarray:
-    """(rows, 1 + W): the exclude flag, then the rows of each history's actions before its last L
-    (the whole history is excluded, not only the encoded window)."""
+    """(rows, 2 + W): the exclude flag, num_candidates, then the rows of each history's actions
+    before its last L (the whole history is excluded, not only the encoded window)."""
     before = [max(0, len(p.rows) - L) if p.req.exclude_seen else 0 for p in preps]
-    seen = np.zeros((rows, 1 + bucket(max(before), lo=16)), np.int64)
+    seen = np.zeros((rows, 2 + bucket(max(before), lo=16)), np.int64)
     seen[:len(preps), 0] = [p.req.exclude_seen for p in preps]
+    seen[:len(preps), 1] = [p.req.num_candidates for p in preps]
     for j, p in enumerate(preps):
         if before[j]:
-            seen[j, 1:1 + before[j]] = p.rows[:before[j]]
+            seen[j, 2:2 + before[j]] = p.rows[:before[j]]
     return seen

@@ -66,18 +66,23 @@ class Ranker:
 
     def items_batch(self, ks: Sequence[int], ids, ret_scores, probs, utility, found) -> list[list[dict]]:
         """`items` of a whole batch at once: (B, C) ids, retrieval scores and utility, (B, C, T)
-        probabilities, found (B, C) marking each row's real candidates (a prefix). One sort and
-        one `tolist` per array for the batch, not per request; the same order as `items`."""
+        probabilities, found (B, C) marking each row's real candidates (a prefix). One sort for
+        the batch, not per request; the same order as `items`."""
         util = np.where(found, utility, -np.inf)  # not found: after every found one
-        kmax = max(ks)
-        top = np.argsort(-util, axis=1, kind="stable")[:, :kmax]  # (B, kmax)
-        take = lambda a: np.take_along_axis(a, top, axis=1).tolist()  # noqa: E731
-        i_, u_, r_ = take(ids), take(utility), take(ret_scores)
-        p_ = np.take_along_axis(probs, top[..., None], axis=1).tolist()
+        top = np.argsort(-util, axis=1, kind="stable")[:, :max(ks)]  # (B, kmax)
+        take = lambda a: np.take_along_axis(a, top, axis=1)  # noqa: E731
+        counts = np.minimum(np.asarray(ks), found.sum(axis=1))
+        return self.items_ranked(take(ids), take(ret_scores), np.take_along_axis(probs, top[..., None], axis=1),
+                                 take(utility), counts)
+
+    def items_ranked(self, ids, ret_scores, probs, utility, counts) -> list[list[dict]]:
+        """Rows already in the response's order (the fused graph sorts on the device) -> each
+        row's first counts[b] items; one `tolist` per array for the batch."""
+        i_, u_, r_, p_ = ids.tolist(), utility.tolist(), ret_scores.tolist(), probs.tolist()
         names = self.task_names
-        keep = np.minimum(np.asarray(ks), found.sum(axis=1)).tolist()
         return [[{"item_id": i, "score": u, "retrieval_score": r, "tasks": dict(zip(names, p))}
-                 for i, u, r, p in zip(i_[b][:n], u_[b][:n], r_[b][:n], p_[b][:n])] for b, n in enumerate(keep)]
+                 for i, u, r, p in zip(i_[b][:n], u_[b][:n], r_[b][:n], p_[b][:n])]
+                for b, n in enumerate(np.asarray(counts).tolist())]
 
     @staticmethod
     def retrieval_order(k: int, ids, ret_scores) -> list[dict]:

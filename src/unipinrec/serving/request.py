@@ -105,20 +105,22 @@ class Request(BaseModel):
     _history_offset: int = PrivateAttr(default=0)
     _columns: Any = PrivateAttr(default=None)  # a columnar history: record name -> int64 array
 
+    # The properties read the private values from pydantic's own dict: `self._columns` goes
+    # through BaseModel.__getattr__, which cost about 0.15 ms per batch of 8 on the GPU's host path.
     @property
     def history_offset(self) -> int:
         """Leading actions of the client's history dropped before validation (beyond the model's L)."""
-        return self._history_offset
+        return self.__pydantic_private__["_history_offset"]
 
     @property
     def has_history(self) -> bool:
         """The client sent a history (either form); False: read it from the online store."""
-        return self.history is not None or self._columns is not None
+        return self.history is not None or self.__pydantic_private__["_columns"] is not None
 
     @property
     def history_columns(self) -> dict[str, np.ndarray] | None:
         """A columnar history as validated arrays by record name (None for the list form)."""
-        return self._columns
+        return self.__pydantic_private__["_columns"]
 
 
 def _field_name(loc: tuple) -> str:

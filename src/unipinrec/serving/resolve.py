@@ -36,9 +36,16 @@ def _client_history(req: Request, spec: type[Actions] = Actions) -> History:
     if cols is None:
         return History.from_actions(req.history, spec)
     names = spec.record_names()
-    if all(rec in cols for rec, _ in names.values()):  # validated at parsing: int64, equal lengths
-        return History._trusted(spec, {attr: cols[rec] for attr, (rec, _) in names.items()})
-    return History(spec, **{attr: cols[rec] for attr, (rec, _) in names.items() if rec in cols})
+    n = len(next(iter(cols.values()))) if cols else 0
+    arrays = {}
+    for attr, (rec, default) in names.items():  # validated at parsing: int64, equal lengths
+        if rec in cols:
+            arrays[attr] = cols[rec]
+        elif default is not None:  # left out (e.g. surface): its default, as History would fill it
+            arrays[attr] = np.full(n, default, dtype=np.int64)
+        else:  # a required field missing: History names it
+            return History(spec, **{a: cols[r] for a, (r, _) in names.items() if r in cols})
+    return History._trusted(spec, arrays)
 
 
 class HistoryResolver:
