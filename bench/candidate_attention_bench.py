@@ -27,30 +27,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_profile as gp  # noqa: E402  (also puts src/ on the path)
 
 
-def timed_ms(fn, n=50):
+def timed_ms(fn):
+    """Median ms of fn's replays under a CUDA graph; on CPU (a smoke run) one eager call."""
     from unipinrec.serving.graphs import _Graph
 
-    if not torch.cuda.is_available():  # a smoke run of the script on CPU
+    if not torch.cuda.is_available():
         import time
         t = time.perf_counter()
         fn()
         return (time.perf_counter() - t) * 1000
-    g = _Graph(fn)
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(n):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        out.append(s.elapsed_time(e))
-    return float(np.median(out))
+    return gp.events_ms(_Graph(fn).replay)
 
 
 def merge_self(out_h, lse, q, k, v):
@@ -153,22 +143,9 @@ def main():
                     except Exception as e:  # a kernel refusing this shape is a result too
                         ms, diff = float("nan"), f"{type(e).__name__}: {str(e)[:160]}"
                     print(f"| {B} | {enc:.3f} | {rnk:.3f} | {name} ({lengths_kind}) | {ms:.3f} | {diff} |")
-        if a.profile:
-            profile_kernels(lambda: model.rank(cand, kv), f"rank, batch {B}")
-            profile_kernels(lambda: model.encode_history(h), f"encode_history, batch {B}")
-
-
-def profile_kernels(fn, title, n=10):
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-    print(f"\n## kernels: {title} ({n} eager calls; times are totals)")
-    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=90))
+        if a.profile:  # eager calls
+            gp.kernels(lambda: model.rank(cand, kv), f"rank, batch {B}", rows=25)
+            gp.kernels(lambda: model.encode_history(h), f"encode_history, batch {B}", rows=25)
 
 
 if __name__ == "__main__":

@@ -15,17 +15,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import gpu_profile as gp  # noqa: E402
 import serving_bench as sb  # noqa: E402
 
 from unipinrec.serving import fused  # noqa: E402
 from unipinrec.serving.graphs import _Graph  # noqa: E402
-
-
-def replay_ms(g, n=50):
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    return float(np.median(sb._timed(g.replay, n, cuda=True)))
 
 
 def compare(ref, got):
@@ -64,7 +58,7 @@ def main():
                      e.ranker.weights)
             for B in args.batch:
                 (st_acts, st_seen, _, graph), = [v for k, v in e.fused.graphs.items() if k[0] == B and not k[-1]]
-                eager = replay_ms(graph)
+                eager = gp.events_ms(graph.replay)
                 fn = lambda: fused.serve_fn(*fargs, st_acts, st_seen, 256)  # noqa: E731
                 cfn = torch.compile(fn, dynamic=False, mode=None if args.mode == "default" else args.mode)
                 t = time.perf_counter()
@@ -73,7 +67,7 @@ def main():
                 torch.cuda.synchronize()
                 comp_s = time.perf_counter() - t
                 cg = _Graph(cfn)
-                comp = replay_ms(cg)
+                comp = gp.events_ms(cg.replay)
                 diff, overlap = compare(ref[:B], got[:B])
                 print(f"mode {m} batch {B}: eager graph {eager:.3f} ms, compiled graph {comp:.3f} ms "
                       f"({eager / comp:.2f}x), compile {comp_s:.1f} s; utility of the items both return: max "

@@ -51,6 +51,18 @@ def kernels(fn, title, n=10, rows=14):
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70))
 
 
+def cprofiled(fn, n: int, title: str, rows: int = 18) -> None:
+    """Print the functions taking most of `n` calls of fn (cProfile, by own time)."""
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        fn()
+    pr.disable()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(rows)
+    print(f"\n## cProfile {title} x{n} (tottime)\n" + s.getvalue()[-6000:])
+
+
 def host_steps(eng, reqs, n=30):
     """perf_counter per step of the fused path (fused.serve's steps, written out)."""
     L = eng.ret.model.config.max_history
@@ -167,14 +179,7 @@ def main():
                     kernels(lambda: fused.serve_fn(e.ret.model, None, e.retriever.index, e.retriever._row_to_pos,
                                                    e.retriever._pos_to_row, e.ranker.weights, st_acts, st_seen,
                                                    args.C), f"fused fn EAGER, batch {B}", n=3, rows=25)
-                    pr = cProfile.Profile()
-                    pr.enable()
-                    for _ in range(20):
-                        e.handle_batch(reqs)
-                    pr.disable()
-                    s = io.StringIO()
-                    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(18)
-                    print(f"\n## cProfile handle_batch x20, batch {B}, mode a (tottime)\n" + s.getvalue()[-4500:])
+                    cprofiled(lambda: e.handle_batch(reqs), 20, f"handle_batch, batch {B}, mode a")
     print("\nSUMMARY batch mode handle_batch_ms fused_replay_ms limit_replay_ms")
     for row in summary:
         print("  ", row[0], row[1], *(f"{x:.3f}" for x in row[2:]))

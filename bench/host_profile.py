@@ -8,9 +8,6 @@ where a request's host time goes without a GPU; the GPU figures are in docs/serv
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
 import sys
 import tempfile
 import time
@@ -20,6 +17,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import gpu_profile as gp  # noqa: E402
 import serving_bench as sb  # noqa: E402
 
 from unipinrec.serving import fused  # noqa: E402
@@ -70,14 +68,7 @@ def main():
                 med = float(np.median(lat))
                 print(f"| {B} | {m} | {med:.3f} | {med / B:.3f} | {per:.3f} |", flush=True)
                 if a.cprofile and m == "a":
-                    pr = cProfile.Profile()
-                    pr.enable()
-                    for _ in range(100):
-                        e.handle_batch(reqs)
-                    pr.disable()
-                    s = io.StringIO()
-                    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(25)
-                    print(s.getvalue()[:6000])
+                    gp.cprofiled(lambda: e.handle_batch(reqs), 100, f"handle_batch, batch {B}, mode a", rows=25)
 
 
 if __name__ == "__main__":

@@ -442,8 +442,7 @@ def limit_fns(eng: dict, L: int, C: int, B: int, items: int, device: str) -> dic
     fns = {"la": lambda: uni.rank(cand, uni.encode_history(h)[1]),
            "lb": lambda: (uni.encode_history(h), uni.rank(cand, uni.encode_history(h)[1])),
            "lc": lambda: (ret.encode_history(h), rnk.rank(cand, rnk.encode_history(h)[1]))}
-    index = getattr(eng["a"].retriever.index, "vectors", None)
-    if index is None:  # a faiss index: no device top-K to add
+    if not hasattr(eng["a"].retriever.index, "vectors"):  # a faiss index: no device top-K to add
         return fns
     ua, uc = (eng[m].retriever.index.vectors for m in ("a", "c"))
     top = lambda kv, vec: (kv.user_vectors.to(vec.dtype) @ vec.T).topk(C, dim=1)  # noqa: E731

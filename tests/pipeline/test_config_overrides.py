@@ -3,7 +3,6 @@ reads the config, applied by the components through the strict loader (a bad key
 from __future__ import annotations
 
 import pytest
-import yaml
 from kfp.dsl import Dataset
 
 from unipinrec import format as fmt
@@ -11,20 +10,10 @@ from unipinrec import format as fmt
 READS_CONFIG = {"ingest", "build-features", "build-examples", "train"}
 
 
-def _tasks(doc: dict) -> dict:
-    tasks = dict(doc["root"]["dag"]["tasks"])
-    for comp in doc["components"].values():
-        tasks.update(comp.get("dag", {}).get("tasks", {}))
-    return tasks
-
-
-def test_the_compiled_pipeline_passes_config_overrides_to_every_step_that_reads_the_config(tmp_path):
-    from pipelines.run import compile_pipeline
-
-    doc = next(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml").read_text()))
+def test_the_compiled_pipeline_passes_config_overrides_to_every_step_that_reads_the_config(local_ir):
+    doc, tasks = local_ir.doc, local_ir.tasks
     root = doc["root"]["inputDefinitions"]["parameters"]
     assert root["config_overrides"]["parameterType"] == "STRING" and root["config_overrides"]["defaultValue"] == ""
-    tasks = _tasks(doc)
     for name in READS_CONFIG:
         comp = doc["components"][tasks[name]["componentRef"]["name"]]
         assert "config_overrides" in comp["inputDefinitions"]["parameters"], name

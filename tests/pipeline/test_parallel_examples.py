@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-import yaml
 
 from unipinrec import format as fmt
 from unipinrec import steps
@@ -92,20 +91,10 @@ def test_feast_histories_built_per_bucket_equal_the_one_process_build(tmp_path, 
     assert steps.bucket_ids(3) == [0, 1, 2]
 
 
-def _tasks(doc: dict) -> dict:
-    tasks = dict(doc["root"]["dag"]["tasks"])
-    for comp in doc["components"].values():
-        tasks.update(comp.get("dag", {}).get("tasks", {}))
-    return tasks
-
-
-def test_the_compiled_pipeline_builds_each_bucket_in_a_parallel_for_and_trains_on_the_merge(tmp_path):
-    from pipelines.run import compile_pipeline
-
-    doc = next(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml").read_text()))
+def test_the_compiled_pipeline_builds_each_bucket_in_a_parallel_for_and_trains_on_the_merge(local_ir):
+    doc, tasks = local_ir.doc, local_ir.tasks
     param = doc["root"]["inputDefinitions"]["parameters"]["example_buckets"]
     assert param == {"defaultValue": 1.0, "isOptional": True, "parameterType": "NUMBER_INTEGER"}
-    tasks = _tasks(doc)
     (loop_name, loop), = [(n, t) for n, t in tasks.items() if "parameterIterator" in t]
     assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--bucket-ids-Output"
     assert loop["inputs"]["parameters"]["pipelinechannel--bucket-ids-Output"]["taskOutputParameter"] == \

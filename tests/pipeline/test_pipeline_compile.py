@@ -58,12 +58,8 @@ def test_the_run_stops_before_training_when_validation_fails(compiled):
     assert _condition_of(doc, "build-index") == _condition_of(doc, "deploy")
 
 
-def test_caching_is_off_only_for_steps_with_side_effects(compiled):
-    doc = yaml.safe_load(compiled["local"].read_text())
-    tasks = dict(doc["root"]["dag"]["tasks"])
-    for comp in doc["components"].values():
-        tasks.update(comp.get("dag", {}).get("tasks", {}))
-    caching = {n: t.get("cachingOptions", {}).get("enableCache", False) for n, t in tasks.items()
+def test_caching_is_off_only_for_steps_with_side_effects(local_ir):
+    caching = {n: t.get("cachingOptions", {}).get("enableCache", False) for n, t in local_ir.tasks.items()
                if not n.startswith(("condition", "for-loop"))}
     assert {n for n, on in caching.items() if not on} == {"gate", "deploy", "stop-run"}
 

@@ -20,19 +20,17 @@ pytest.importorskip("kserve")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-import fuzz_bodies  # noqa: E402  (tests/serving/fuzz_bodies.py)
+import shared_bodies  # noqa: E402  (tests/serving/shared_bodies.py)
+from shared_bodies import ARCHIVES, BAD, JSON, L, NUM_ITEMS, body, local_engine, mutated  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from unipinrec.cli import app  # noqa: E402
 from unipinrec.serving import kserve_server as ks  # noqa: E402
 from unipinrec.serving import torchserve as ts  # noqa: E402
-from unipinrec.serving.engine import Engine, EngineConfig  # noqa: E402
+from unipinrec.serving.engine import Engine  # noqa: E402
 from unipinrec.serving.synthetic import random_history  # noqa: E402
 
 pytestmark = pytest.mark.integration
-NUM_ITEMS, L = 300, 16  # tests/serving/conftest.py's tiny models
-RTS = 1_800_000_000
-JSON = {"Content-Type": "application/json"}
 runner = CliRunner()
 
 
@@ -68,11 +66,6 @@ def http(server):
 
 def v1(server, model="unipinrec"):
     return f"{server.inference}/v1/models/{model}:predict"
-
-
-def body(user_id=1, n=10, seed=0, **kw):
-    return {"user_id": user_id, "history": random_history(np.random.default_rng(seed), n, NUM_ITEMS), "k": 8,
-            "num_candidates": 40, "request_ts": RTS, **kw}
 
 
 def post(http, url, payload, headers=JSON):
@@ -120,16 +113,9 @@ def assert_serving(http, server):
 # --- answers ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model, kwargs", [
-    ("unipinrec", {}),
-    ("unipinrec_recompute", {"config": EngineConfig(share_kv=False)}),
-    ("unipinrec_baseline", {"ranking": True}),
-])
+@pytest.mark.parametrize("model, kwargs", ARCHIVES)
 def test_v1_and_v2_answers_equal_the_in_process_engine(http, server, tiny, model, kwargs):
-    if kwargs.get("ranking"):
-        engine = Engine.from_dirs(tiny.retrieval, tiny.retrieval_index, ranking_dir=tiny.ranking)
-    else:
-        engine = Engine.from_dirs(tiny.unified, tiny.unified_index, **kwargs)
+    engine = local_engine(tiny, kwargs)
     bodies = [body(user_id=50 + seed, n=n, seed=seed) for seed, n in ((1, 3), (2, 16), (3, 25))]
     local = [engine.handle(b) for b in bodies]
     for b, want in zip(bodies, local):
@@ -187,26 +173,7 @@ def test_cold_start_and_long_histories_over_v2(http, server):
 # --- errors -----------------------------------------------------------------------------------------
 
 
-def _mutated(**changes):
-    b = body(user_id=80)
-    b.update(changes)
-    return b
-
-
-BAD = [  # tests/serving/test_torchserve.py's cases: the same statuses and fields on both runtimes
-    ("malformed JSON", b'{"user_id": 1,', JSON, 400, "body"),
-    ("wrong content type", json.dumps(body()), {"Content-Type": "text/plain"}, 415, "Content-Type"),
-    ("form encoded", "user_id=1&k=3", {"Content-Type": "application/x-www-form-urlencoded"}, 415, "Content-Type"),
-    ("missing field", {"k": 3}, JSON, 422, "user_id"),
-    ("unknown item", _mutated(history=[{"item_id": 5, "action": 1, "ts": 1}]), JSON, 422, "history[0].item_id"),
-    ("negative k", _mutated(k=-1), JSON, 422, "k"),
-    ("huge k", _mutated(k=10**12), JSON, 422, "k"),
-    ("NaN", b'{"user_id": 1, "k": NaN}', JSON, 400, "k"),
-    ("string number", _mutated(num_candidates="40"), JSON, 422, "num_candidates"),
-    ("float ts", _mutated(history=[{"item_id": 1001, "action": 1, "ts": 1.5}]), JSON, 422, "history[0].ts"),
-    ("oversize body", b'{"user_id": 1, "pad": "' + b"x" * (5 * 2**20) + b'"}', JSON, 413, "body"),
-    ("int beyond int64", b'{"user_id": 99999999999999999999999}', JSON, 422, "user_id"),
-]
+BAD = [*BAD, ("int beyond int64", b'{"user_id": 99999999999999999999999}', JSON, 422, "user_id")]
 
 
 @pytest.mark.parametrize("name, payload, headers, status, field", BAD, ids=[b[0] for b in BAD])
@@ -256,7 +223,7 @@ def test_bad_v2_input_is_a_4xx_naming_the_tensor(http, server, name, payload, st
 
 def test_concurrent_requests_are_batched_without_mixing_answers_or_errors(http, server):
     bodies = [body(user_id=300 + i, n=2 + 3 * i, seed=30 + i) for i in range(8)]
-    bodies[3] = _mutated(history=[{"item_id": 5, "action": 1, "ts": 1}])
+    bodies[3] = mutated(history=[{"item_id": 5, "action": 1, "ts": 1}])
     sequential = [post(http, v1(server), b) for b in bodies]
     headers = server.headers()
 
@@ -346,8 +313,8 @@ def test_same_answers_and_errors_as_torchserve(http, server, torchserve):
 
 # --- fuzz -------------------------------------------------------------------------------------------
 
-scalars, json_values, near_valid = fuzz_bodies.scalars, fuzz_bodies.json_values, fuzz_bodies.near_valid
-v1_bodies = fuzz_bodies.bodies(st.lists(near_valid, max_size=3).map(lambda d: (json.dumps({"instances": d}), JSON)))
+scalars, json_values, near_valid = shared_bodies.scalars, shared_bodies.json_values, shared_bodies.near_valid
+v1_bodies = shared_bodies.bodies(st.lists(near_valid, max_size=3).map(lambda d: (json.dumps({"instances": d}), JSON)))
 tensor = st.fixed_dictionaries(
     {"name": st.sampled_from(["user_id", "history_length", "history_item_id", "history_action", "history_ts",
                               "history_surface", "k", "num_candidates", "request_ts", "exclude_seen", "x"]),

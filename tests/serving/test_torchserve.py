@@ -17,16 +17,12 @@ if shutil.which("java") is None:
     pytest.skip("TorchServe needs Java (17)", allow_module_level=True)
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
-import fuzz_bodies  # noqa: E402  (tests/serving/fuzz_bodies.py)
+import shared_bodies  # noqa: E402  (tests/serving/shared_bodies.py)
+from shared_bodies import ARCHIVES, BAD, JSON, L, body, local_engine  # noqa: E402
 
 from unipinrec.serving import torchserve as ts  # noqa: E402
-from unipinrec.serving.engine import Engine, EngineConfig  # noqa: E402
-from unipinrec.serving.synthetic import random_history  # noqa: E402
 
 pytestmark = pytest.mark.integration
-NUM_ITEMS, L = 300, 16  # tests/serving/conftest.py's tiny models
-RTS = 1_800_000_000
-JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +50,6 @@ def url(server, model="unipinrec"):
     return f"{server.inference}/predictions/{model}"
 
 
-def body(user_id=1, n=10, seed=0, **kw):
-    return {"user_id": user_id, "history": random_history(np.random.default_rng(seed), n, NUM_ITEMS), "k": 8,
-            "num_candidates": 40, "request_ts": RTS, **kw}
-
-
 def post(http, server, payload, model="unipinrec", headers=JSON):
     data = payload if isinstance(payload, (bytes, str)) else json.dumps(payload)
     return http.post(url(server, model), data=data, headers=headers, timeout=60)
@@ -79,16 +70,9 @@ def test_one_request_flow(http, server):
     assert r.headers["Content-Type"].startswith("application/json")
 
 
-@pytest.mark.parametrize("model, kwargs", [
-    ("unipinrec", {}),
-    ("unipinrec_recompute", {"config": EngineConfig(share_kv=False)}),
-    ("unipinrec_baseline", {"ranking": True}),
-])
+@pytest.mark.parametrize("model, kwargs", ARCHIVES)
 def test_served_scores_equal_the_in_process_engine(http, server, tiny, model, kwargs):
-    if kwargs.get("ranking"):
-        engine = Engine.from_dirs(tiny.retrieval, tiny.retrieval_index, ranking_dir=tiny.ranking)
-    else:
-        engine = Engine.from_dirs(tiny.unified, tiny.unified_index, **kwargs)
+    engine = local_engine(tiny, kwargs)
     for seed, n in ((1, 3), (2, 16), (3, 25)):
         b = body(user_id=50 + seed, n=n, seed=seed)
         served = post(http, server, b, model).json()
@@ -118,26 +102,8 @@ def test_client_text_never_reaches_the_status_line(http, server):
     assert "X-Injected" not in r.headers and r.reason == "Not Found"
 
 
-def _mutated(**changes):
-    b = body(user_id=80)
-    b.update(changes)
-    return b
-
-
-BAD = [
-    ("malformed JSON", b'{"user_id": 1,', JSON, 400, "body"),
-    ("wrong content type", json.dumps(body()), {"Content-Type": "text/plain"}, 415, "Content-Type"),
-    ("form encoded", "user_id=1&k=3", {"Content-Type": "application/x-www-form-urlencoded"}, 415, "Content-Type"),
-    ("json-like content type", json.dumps(body()), {"Content-Type": "application/jsonx"}, 415, "Content-Type"),
-    ("missing field", {"k": 3}, JSON, 422, "user_id"),
-    ("unknown item", _mutated(history=[{"item_id": 5, "action": 1, "ts": 1}]), JSON, 422, "history[0].item_id"),
-    ("negative k", _mutated(k=-1), JSON, 422, "k"),
-    ("huge k", _mutated(k=10**12), JSON, 422, "k"),
-    ("NaN", b'{"user_id": 1, "k": NaN}', JSON, 400, "k"),
-    ("string number", _mutated(num_candidates="40"), JSON, 422, "num_candidates"),
-    ("float ts", _mutated(history=[{"item_id": 1001, "action": 1, "ts": 1.5}]), JSON, 422, "history[0].ts"),
-    ("oversize body", b'{"user_id": 1, "pad": "' + b"x" * (5 * 2**20) + b'"}', JSON, 413, "body"),
-]
+BAD = [*BAD, ("json-like content type", json.dumps(body()), {"Content-Type": "application/jsonx"}, 415,
+                   "Content-Type")]
 
 
 @pytest.mark.parametrize("name, payload, headers, status, field", BAD, ids=[b[0] for b in BAD])
@@ -203,7 +169,7 @@ def test_metrics_endpoint_reports_stage_latency_and_kv_cache(http, server):
 
 # --- fuzz: generated bodies to the running server ------------------------------------------
 
-bodies = fuzz_bodies.bodies()
+bodies = shared_bodies.bodies()
 
 
 def test_fuzzed_bodies_never_get_a_5xx(http, server):

@@ -184,7 +184,9 @@ def launch(engine, preps: Sequence[Resolved], fused: FusedGraphs):
         return None, None
     L = engine.ret.model.config.max_history
     cache = engine.user_cache
-    looked = [cache.lookup(p.req.user_id, p.window(L), p.request_ts, L) for p in preps] if cache.enabled else None
+    windows = [p.window(L) for p in preps]  # once: the lookup, the batch and the store read them
+    looked = [cache.lookup(p.req.user_id, w, p.request_ts, L) for p, w in zip(preps, windows)] \
+        if cache.enabled else None
     status = [lk.status for lk in looked] if looked is not None else ["miss"] * len(preps)
     hits = status[0] == "hit" and all(s == "hit" for s in status)
     if not hits and any(s != "miss" for s in status):  # extends and mixed batches: the staged path
@@ -192,7 +194,6 @@ def launch(engine, preps: Sequence[Resolved], fused: FusedGraphs):
     b = Buckets(max_history=L)
     B = len(preps)
     C = max(p.req.num_candidates for p in preps)
-    windows = [p.window(L) for p in preps]
     rows = b.batch(B)
     acts = Actions.from_histories(windows, [p.request_ts for p in preps], device=engine.device, rows=rows,
                                   width=b.width(max(len(w) for w in windows)))
@@ -201,9 +202,8 @@ def launch(engine, preps: Sequence[Resolved], fused: FusedGraphs):
     pending = Pending(engine, preps, packed[:B], "hit" if hits else "miss")
     if looked is not None and not hits:
         kv = _first_rows(kv, B, acts)
-        for i, p in enumerate(preps):
-            window = p.window(L)
-            cache.put(p.req.user_id, kv.row(i, len(window)), window, p.request_ts)  # no wait for the graph
+        for i, (p, w) in enumerate(zip(preps, windows)):
+            cache.put(p.req.user_id, kv.row(i, len(w)), w, p.request_ts)  # the length from here: no wait for the graph
     return pending, looked
 
 

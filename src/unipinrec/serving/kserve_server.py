@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .torchserve import STATE, RunState, ServeError, _alive, not_ready
+from .torchserve import STATE, RunState, ServeError, _alive, wait_models
 
 
 
@@ -96,16 +96,14 @@ def start(model_store: str | Path, run_dir: str | Path, *, models: list[str] | N
 
 
 def wait_ready(info: KServeInfo, timeout_s: float = 180.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    pending = list(info.models)
-    while time.monotonic() < deadline:
+    logs = Path(info.run_dir) / "logs"
+
+    def failure(_pending: list[str]) -> str | None:
         if (proc is not None and proc.poll() is not None) or (info.pid and not _alive(info.pid)):
-            raise ServeError(f"the KServe model server exited; see {Path(info.run_dir) / 'logs' / 'server.log'}")
-        pending = not_ready(pending, lambda name: _model_ready(info, name))
-        if not pending:
-            return
-        time.sleep(0.3)
-    raise ServeError(f"models {pending} not ready after {timeout_s:.0f} s; see {Path(info.run_dir) / 'logs'}")
+            return f"the KServe model server exited; see {logs / 'server.log'}"
+        return None
+
+    wait_models(list(info.models), lambda name: _model_ready(info, name), failure, timeout_s, 0.3, logs)
 
 
 def _model_ready(info: KServeInfo, name: str) -> bool:

@@ -290,21 +290,16 @@ def wait_ready(info: ServerInfo, timeout_s: float = 180.0, log_from: int | None 
     """Until each model has a READY worker; a ServeError as soon as TorchServe exits, or its log
     (from byte `log_from`, default its end now) says a model could not be registered or its
     worker failed to load it (TorchServe would retry that worker forever)."""
-    deadline = time.monotonic() + timeout_s
-    pending = list(info.models)
-    path = Path(info.run_dir) / "logs" / "ts_log.log"
+    logs = Path(info.run_dir) / "logs"
+    path = logs / "ts_log.log"
     log = _LogTail(path, _size(path) if log_from is None else log_from)
-    while time.monotonic() < deadline:
+
+    def failure(pending: list[str]) -> str | None:
         if info.pid and not _alive(info.pid):
-            raise ServeError(f"TorchServe exited; see {Path(info.run_dir) / 'logs'}")
-        failure = _load_failure(log.new_lines(), pending, Path(info.run_dir) / "logs")
-        if failure:
-            raise ServeError(failure)
-        pending = not_ready(pending, lambda name: _worker_ready(info, name))
-        if not pending:
-            return
-        time.sleep(0.5)
-    raise ServeError(f"models {pending} not ready after {timeout_s:.0f} s; see {Path(info.run_dir) / 'logs'}")
+            return f"TorchServe exited; see {logs}"
+        return _load_failure(log.new_lines(), pending, logs)
+
+    wait_models(list(info.models), lambda name: _worker_ready(info, name), failure, timeout_s, 0.5, logs)
 
 
 def _worker_ready(info: "ServerInfo", name: str) -> bool:
@@ -314,18 +309,27 @@ def _worker_ready(info: "ServerInfo", name: str) -> bool:
     return any(w.get("status") == "READY" for m in desc for w in m.get("workers", []))
 
 
-def not_ready(pending: list[str], probe) -> list[str]:
-    """The models of `pending` that one `probe(name) -> bool` each does not find ready (a
-    connection error counts as not ready)."""
-    left = []
-    for name in pending:
-        try:
-            ready = probe(name)
-        except (urllib.error.URLError, OSError, ValueError):
-            ready = False
-        if not ready:
-            left.append(name)
-    return left
+def wait_models(pending: list[str], probe, failure, timeout_s: float, interval_s: float, logs) -> None:
+    """Poll until `probe(name) -> bool` finds every model of `pending` ready (a connection error
+    counts as not ready); a ServeError as soon as `failure(still pending)` names one, or at the
+    timeout. The one wait of both servers (TorchServe's workers, KServe's models)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        why = failure(pending)
+        if why:
+            raise ServeError(why)
+        pending = [name for name in pending if not _probe(probe, name)]
+        if not pending:
+            return
+        time.sleep(interval_s)
+    raise ServeError(f"models {pending} not ready after {timeout_s:.0f} s; see {logs}")
+
+
+def _probe(probe, name: str) -> bool:
+    try:
+        return bool(probe(name))
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
 
 
 class _LogTail:
