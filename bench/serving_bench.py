@@ -65,6 +65,11 @@ def make_bodies(n: int, L: int, C: int, num_items: int, seed: int, first_user: i
              "request_ts": RTS} for i in range(n)]
 
 
+def payload(body: dict, args) -> bytes:
+    """The JSON a client sends: the history as a list of actions, or columnar (`--history-form`)."""
+    return json.dumps(columnar(body) if getattr(args, "history_form", "list") == "columnar" else body).encode()
+
+
 def _register_cpu_sdpa_flops() -> None:
     """torch's flop counter knows the CUDA attention kernels but not the CPU flash kernel that
     scaled_dot_product_attention uses here; count it like the others (full N x M: with an
@@ -168,7 +173,24 @@ def headline_verdict(rows: list[dict]) -> dict | None:
 # --- HTTP against TorchServe ------------------------------------------------------------------------
 
 
-def run_clients(url: str, payloads: list[bytes], clients: int) -> tuple[list[float], float]:
+def run_clients(url: str, payloads: list[bytes], clients: int, procs: int = 1) -> tuple[list[float], float]:
+    """Latencies (ms) and wall time of `payloads` sent by `clients` concurrent clients, as threads
+    of `procs` processes (one process's GIL caps what its threads can send: about 2,000 requests/s
+    of these bodies, under what a GPU server answers)."""
+    if procs <= 1:
+        return _client_threads(url, payloads, clients)
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(procs) as pool:
+        pool.map(abs, range(procs))  # every process started before the clock
+        t0 = time.perf_counter()
+        outs = pool.starmap(_client_threads, [(url, payloads[i::procs], max(1, clients // procs))
+                                              for i in range(procs)])
+        wall = time.perf_counter() - t0
+    return [ms for lat, _ in outs for ms in lat], wall
+
+
+def _client_threads(url: str, payloads: list[bytes], clients: int) -> tuple[list[float], float]:
     import requests
 
     lock = threading.Lock()
@@ -220,18 +242,30 @@ def start_servers(store: Path, work: Path, args) -> dict:
     return servers
 
 
-def build_archives(paths: dict, index_dirs: dict, store: Path, args) -> None:
+def gpu_engine(args, Cs) -> dict:
+    """On a GPU, the archives' engines capture a graph per batch bucket up to batchSize at load
+    (every C of the run), so no timed request pays a capture."""
+    if not (args.device or "cpu").startswith("cuda"):
+        return {}
+    from unipinrec.serving.graphs import bucket
+
+    batches = sorted({bucket(b) for b in range(1, args.batch_size + 1)})
+    return {"graph_warmup": [[b, 0, C] for b in batches for C in Cs]}
+
+
+def build_archives(paths: dict, index_dirs: dict, store: Path, args, Cs=(HEADLINE[1],)) -> None:
     from unipinrec.serving import torchserve as ts
 
+    gpu = gpu_engine(args, Cs)
     common = dict(batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay, workers=args.workers,
                   torch_threads=args.threads)
-    ts.build_archive(paths["unified"], index_dirs["unified"], store, engine={"kv_cache_bytes": 0}, **common)
+    ts.build_archive(paths["unified"], index_dirs["unified"], store, engine={**gpu, "kv_cache_bytes": 0}, **common)
     ts.build_archive(paths["unified"], index_dirs["unified"], store, name=ARCHIVES["b"],
-                     engine={"kv_cache_bytes": 0, "share_kv": False}, **common)
+                     engine={**gpu, "kv_cache_bytes": 0, "share_kv": False}, **common)
     ts.build_archive(paths["retrieval"], index_dirs["retrieval"], store, name=ARCHIVES["c"],
-                     ranking_dir=paths["ranking"], engine={"kv_cache_bytes": 0}, **common)
+                     ranking_dir=paths["ranking"], engine={**gpu, "kv_cache_bytes": 0}, **common)
     ts.build_archive(paths["unified"], index_dirs["unified"], store, name=ARCHIVES["d"],  # one worker: one cache
-                     engine={"kv_cache_bytes": 1024 * 2**20}, **{**common, "workers": 1})
+                     engine={**gpu, "kv_cache_bytes": 1024 * 2**20}, **{**common, "workers": 1})
 
 
 def timed_rounds(servers: dict, L: int, C: int, args) -> tuple[dict, dict]:
@@ -241,13 +275,14 @@ def timed_rounds(servers: dict, L: int, C: int, args) -> tuple[dict, dict]:
     lat, wall = {k: [] for k in keys}, {k: 0.0 for k in keys}
     for rt, m in keys:  # warm-up
         warm = make_bodies(args.clients, L, C, args.items, seed=11, first_user=10**6)
-        run_clients(servers[rt][0](ARCHIVES[m]), [json.dumps(b).encode() for b in warm], args.clients)
+        run_clients(servers[rt][0](ARCHIVES[m]), [payload(b, args) for b in warm], args.clients, args.client_procs)
     per_round = max(1, args.requests // args.rounds)
     for rnd in range(args.rounds):
         order = keys if rnd % 2 == 0 else keys[::-1]
         for rt, m in order:
             bodies = make_bodies(per_round, L, C, args.items, seed=1000 * rnd + ord(m), first_user=rnd * 10**5)
-            got, w = run_clients(servers[rt][0](ARCHIVES[m]), [json.dumps(b).encode() for b in bodies], args.clients)
+            got, w = run_clients(servers[rt][0](ARCHIVES[m]), [payload(b, args) for b in bodies], args.clients,
+                                 args.client_procs)
             lat[(rt, m)] += got
             wall[(rt, m)] += w
     return lat, wall
@@ -266,12 +301,13 @@ def p50_overhead(servers: dict, engine, L: int, C: int, args) -> dict:
     lat = {"inprocess": [], **{rt: [] for rt in servers}}
     with requests.Session() as s:
         for i, b in enumerate([bodies[0]] + bodies):  # the first one warms every path
+            parsed = json.loads(payload(b, args))
             t = time.perf_counter()
-            engine.handle(b)
+            engine.handle(parsed)
             ms = {"inprocess": (time.perf_counter() - t) * 1000}
             for rt, (url, _) in servers.items():
                 t = time.perf_counter()
-                r = s.post(url(ARCHIVES["a"]), data=json.dumps(b), headers={"Content-Type": "application/json"},
+                r = s.post(url(ARCHIVES["a"]), data=payload(b, args), headers={"Content-Type": "application/json"},
                            timeout=600)
                 ms[rt] = (time.perf_counter() - t) * 1000
                 assert r.status_code == 200, r.text[:200]
@@ -301,13 +337,15 @@ def http_bench(args) -> dict:
         for name in index_dirs:
             build_index_for_model(paths[name], index_dirs[name], num_queries=200)
         store = work / "store"
-        build_archives(paths, index_dirs, store, args)
-        in_proc = engines(paths, index_dirs)
+        build_archives(paths, index_dirs, store, args, Cs)
+        on_cpu = engines(paths, index_dirs)  # FLOPs are counted on CPU (a replayed CUDA graph counts none)
+        in_proc = on_cpu if not gpu_engine(args, Cs) else \
+            engines(paths, index_dirs, device=args.device, **gpu_engine(args, Cs))
         servers = {}
         try:
             servers = start_servers(store, work, args)
             for C in Cs:
-                flops = {m: flops_per_request(in_proc[m], make_bodies(1, L, C, args.items, seed=7)[0]) for m in MODES}
+                flops = {m: flops_per_request(on_cpu[m], make_bodies(1, L, C, args.items, seed=7)[0]) for m in MODES}
                 lat, wall = timed_rounds(servers, L, C, args)
                 for (rt, m), got in lat.items():
                     row = {"runtime": rt, "L": L, "C": C, "mode": m, **summarize(got, len(got), wall[(rt, m)]),
@@ -363,9 +401,9 @@ def kv_cache_bench(url: str, L: int, C: int, args) -> dict:
     with requests.Session() as s:
         for b in bodies:
             first = {**b, "history": b["history"][:-8]}
-            for payload in (first, first, b):
+            for body in (first, first, b):
                 t = time.perf_counter()
-                r = s.post(url, data=json.dumps(payload), headers={"Content-Type": "application/json"}, timeout=600)
+                r = s.post(url, data=payload(body, args), headers={"Content-Type": "application/json"}, timeout=600)
                 ms = (time.perf_counter() - t) * 1000
                 by[r.json()["kv_cache"]].append(ms)
     return {"L": L, "C": C, **{f"{k}_p50_ms": statistics.median(v) if v else float("nan") for k, v in by.items()}}
@@ -374,7 +412,7 @@ def kv_cache_bench(url: str, L: int, C: int, args) -> dict:
 # --- in-process (GPU) ---------------------------------------------------------------------------------
 
 LIMITS = {"la": "limit: (a) blocks", "lb": "limit: (b) blocks", "lc": "limit: (c) blocks",
-          "ta": "limit: (a) + top-K", "tb": "limit: (b) + top-K", "tc": "limit: (c) + top-K"}
+          "th": "limit: (a) hit", "ta": "limit: (a) + top-K", "tb": "limit: (b) + top-K", "tc": "limit: (c) + top-K"}
 
 
 def columnar(body: dict) -> dict:
@@ -452,8 +490,10 @@ def limit_fns(eng: dict, L: int, C: int, B: int, items: int, device: str) -> dic
         top(kv, vec)
         return ranker.rank(cand, kv if rank_kv is None else rank_kv())
 
-    # the same plus retrieval (exact top-K over the catalog), as the engine's fused graph does
-    return {**fns, "ta": lambda: with_top_k(uni, ua, uni),
+    kv0 = uni.encode_history(h)[1]  # a cross-request cache hit's KV, encoded before
+    # the same plus retrieval (exact top-K over the catalog), as the engine's fused graph does;
+    # th: a cache hit's work (top-K + ranking on the cached KV), the hit's bound against ta's
+    return {**fns, "th": lambda: (top(kv0, ua), uni.rank(cand, kv0)), "ta": lambda: with_top_k(uni, ua, uni),
             "tb": lambda: with_top_k(uni, ua, uni, lambda: uni.encode_history(h)[1]),
             "tc": lambda: with_top_k(ret, uc, rnk, lambda: rnk.encode_history(h)[1])}
 
@@ -470,6 +510,8 @@ def limit_rows(eng: dict, L: int, C: int, B: int, args, device: str) -> list[dic
     rows = []
     with torch.inference_mode():
         for m, fn in limit_fns(eng, L, C, B, args.items, device).items():
+            if m == "th":  # the hit's bound: in the KV cache cell (kv_bound)
+                continue
             with FlopCounterMode(display=False) as counter:
                 fn()
             if cuda and getattr(args, "compile", False):  # the limit compiled too, as the engine's graphs
@@ -531,8 +573,29 @@ def kv_rows(paths: dict, L: int, C: int, B: int, args, device: str) -> dict:
             out = []
             ms = _timed(lambda: out.append(eng.handle_batch(reqs)), 1, cuda)[0]
             by[out[0][0]["kv_cache"]].append(ms)
-    return {"L": L, "C": C, "batch": B, **{f"{k}_p50_ms": statistics.median(v) if v else float("nan")
-                                           for k, v in by.items()}}
+    bound = kv_bound(eng, L, C, B, args, device)
+    return {"L": L, "C": C, "batch": B, **bound, **{f"{k}_p50_ms": statistics.median(v) if v else float("nan")
+                                                    for k, v in by.items()}}
+
+
+def kv_bound(eng, L: int, C: int, B: int, args, device: str) -> dict:
+    """The device's own bound on a hit's speed-up: the limit graphs of a miss (encode + top-K +
+    rank) and of a hit (top-K + rank on a cached KV) for this engine's model, replays timed."""
+    import torch
+
+    from unipinrec.serving.graphs import _Graph
+
+    if not device.startswith("cuda"):
+        return {}
+    with torch.inference_mode():
+        fns = limit_fns({"a": eng, "c": eng}, L, C, B, args.items, device)
+        ms = {}
+        for name, key in (("limit_miss_ms", "ta"), ("limit_hit_ms", "th")):
+            run = _Graph(fns[key]).replay
+            for _ in range(3):
+                run()
+            ms[name] = float(np.median(_timed(run, args.repeats, True)))
+    return ms
 
 
 def add_limit_ratios(rows: list[dict]) -> None:
@@ -625,7 +688,9 @@ def inprocess_bench(args) -> dict:
     for k in kv:
         print(f"(d) KV cache L={k['L']} C={k['C']} batch {k['batch']}: miss {k['miss_p50_ms']:.3f} hit "
               f"{k['hit_p50_ms']:.3f} extend(+8) {k['extend_p50_ms']:.3f} ms -> hit "
-              f"{k['miss_p50_ms'] / k['hit_p50_ms']:.2f}x, extend {k['miss_p50_ms'] / k['extend_p50_ms']:.2f}x faster")
+              f"{k['miss_p50_ms'] / k['hit_p50_ms']:.2f}x, extend {k['miss_p50_ms'] / k['extend_p50_ms']:.2f}x faster"
+              + (f"; the device's bound: limit miss {k['limit_miss_ms']:.3f} ms, hit {k['limit_hit_ms']:.3f} -> "
+                 f"{k['limit_miss_ms'] / k['limit_hit_ms']:.2f}x" if "limit_hit_ms" in k else ""))
     return {"device": name, "rows": rows, "kv_cache": kv, "headline": verdicts}
 
 
@@ -685,6 +750,7 @@ def main() -> None:
     h.add_argument("--requests", type=int, default=24, help="timed requests per mode and (L, C)")
     h.add_argument("--rounds", type=int, default=2, help="interleaved rounds the requests are split into")
     h.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients")
+    h.add_argument("--client-procs", type=int, default=1, help="processes the clients are threads of")
     h.add_argument("--workers", type=int, default=2, help="TorchServe workers per model (a, b, c)")
     h.add_argument("--threads", type=int, default=1, help="torch intra-op threads per worker (0: torch's default)")
     h.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize")
@@ -692,6 +758,10 @@ def main() -> None:
     h.add_argument("--kv-users", type=int, default=5, help="users in the cross-request KV cache run (d)")
     h.add_argument("--runtime", nargs="+", choices=["torchserve", "kserve"], default=["torchserve"],
                    help="serving runtimes, each on the same archives (kserve: KServe's model server, v1 route)")
+    h.add_argument("--history-form", choices=["list", "columnar"], default="list",
+                   help="the requests' history: a list of actions, or columnar arrays")
+    h.add_argument("--device", help="the in-process engine's device (cuda on the GPU machine, where TorchServe "
+                                    "gives each worker the GPU; default cpu); on cuda the archives capture graphs")
     h.add_argument("--overhead-requests", type=int, default=12,
                    help="one-client requests of (a) per runtime for the p50 overhead over in-process (0: skip)")
     g = sub.choices["inprocess"]
