@@ -45,7 +45,7 @@ EOF
     chmod +x $T/bin/$1
   done
   export JAVA_HOME=$T/jre PATH=$T/bin:$PATH PYTHONPATH=$T/site${PYTHONPATH:+:$PYTHONPATH}
-  java -version 2>&1 | head -1
+  "$JAVA_HOME/bin/java" -version 2>&1 | head -1
   ;;
 *) echo "usage: $0 pack|install DIR" >&2; exit 2 ;;
 esac
