@@ -621,3 +621,27 @@ def test_kv_row_with_a_known_length_equals_the_row_read_from_the_device():
         for name in (*a.history.per_action_fields(), "lengths", "request_ts"):
             assert torch.equal(getattr(a.history, name), getattr(c.history, name)), (b, name)
         assert a.keys[0].is_contiguous() and c.keys[0].shape[2] == max(1, n) * kv.tokens_per_action
+
+
+def test_kv_row_is_one_copy_of_the_row_in_one_buffer():
+    """A stored row holds every layer's keys and values in one allocation (one copy per stored
+    request, not one per layer, key and value), trimmed to the row's length, equal to the batch's
+    slices, and independent of the batch (the batch may be a CUDA graph's reused buffers)."""
+    m = make_model(dropout=0.0)
+    lengths = [L, 3]
+    with torch.inference_mode():  # as serving runs it
+        kv = m.encode_history(make_history(lengths, width=L))[1]
+        kv = kv._with(lambda t: t.contiguous(), kv.history, kv.user_vectors)  # stand-alone buffers, as a graph's
+        r = kv.row(1, 3)
+    wt = 3 * kv.tokens_per_action
+    for got, full in zip(r.keys + r.values, kv.keys + kv.values):
+        assert got.shape == (1, full.shape[1], wt, full.shape[3]) and got.is_contiguous()
+        assert torch.equal(got, full[1:2, :, :wt])
+    assert len({t.untyped_storage().data_ptr() for t in r.keys + r.values}) == 1
+    flat = r.keys[0].untyped_storage().nbytes()
+    assert flat == sum(t.numel() * t.element_size() for t in r.keys + r.values)  # no padding bytes held
+    before = r.keys[-1].clone()
+    with torch.inference_mode():
+        for t in kv.keys + kv.values:
+            t.zero_()  # the batch's buffers reused: the stored row keeps its values
+    assert torch.equal(r.keys[-1], before) and r.keys[-1].abs().sum() > 0
