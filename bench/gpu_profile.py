@@ -30,12 +30,7 @@ from unipinrec.serving.request import parse_request  # noqa: E402
 from unipinrec.serving.timing import StageTimer  # noqa: E402
 
 
-def events_ms(fn, n=50):
-    """Median milliseconds of `n` calls of fn (CUDA events), after 3 warm-up calls."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    return float(np.median(sb._timed(fn, n, cuda=True)))
+events_ms = sb.events_ms  # the benches' one CUDA-event timing helper
 
 
 def kernels(fn, title, n=10, rows=14):

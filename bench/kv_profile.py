@@ -11,7 +11,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -29,43 +28,38 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
-    from unipinrec.checkpoint import load_model
-    from unipinrec.index import TorchIndex
-    from unipinrec.serving.engine import Engine, EngineConfig
     from unipinrec.serving.request import parse_request
 
     shape = argparse.Namespace(items=20_000, d_model=256, layers=4, heads=4)
     paths = sb.make_models(Path(tempfile.mkdtemp()), args.L, shape)
-    uni = load_model(paths["unified"], device=args.device)
-    index = TorchIndex.for_model(uni, uni.vocab.item_ids, args.device)
     B, L, C = args.batch, args.L, args.C
-    engs = {on: Engine(uni, index, config=EngineConfig(kv_cache_bytes=(8 * 2**30 if on else 0), device=args.device,
-                                                        graph_warmup=((B, L - 8, C),)))
+    cuda = args.device.startswith("cuda")
+    engs = {on: sb.kv_engine(paths["unified"], args.device, ((B, L - 8, C),), kv_cache_bytes=8 * 2**30 if on else 0)
             for on in (True, False)}
 
+    def timed(eng, reqs):
+        out = []
+        ms = sb._timed(lambda: out.append(eng.handle_batch(reqs)), 1, cuda)[0]
+        return ms, out[0][0]["kv_cache"]
+
     def sync():
-        if args.device.startswith("cuda"):
+        if cuda:
             torch.cuda.synchronize()
 
-    def timed(eng, reqs):
-        sync()
-        t = time.perf_counter()
-        out = eng.handle_batch(reqs)
-        sync()
-        return (time.perf_counter() - t) * 1000, out[0]["kv_cache"]
+    def batch(seed: int, first_user: int) -> list:  # B new users, L-8 actions each
+        bodies = sb.make_bodies(B, L, C, shape.items, seed=seed, first_user=first_user)
+        return [parse_request(sb.columnar({**b, "history": b["history"][:-8]}), engs[True].limits) for b in bodies]
 
     by: dict[str, list[float]] = {}
     for rnd in range(args.rounds + 1):
-        bodies = sb.make_bodies(B, L, C, shape.items, seed=7 + rnd, first_user=10**6 * (rnd + 1))
-        reqs = [parse_request(sb.columnar({**b, "history": b["history"][:-8]}), engs[True].limits) for b in bodies]
+        reqs = batch(7 + rnd, 10**6 * (rnd + 1))
         for name, eng in (("cache off", engs[False]), ("miss", engs[True]), ("hit", engs[True])):
             ms, status = timed(eng, reqs)
             if rnd:  # round 0 warms every path
                 by.setdefault(f"{name} ({status})", []).append(ms)
     for k, v in by.items():
         print(f"batch {B} {k}: median {statistics.median(v):.2f} ms over {len(v)}")
-    bodies = sb.make_bodies(B, L, C, shape.items, seed=99, first_user=9 * 10**7)
-    reqs = [parse_request(sb.columnar({**b, "history": b["history"][:-8]}), engs[True].limits) for b in bodies]
+    reqs = batch(99, 9 * 10**7)
     gp.cprofiled(lambda: (engs[True].handle_batch(reqs), sync()), 1, f"batch {B} miss (stored)", rows=14)
     gp.cprofiled(lambda: (engs[True].handle_batch(reqs), sync()), 1, f"batch {B} hit", rows=14)
 

@@ -67,7 +67,7 @@ def make_bodies(n: int, L: int, C: int, num_items: int, seed: int, first_user: i
 
 def payload(body: dict, args) -> bytes:
     """The JSON a client sends: the history as a list of actions, or columnar (`--history-form`)."""
-    return json.dumps(columnar(body) if getattr(args, "history_form", "list") == "columnar" else body).encode()
+    return json.dumps(columnar(body) if args.history_form == "columnar" else body).encode()
 
 
 def _register_cpu_sdpa_flops() -> None:
@@ -264,10 +264,10 @@ def gpu_engine(args, Cs) -> dict:
     return {"graph_warmup": [[b, 0, C] for b in batches for C in Cs]}
 
 
-def build_archives(paths: dict, index_dirs: dict, store: Path, args, Cs=(HEADLINE[1],)) -> None:
+def build_archives(paths: dict, index_dirs: dict, store: Path, args, gpu: dict) -> None:
+    """The four archives; `gpu`: engine settings added on a GPU (`gpu_engine`)."""
     from unipinrec.serving import torchserve as ts
 
-    gpu = gpu_engine(args, Cs)
     common = dict(batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay, workers=args.workers,
                   torch_threads=args.threads)
     ts.build_archive(paths["unified"], index_dirs["unified"], store, engine={**gpu, "kv_cache_bytes": 0}, **common)
@@ -309,8 +309,8 @@ def p50_overhead(servers: dict, engine, L: int, C: int, args) -> dict:
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)  # as each server worker runs it
-    lat = {"inprocess": [], **{rt: [] for rt in servers}}
-    inside = {rt: [] for rt in servers}  # the engine's own time in the server's worker (timings_ms.total)
+    # per runtime: HTTP latency, and "RT engine": the engine's own time in the server's worker
+    lat = {"inprocess": [], **{k: [] for rt in servers for k in (rt, f"{rt} engine")}}
     with requests.Session() as s:
         for i, b in enumerate([bodies[0]] + bodies):  # the first one warms every path
             parsed = json.loads(payload(b, args))
@@ -323,7 +323,7 @@ def p50_overhead(servers: dict, engine, L: int, C: int, args) -> dict:
                            timeout=600)
                 ms[rt] = (time.perf_counter() - t) * 1000
                 assert r.status_code == 200, r.text[:200]
-                inside[rt].append(r.json()["timings_ms"]["total"])
+                ms[f"{rt} engine"] = r.json()["timings_ms"]["total"]
             if i:
                 for k, v in ms.items():
                     lat[k].append(v)
@@ -331,7 +331,7 @@ def p50_overhead(servers: dict, engine, L: int, C: int, args) -> dict:
     out = {"L": L, "C": C, "n": len(bodies), "inprocess_p50_ms": statistics.median(lat["inprocess"])}
     for rt in servers:
         out[f"{rt}_p50_ms"] = statistics.median(lat[rt])
-        out[f"{rt}_engine_p50_ms"] = statistics.median(inside[rt][1:])
+        out[f"{rt}_engine_p50_ms"] = statistics.median(lat[f"{rt} engine"])
         # per body, HTTP minus in-process: less noisy than the difference of the medians
         out[f"{rt}_overhead_ms"] = statistics.median(h - e for h, e in zip(lat[rt], lat["inprocess"]))
     return out
@@ -351,10 +351,10 @@ def http_bench(args) -> dict:
         for name in index_dirs:
             build_index_for_model(paths[name], index_dirs[name], num_queries=200)
         store = work / "store"
-        build_archives(paths, index_dirs, store, args, Cs)
+        gpu = gpu_engine(args, Cs)
+        build_archives(paths, index_dirs, store, args, gpu)
         on_cpu = engines(paths, index_dirs)  # FLOPs are counted on CPU (a replayed CUDA graph counts none)
-        in_proc = on_cpu if not gpu_engine(args, Cs) else \
-            engines(paths, index_dirs, device=args.device, torch_index=True, **gpu_engine(args, Cs))
+        in_proc = engines(paths, index_dirs, device=args.device, torch_index=True, **gpu) if gpu else on_cpu
         servers = {}
         try:
             servers = start_servers(store, work, args)
@@ -454,6 +454,16 @@ def _timed(fn, repeats: int, cuda: bool) -> list[float]:
             fn()
             out.append((time.perf_counter() - t) * 1000)
     return out
+
+
+def events_ms(fn, n=50):
+    """Median milliseconds of `n` calls of fn (CUDA events), after 3 warm-up calls."""
+    import torch
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    return float(np.median(_timed(fn, n, cuda=True)))
 
 
 def _drain(batches) -> None:
@@ -567,17 +577,24 @@ def engine_rows(eng: dict, L: int, C: int, B: int, args, device: str, gflops: di
     return rows
 
 
-def kv_rows(paths: dict, L: int, C: int, B: int, args, device: str) -> dict:
-    """(d) on the device: per batch of B users, L-8 actions (miss), the same again (hit), 8 appended (extend)."""
+def kv_engine(path: Path, device: str, graph_warmup: tuple, kv_cache_bytes: int = 8 * 2**30, **config):
+    """The unified model of `path` with the exact torch index and a cross-request cache of
+    `kv_cache_bytes` (0: off), its graphs of `graph_warmup` captured."""
     from unipinrec.checkpoint import load_model
     from unipinrec.index import TorchIndex
     from unipinrec.serving.engine import Engine, EngineConfig
+
+    uni = load_model(path, device=device)
+    index = TorchIndex.for_model(uni, uni.vocab.item_ids, device)
+    return Engine(uni, index, config=EngineConfig(kv_cache_bytes=kv_cache_bytes, device=device,
+                                                  graph_warmup=graph_warmup, **config))
+
+
+def kv_rows(paths: dict, L: int, C: int, B: int, args, device: str) -> dict:
+    """(d) on the device: per batch of B users, L-8 actions (miss), the same again (hit), 8 appended (extend)."""
     from unipinrec.serving.request import parse_request
 
-    uni = load_model(paths["unified"], device=device)
-    index = TorchIndex.for_model(uni, uni.vocab.item_ids, device)
-    eng = Engine(uni, index, config=EngineConfig(kv_cache_bytes=8 * 2**30, device=device, compile=args.compile,
-                                                 graph_warmup=((B, L - 8, C), (B, L, C))))
+    eng = kv_engine(paths["unified"], device, ((B, L - 8, C), (B, L, C)), compile=args.compile)
     cuda = device.startswith("cuda")
     by = {"miss": [], "hit": [], "extend": []}
     for rnd in range(args.kv_rounds):
@@ -604,13 +621,8 @@ def kv_bound(eng, L: int, C: int, B: int, args, device: str) -> dict:
         return {}
     with torch.inference_mode():
         fns = limit_fns({"a": eng, "c": eng}, L, C, B, args.items, device)
-        ms = {}
-        for name, key in (("limit_miss_ms", "ta"), ("limit_hit_ms", "th")):
-            run = _Graph(fns[key]).replay
-            for _ in range(3):
-                run()
-            ms[name] = float(np.median(_timed(run, args.repeats, True)))
-    return ms
+        return {name: events_ms(_Graph(fns[key]).replay, args.repeats)
+                for name, key in (("limit_miss_ms", "ta"), ("limit_hit_ms", "th"))}
 
 
 def add_limit_ratios(rows: list[dict]) -> None:

@@ -119,13 +119,11 @@ class KVCache:
         copy = lambda t: t.clone(memory_format=torch.contiguous_format)  # noqa: E731  (never a view of a graph buffer)
         hist = self.history._map(lambda t: copy(t[b:b + 1, :w]), rows=lambda t: copy(t[b:b + 1]))
         kv = [t[b:b + 1, :, :wt] for t in (*self.keys, *self.values)]  # (1, H, wt, hd) each
-        if len({(t.shape, t.dtype) for t in kv}) > 1:
-            return self._with(lambda t: copy(t[b:b + 1, :, :wt]), hist, copy(self.user_vectors[b:b + 1]))
         # every layer's keys and values in one buffer: one allocation and one copy per stored row,
         # not 2 x layers (a GPU batch of 64 misses made 512 allocations of 1 MB each for the cache)
-        flat = torch.stack(kv)  # (2 * layers, 1, H, wt, hd)
+        kv = list(torch.stack(kv)) if len({(t.shape, t.dtype) for t in kv}) == 1 else [copy(t) for t in kv]
         n_layers = len(self.keys)
-        return KVCache(keys=list(flat[:n_layers]), values=list(flat[n_layers:]), history=hist,
+        return KVCache(keys=kv[:n_layers], values=kv[n_layers:], history=hist,
                        user_vectors=copy(self.user_vectors[b:b + 1]), tokens_per_action=self.tokens_per_action)
 
     @staticmethod

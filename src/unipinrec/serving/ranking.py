@@ -57,27 +57,15 @@ class Ranker:
         self.ms_per_candidate = per if self.ms_per_candidate is None else 0.8 * self.ms_per_candidate + 0.2 * per
 
     def items(self, k: int, ids, ret_scores, probs, utility) -> list[dict]:
+        """One request's top k by utility (ties in retrieval order)."""
         top = np.argsort(-utility, kind="stable")[:k]
-        names = self.task_names
-        # tolist() converts each column at once (per-element float() was most of this stage)
-        return [{"item_id": i, "score": u, "retrieval_score": r, "tasks": dict(zip(names, p))}
-                for i, u, r, p in zip(ids[top].tolist(), utility[top].tolist(), ret_scores[top].tolist(),
-                                      probs[top].tolist())]
-
-    def items_batch(self, ks: Sequence[int], ids, ret_scores, probs, utility, found) -> list[list[dict]]:
-        """`items` of a whole batch at once: (B, C) ids, retrieval scores and utility, (B, C, T)
-        probabilities, found (B, C) marking each row's real candidates (a prefix). One sort for
-        the batch, not per request; the same order as `items`."""
-        util = np.where(found, utility, -np.inf)  # not found: after every found one
-        top = np.argsort(-util, axis=1, kind="stable")[:, :max(ks)]  # (B, kmax)
-        take = lambda a: np.take_along_axis(a, top, axis=1)  # noqa: E731
-        counts = np.minimum(np.asarray(ks), found.sum(axis=1))
-        return self.items_ranked(take(ids), take(ret_scores), np.take_along_axis(probs, top[..., None], axis=1),
-                                 take(utility), counts)
+        return self.items_ranked(ids[top][None], ret_scores[top][None], probs[top][None], utility[top][None],
+                                 [len(top)])[0]
 
     def items_ranked(self, ids, ret_scores, probs, utility, counts) -> list[list[dict]]:
         """Rows already in the response's order (the fused graph sorts on the device) -> each
-        row's first counts[b] items; one `tolist` per array for the batch."""
+        row's first counts[b] items; one `tolist` per array for the batch (per-element float()
+        was most of this stage)."""
         i_, u_, r_, p_ = ids.tolist(), utility.tolist(), ret_scores.tolist(), probs.tolist()
         names = self.task_names
         return [[{"item_id": i, "score": u, "retrieval_score": r, "tasks": dict(zip(names, p))}
