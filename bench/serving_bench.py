@@ -37,7 +37,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 MODES = {"a": "unified, KV shared", "b": "unified, re-encode", "c": "two models"}
-ARCHIVES = {"a": "unipinrec", "b": "unipinrec_recompute", "c": "unipinrec_baseline", "d": "unipinrec_kv"}
+ARCHIVES = {"a": "unipinrec", "b": "unipinrec_recompute", "c": "unipinrec_baseline", "d": "unipinrec_kv",
+            "f": "floor"}
+# (f) TorchServe's own floor: the same bodies, clients and settings, a handler that answers a fixed
+# response without the engine (TorchServe still decodes the JSON body); what any mode pays on top
+FLOOR = {"f": "floor: no engine"}
+FLOOR_HANDLER = '''"""The floor of the HTTP bench: TorchServe's own path, a fixed answer, no engine."""
+ANSWER = {"items": [{"item_id": i, "score": 0.0} for i in range(20)], "timings_ms": {"total": 0.0}}
+
+
+def handle(data, ctx):
+    return None if data is None else [ANSWER for _ in data]
+'''
 HEADLINE = (2048, 256)
 RTS = 1_800_000_000
 TARGET_QPS_RATIO, TARGET_P50_RATIO, TARGET_EFFICIENCY = 1.64, 0.75, 0.90
@@ -149,7 +160,7 @@ def print_table(rows: list[dict], title: str) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['L']:>5} {r['C']:>4} {r['mode'] + ' ' + MODES.get(r['mode'], ''):<22} {r['p50_ms']:>8.1f} "
+        print(f"{r['L']:>5} {r['C']:>4} {r['mode'] + ' ' + {**MODES, **FLOOR}.get(r['mode'], ''):<22} {r['p50_ms']:>8.1f} "
               f"{r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['qps']:>7.2f} {r.get('gflops', float('nan')):>7.2f} "
               f"{r.get('qps_vs_c', float('nan')):>8.3f} {r.get('p50_vs_c', float('nan')):>8.3f} "
               f"{r.get('flop_ratio_c_over') or float('nan'):>10.3f}")
@@ -247,7 +258,9 @@ def start_servers(store: Path, work: Path, args) -> dict:
         from unipinrec.serving import kserve_server as ks
 
         # the archives' settings: minWorkers engines x torch_threads, batchSize, maxBatchDelay
-        info = ks.start(store, work / "run-kserve", port=ts.free_port(), token_auth=False, timeout_s=600)
+        engines_only = [f"{n}={n}.mar" for m, n in ARCHIVES.items() if m not in FLOOR]  # (f) is TorchServe's
+        info = ks.start(store, work / "run-kserve", models=engines_only, port=ts.free_port(), token_auth=False,
+                        timeout_s=600)
         servers["kserve"] = (lambda name, i=info: f"{i.inference}/v1/models/{name}:predict",
                              lambda: ks.stop(work / "run-kserve"))
     return servers
@@ -277,12 +290,32 @@ def build_archives(paths: dict, index_dirs: dict, store: Path, args, gpu: dict) 
                      ranking_dir=paths["ranking"], engine={**gpu, "kv_cache_bytes": 0}, **common)
     ts.build_archive(paths["unified"], index_dirs["unified"], store, name=ARCHIVES["d"],  # one worker: one cache
                      engine={**gpu, "kv_cache_bytes": 1024 * 2**20}, **{**common, "workers": 1})
+    if "torchserve" in args.runtime:
+        build_floor_archive(store, args)
+
+
+def build_floor_archive(store: Path, args) -> None:
+    """(f): FLOOR_HANDLER in an archive with the same batchSize, maxBatchDelay and workers."""
+    import subprocess
+
+    import yaml
+    from unipinrec.serving.torchserve import _bin
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "floor_handler.py").write_text(FLOOR_HANDLER)
+        (Path(tmp) / "model-config.yaml").write_text(yaml.safe_dump(
+            {"minWorkers": args.workers, "maxWorkers": args.workers, "batchSize": args.batch_size,
+             "maxBatchDelay": args.max_batch_delay, "responseTimeout": 300}))
+        subprocess.run([_bin("torch-model-archiver"), "--model-name", ARCHIVES["f"], "--version", "1",
+                        "--handler", str(Path(tmp) / "floor_handler.py"), "--config-file",
+                        str(Path(tmp) / "model-config.yaml"), "--export-path", str(store), "--force"],
+                       check=True, capture_output=True)
 
 
 def timed_rounds(servers: dict, L: int, C: int, args) -> tuple[dict, dict]:
     """Latencies and wall time per (runtime, mode); rounds interleave runtimes and modes, so a
     noisy neighbour hits all of them."""
-    keys = [(rt, m) for rt in servers for m in MODES]
+    keys = [(rt, m) for rt in servers for m in MODES] + [("torchserve", "f")] * ("torchserve" in servers)
     lat, wall = {k: [] for k in keys}, {k: 0.0 for k in keys}
     for rt, m in keys:  # warm-up
         warm = make_bodies(args.clients, L, C, args.items, seed=11, first_user=10**6)
@@ -310,7 +343,8 @@ def p50_overhead(servers: dict, engine, L: int, C: int, args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)  # as each server worker runs it
     # per runtime: HTTP latency, and "RT engine": the engine's own time in the server's worker
-    lat = {"inprocess": [], **{k: [] for rt in servers for k in (rt, f"{rt} engine")}}
+    lat = {"inprocess": [], **{k: [] for rt in servers for k in (rt, f"{rt} engine")},
+           **({"torchserve floor": []} if "torchserve" in servers else {})}
     with requests.Session() as s:
         for i, b in enumerate([bodies[0]] + bodies):  # the first one warms every path
             parsed = json.loads(payload(b, args))
@@ -324,6 +358,12 @@ def p50_overhead(servers: dict, engine, L: int, C: int, args) -> dict:
                 ms[rt] = (time.perf_counter() - t) * 1000
                 assert r.status_code == 200, r.text[:200]
                 ms[f"{rt} engine"] = r.json()["timings_ms"]["total"]
+            if "torchserve" in servers:  # the same body through TorchServe's floor (f)
+                t = time.perf_counter()
+                r = s.post(servers["torchserve"][0](ARCHIVES["f"]), data=payload(b, args),
+                           headers={"Content-Type": "application/json"}, timeout=600)
+                ms["torchserve floor"] = (time.perf_counter() - t) * 1000
+                assert r.status_code == 200, r.text[:200]
             if i:
                 for k, v in ms.items():
                     lat[k].append(v)
@@ -334,6 +374,8 @@ def p50_overhead(servers: dict, engine, L: int, C: int, args) -> dict:
         out[f"{rt}_engine_p50_ms"] = statistics.median(lat[f"{rt} engine"])
         # per body, HTTP minus in-process: less noisy than the difference of the medians
         out[f"{rt}_overhead_ms"] = statistics.median(h - e for h, e in zip(lat[rt], lat["inprocess"]))
+    if "torchserve" in servers:
+        out["torchserve_floor_p50_ms"] = statistics.median(lat["torchserve floor"])
     return out
 
 
@@ -363,7 +405,7 @@ def http_bench(args) -> dict:
                 lat, wall = timed_rounds(servers, L, C, args)
                 for (rt, m), got in lat.items():
                     row = {"runtime": rt, "L": L, "C": C, "mode": m, **summarize(got, len(got), wall[(rt, m)]),
-                           "gflops": flops[m] / 1e9}
+                           "gflops": flops.get(m, 0.0) / 1e9}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                 for rt, (url, _) in servers.items():
@@ -395,6 +437,8 @@ def http_bench(args) -> dict:
                                                           f"{o[f'{rt}_engine_p50_ms']:.1f}; median "
                                                           f"overhead per body {o[f'{rt}_overhead_ms']:+.1f} ms)"
                                                           for rt in args.runtime))
+        if "torchserve_floor_p50_ms" in o:
+            print(f"   torchserve's floor (f), the same bodies with no engine: p50 {o['torchserve_floor_p50_ms']:.1f} ms")
     return {"rows": rows, "kv_cache": kv_rows, "headline": verdicts, "overhead": overhead}
 
 

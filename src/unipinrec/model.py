@@ -63,6 +63,7 @@ class KVCache:
     history: "Actions"  # (B, W) what was encoded: item rows, action ids, ts, ... and request_ts
     user_vectors: torch.Tensor  # (B, D)
     tokens_per_action: int = 1
+    buffer: torch.Tensor | None = None  # (2 x layers, B, H, Wt, Dh) when keys, then values, are its views
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -91,6 +92,12 @@ class KVCache:
         """Bytes of tensor data (keys, values, history, user vectors)."""
         kv = sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
         return kv + self.history.nbytes + self.user_vectors.numel() * self.user_vectors.element_size()
+
+    def stacked(self) -> torch.Tensor | None:
+        """(2 x layers, B, H, Wt, Dh): the one buffer keys then values are views of (as `row`
+        makes them), so copying a cached row is one copy; None when they are separate tensors."""
+        b = self.buffer
+        return b if b is not None and b.data_ptr() == self.keys[0].data_ptr() else None
 
     def _with(self, kv_fn, history: "Actions", user_vectors: torch.Tensor) -> "KVCache":
         return KVCache(keys=[kv_fn(k) for k in self.keys], values=[kv_fn(v) for v in self.values], history=history,
@@ -121,10 +128,12 @@ class KVCache:
         kv = [t[b:b + 1, :, :wt] for t in (*self.keys, *self.values)]  # (1, H, wt, hd) each
         # every layer's keys and values in one buffer: one allocation and one copy per stored row,
         # not 2 x layers (a GPU batch of 64 misses made 512 allocations of 1 MB each for the cache)
-        kv = list(torch.stack(kv)) if len({(t.shape, t.dtype) for t in kv}) == 1 else [copy(t) for t in kv]
+        buffer = torch.stack(kv) if len({(t.shape, t.dtype) for t in kv}) == 1 else None
+        kv = list(buffer) if buffer is not None else [copy(t) for t in kv]
         n_layers = len(self.keys)
         return KVCache(keys=kv[:n_layers], values=kv[n_layers:], history=hist,
-                       user_vectors=copy(self.user_vectors[b:b + 1]), tokens_per_action=self.tokens_per_action)
+                       user_vectors=copy(self.user_vectors[b:b + 1]), tokens_per_action=self.tokens_per_action,
+                       buffer=buffer)
 
     @staticmethod
     def cat(caches: list["KVCache"]) -> "KVCache":

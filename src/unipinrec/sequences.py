@@ -3,7 +3,7 @@
 
 A per-action field is a field of `Actions` made with `action_field(record_name)`. Every
 operation here (pad, trim, slice, append, concatenate, move, select rows, count bytes,
-fingerprint) loops over `Actions.per_action_fields()`, and `History` keys its arrays by the
+compare) loops over `Actions.per_action_fields()`, and `History` keys its arrays by the
 same names, so a subclass that adds one field gets all of them::
 
     @dataclass(kw_only=True)
@@ -15,7 +15,6 @@ Imports torch and numpy only.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
@@ -266,17 +265,16 @@ class History:
     def concat(self, new: "History") -> "History":
         return History(self.spec, **{n: np.concatenate([a, new.arrays[n]]) for n, a in self.arrays.items()})
 
-    def fingerprint(self, extra: int | None = None) -> bytes:
-        """16 bytes identifying these actions (and `extra`): what the KV cache compares. SHA-256,
-        which CPUs with SHA instructions hash about 2x faster than BLAKE2b (55 vs 102 us for a 2,048-
-        action history here), read from the arrays' memory without copying it."""
-        h = hashlib.sha256()
-        for a in self.arrays.values():
-            h.update(np.ascontiguousarray(a, dtype=np.int64))
-            h.update(b"|")
-        if extra is not None:
-            h.update(int(extra).to_bytes(8, "little", signed=True))
-        return h.digest()[:16]
+    def as_bytes(self) -> tuple[bytes, ...]:
+        """The actions' arrays as bytes, field by field: what the KV cache keeps to compare with."""
+        return tuple(a.tobytes() for a in self.arrays.values())
+
+    def starts_with(self, actions: tuple[bytes, ...], length: int) -> bool:
+        """True when this history's first `length` actions are exactly `actions` (`as_bytes` of
+        a history of that length): bytes compared field by field, stopping at the first that
+        differs (12 us for 2,048 equal actions of 8 fields, where SHA-256 over them took 98)."""
+        return len(self) >= length and len(actions) == len(self.arrays) and all(
+            a[:length].tobytes() == b for a, b in zip(self.arrays.values(), actions))
 
     @property
     def nbytes(self) -> int:

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from unipinrec.sequences import Actions, History
-from unipinrec.serving.kv_cache import ByteLRU, UserKVCache
+from unipinrec.serving.kv_cache import ENTRY_OVERHEAD_BYTES, ByteLRU, UserKVCache
 
 
 class Clock:
@@ -110,6 +110,25 @@ def test_user_cache_hit_extend_miss():
     assert cache.stats.as_dict() == {"hits": 1, "extends": 1, "misses": 4}
 
 
+def test_user_cache_compares_every_action_of_every_field_and_keeps_its_own_copy():
+    cache = UserKVCache(10**6)
+    h = _hist(8)
+    kept = History(**{n: a.copy() for n, a in h.arrays.items()})
+    kv = _kv([8], 8).row(0)
+    cache.put(3, kv, h, 1)
+    assert cache.lru.bytes == kv.nbytes + h.nbytes + ENTRY_OVERHEAD_BYTES  # the actions it keeps are counted
+    for name in h.arrays:  # one action of one field differs, first or last: a miss, also as a longer history's prefix
+        for j in (0, 7):
+            arr = h.arrays[name].copy()
+            arr[j] += 1
+            other = History(**{**h.arrays, name: arr})
+            assert cache.lookup(3, other, 1, 16).status == "miss"
+            assert cache.lookup(3, other.concat(h.take(slice(0, 2))), 1, 16).status == "miss"
+    h.arrays["items"][:] += 1  # the caller's arrays change after the put: the entry compares with its own copy
+    assert cache.lookup(3, kept, 1, 16).status == "hit"
+    assert cache.lookup(3, h, 1, 16).status == "miss"
+
+
 def test_request_time_dependent_tokens_hit_only_at_the_same_request_ts():
     cache = UserKVCache(10**6, request_dependent=True)
     h = _hist(6)
@@ -125,3 +144,30 @@ def test_disabled_cache_stores_nothing():
     cache.put(1, _kv([4], 4).row(0), h, 1)
     assert not cache.enabled and cache.lookup(1, h, 1, 16).status == "miss"
     assert len(cache.lru) == 0
+
+
+def test_cached_rows_go_into_the_graph_buffers_one_copy_each_with_the_same_result():
+    """A GPU batch of hits copies each stored row (every layer's keys and values, one buffer)
+    into the graph's one padded buffer in one copy; the per-layer path gives the same bytes."""
+    from unipinrec.model import KVCache
+    from unipinrec.serving.fused import FusedGraphs
+    from unipinrec.serving.graphs import _dummy_actions
+
+    kv = _kv([3, 8, 5], width=8)
+    rows = [kv.row(i) for i in range(3)]
+    assert all(r.stacked() is not None for r in rows)
+    loose = [KVCache(keys=[k.clone() for k in r.keys], values=[v.clone() for v in r.values], history=r.history,
+                     user_vectors=r.user_vectors) for r in rows]  # separate tensors: no buffer
+    assert loose[0].stacked() is None
+    out = {}
+    for name, cached in (("stacked", rows), ("loose", loose)):
+        st = FusedGraphs._static_kv(_dummy_actions(4, 8, "cpu"), cached[0])
+        assert (st.stacked() is not None) == (name == "stacked")
+        FusedGraphs._copy_cached(st, cached)
+        out[name] = st
+        for i, n in enumerate([3, 8, 5]):
+            for got, want in zip(st.keys + st.values, kv.keys + kv.values):
+                assert torch.equal(got[i, :, :n], want[i, :, :n])
+        assert torch.equal(st.user_vectors[:3], kv.user_vectors)
+    for a, b in zip(out["stacked"].keys + out["stacked"].values, out["loose"].keys + out["loose"].values):
+        assert torch.equal(a, b)

