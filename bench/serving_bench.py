@@ -291,25 +291,30 @@ def build_archives(paths: dict, index_dirs: dict, store: Path, args, gpu: dict) 
     ts.build_archive(paths["unified"], index_dirs["unified"], store, name=ARCHIVES["d"],  # one worker: one cache
                      engine={**gpu, "kv_cache_bytes": 1024 * 2**20}, **{**common, "workers": 1})
     if "torchserve" in args.runtime:
-        build_floor_archive(store, args)
+        build_floor_archive(store, workers=args.workers, batch_size=args.batch_size,
+                            max_batch_delay=args.max_batch_delay)
 
 
-def build_floor_archive(store: Path, args) -> None:
-    """(f): FLOOR_HANDLER in an archive with the same batchSize, maxBatchDelay and workers."""
+def build_floor_archive(store: Path, *, workers: int, batch_size: int, max_batch_delay: int,
+                        name: str = ARCHIVES["f"]) -> None:
+    """(f): FLOOR_HANDLER in an archive with the engines' batchSize, maxBatchDelay and workers."""
     import subprocess
 
     import yaml
     from unipinrec.serving.torchserve import _bin
 
+    store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "floor_handler.py").write_text(FLOOR_HANDLER)
         (Path(tmp) / "model-config.yaml").write_text(yaml.safe_dump(
-            {"minWorkers": args.workers, "maxWorkers": args.workers, "batchSize": args.batch_size,
-             "maxBatchDelay": args.max_batch_delay, "responseTimeout": 300}))
-        subprocess.run([_bin("torch-model-archiver"), "--model-name", ARCHIVES["f"], "--version", "1",
-                        "--handler", str(Path(tmp) / "floor_handler.py"), "--config-file",
-                        str(Path(tmp) / "model-config.yaml"), "--export-path", str(store), "--force"],
-                       check=True, capture_output=True)
+            {"minWorkers": workers, "maxWorkers": workers, "batchSize": batch_size, "maxBatchDelay": max_batch_delay,
+             "responseTimeout": 300}))
+        res = subprocess.run([_bin("torch-model-archiver"), "--model-name", name, "--version", "1",
+                              "--handler", str(Path(tmp) / "floor_handler.py"), "--config-file",
+                              str(Path(tmp) / "model-config.yaml"), "--export-path", str(store), "--force"],
+                             capture_output=True, text=True)
+        if res.returncode:
+            raise RuntimeError(f"torch-model-archiver failed: {res.stderr.strip() or res.stdout.strip()}")
 
 
 def timed_rounds(servers: dict, L: int, C: int, args) -> tuple[dict, dict]:

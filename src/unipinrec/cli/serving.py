@@ -69,7 +69,9 @@ def package_cmd(
     recompute: bool = typer.Option(False, "--recompute/--no-recompute",
                                    help="Also package unipinrec_recompute.mar: unified, history re-encoded for ranking."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="TorchServe batchSize (default: serving/model-config.yaml)."),
-    max_batch_delay: Optional[int] = typer.Option(None, "--max-batch-delay", help="TorchServe maxBatchDelay in ms."),
+    max_batch_delay: Optional[int] = typer.Option(
+        None, "--max-batch-delay", help="TorchServe maxBatchDelay in ms (at least 1: at 0 TorchServe 0.12 holds "
+                                        "each request about 100 ms, bench/torchserve_floor.py)."),
     kv_cache_mb: Optional[int] = typer.Option(None, "--kv-cache-mb", help="Cross-request KV cache size (0 = off)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Workers per model (default 1; more breaks the "
                                           "split retrieve/rank flow, whose handles live in one worker)."),
