@@ -645,3 +645,26 @@ def test_kv_row_is_one_copy_of_the_row_in_one_buffer():
         for t in kv.keys + kv.values:
             t.zero_()  # the batch's buffers reused: the stored row keeps its values
     assert torch.equal(r.keys[-1], before) and r.keys[-1].abs().sum() > 0
+
+
+def test_kv_rows_of_a_batch_equal_each_row_and_own_their_bytes():
+    """`rows` (how a batch of misses is stored) gives each row exactly what `row` gives it: trimmed,
+    copied in one call, a buffer per row for its keys and values and one for its history."""
+    m = make_model(dropout=0.0)
+    lengths = [L, 3, 5]
+    with torch.inference_mode():
+        kv = m.encode_history(make_history(lengths, width=L))[1]
+        kv = kv._with(lambda t: t.contiguous(), kv.history, kv.user_vectors)
+        got = kv.rows([2, 0], [5, L])
+        want = [kv.row(2, 5), kv.row(0)]
+    for g, w in zip(got, want):
+        for a, b in zip(g.keys + g.values, w.keys + w.values):
+            assert torch.equal(a, b) and a.is_contiguous()
+        for name in (*g.history.per_action_fields(), "lengths", "request_ts"):
+            assert torch.equal(getattr(g.history, name), getattr(w.history, name))
+        assert torch.equal(g.user_vectors, w.user_vectors) and g.nbytes == w.nbytes
+        assert g.stacked() is not None and len({t.untyped_storage().data_ptr() for t in g.keys + g.values}) == 1
+        names = g.history.per_action_fields()
+        assert len({getattr(g.history, n).untyped_storage().data_ptr() for n in names}) == 1
+    assert got[0].keys[0].untyped_storage().data_ptr() != got[1].keys[0].untyped_storage().data_ptr()
+    assert got[0].history.lengths.tolist() == [5] and got[1].keys[0].shape[2] == L * kv.tokens_per_action

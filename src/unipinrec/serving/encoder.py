@@ -55,10 +55,10 @@ class HistoryEncoder:
                 parts.append((KVCache.cat([looked[i].kv.to(self.device) for i in hit]), hit))
             kv = parts[0][0] if len(parts) == 1 else self._in_order(KVCache.cat([p[0] for p in parts]), parts)
         if caching:
-            for i, p in enumerate(preps):
-                if status[i] != "hit":
-                    window = p.window(L)
-                    self.user_cache.put(p.req.user_id, kv.row(i, len(window)), window, p.request_ts)
+            new = [i for i, s in enumerate(status) if s != "hit"]
+            windows = [preps[i].window(L) for i in new]
+            for i, window, row in zip(new, windows, kv.rows(new, [len(w) for w in windows])):
+                self.user_cache.put(preps[i].req.user_id, row, window, preps[i].request_ts)
         return kv, status
 
     def _encode_new(self, model, preps: Sequence[Resolved], L: int, role: str):

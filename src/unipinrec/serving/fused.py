@@ -223,8 +223,9 @@ def launch(engine, preps: Sequence[Resolved], fused: FusedGraphs):
     pending = Pending(engine, preps, packed[:B], "hit" if hits else "miss")
     if looked is not None and not hits:
         kv = _first_rows(kv, B, acts)
-        for i, (p, w) in enumerate(zip(preps, windows)):
-            cache.put(p.req.user_id, kv.row(i, len(w)), w, p.request_ts)  # the length from here: no wait for the graph
+        stored = kv.rows(range(B), [len(w) for w in windows])  # the lengths from here: no wait for the graph
+        for p, w, row in zip(preps, windows, stored):
+            cache.put(p.req.user_id, row, w, p.request_ts)
     return pending, looked
 
 
