@@ -25,7 +25,7 @@ import serving_bench as sb  # noqa: E402
 
 from unipinrec.sequences import Actions  # noqa: E402
 from unipinrec.serving import fused  # noqa: E402
-from unipinrec.serving.graphs import Buckets, _Graph, to_device, to_host  # noqa: E402
+from unipinrec.serving.graphs import Buckets, _Graph, to_host  # noqa: E402
 from unipinrec.serving.request import parse_request  # noqa: E402
 from unipinrec.serving.timing import StageTimer  # noqa: E402
 
@@ -78,14 +78,13 @@ def host_steps(eng, reqs, n=30):
         b = Buckets(max_history=L)
         windows = [p.window(L) for p in preps]
         t = mark("windows", t)
-        rows = b.batch(len(preps))
+        rows, width = b.batch(len(preps)), b.width(max(len(w) for w in windows))
         acts = Actions.from_histories(windows, [p.request_ts for p in preps], device=eng.device, rows=rows,
-                                      width=b.width(max(len(w) for w in windows)))
+                                      width=width, out=eng.fused.input(rows, width))  # as fused.launch does
         t = mark("from_histories", t)
-        seen = fused._seen_before_window(preps, rows, L)
-        sd = to_device(seen, eng.device)
-        t = mark("seen+copy", t)
-        kv, packed = eng.fused.run(acts, sd, b.candidates(max(p.req.num_candidates for p in preps)))
+        seen = torch.from_numpy(fused._seen_before_window(preps, rows, L)).pin_memory()
+        t = mark("seen (pinned)", t)
+        kv, packed = eng.fused.run(acts, seen, b.candidates(max(p.req.num_candidates for p in preps)))
         t = mark("run (copies+replay launch)", t)
         host = to_host(packed[:len(preps)])
         t = mark("to_host (waits for GPU)", t)

@@ -40,6 +40,23 @@ def test_history_batch_from_histories_truncates_and_names_bad_input():
         batch_histories([[(7, 1, 5), (8, 1, 2)]], [9], v, 10)
 
 
+def test_from_histories_into_a_static_buffer_is_views_of_it_with_the_same_batch():
+    """A GPU graph's static input: the batch copied into `out` once, its fields views of it."""
+    from unipinrec.sequences import Actions, History
+
+    hs = [History(items=[3, 4, 5], actions=[1, 2, 1], ts=[1, 2, 3]), History(items=[6], actions=[0], ts=[9])]
+    want = Actions.from_histories(hs, [10, 20], rows=4, width=8)
+    out = torch.full((Actions.flat_size(4, 8),), -1, dtype=torch.long)
+    got = Actions.from_histories(hs, [10, 20], rows=4, width=8, out=out)
+    for name in (*Actions.per_action_fields(), "lengths", "request_ts"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+        assert getattr(got, name).untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+    assert (out >= 0).all()  # every element written: padding rows and columns too
+    assert torch.equal(Actions.of_flat(out, 4, 8).items, want.items)
+    with pytest.raises(ValueError, match="out: 10 elements, the batch needs"):
+        Actions.from_histories(hs, [10, 20], rows=4, width=8, out=torch.zeros(10, dtype=torch.long))
+
+
 def _examples() -> pa.Table:
     rows = [
         {"user_id": 1, "request_ts": 100,

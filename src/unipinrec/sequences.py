@@ -166,11 +166,13 @@ class Actions:
     @classmethod
     def from_histories(cls, histories: Sequence["History"], request_ts: Sequence[int], *,
                        vocab=None, max_history: int | None = None, device="cpu", rows: int | None = None,
-                       width: int | None = None) -> "Actions":
+                       width: int | None = None, out: torch.Tensor | None = None) -> "Actions":
         """Histories (raw ids mapped through `vocab`, or already rows when vocab is None) ->
         one right-padded batch of each one's last `max_history` actions, in one host buffer
         (pinned when `device` is CUDA) and one copy to `device`. `rows`/`width`: pad the batch
-        to at least that many rows (empty histories) and columns (static shapes on a GPU)."""
+        to at least that many rows (empty histories) and columns (static shapes on a GPU).
+        `out`: a `flat_size(rows, width)` tensor on `device` to copy into (a CUDA graph's static
+        input: the batch is then views of it, and nothing is copied again)."""
         if len(histories) != len(request_ts):
             raise ValueError(f"{len(histories)} histories but {len(request_ts)} request_ts values")
         kept = [h if max_history is None else h.last(max_history) for h in histories]
@@ -197,10 +199,25 @@ class Actions:
         flat[F_ * B * W:] = 0
         flat[F_ * B * W:F_ * B * W + n] = np.fromiter((len(h) for h in kept), dtype=np.int64, count=n)
         flat[F_ * B * W + B:F_ * B * W + B + n] = np.asarray(list(request_ts), dtype=np.int64)
-        dev = host.to(device, non_blocking=pin)
-        planes = dev[:F_ * B * W].view(F_, B, W)
-        cols = {name: planes[j] for j, name in enumerate(names)}
-        return cls(**cols, lengths=dev[F_ * B * W:F_ * B * W + B], request_ts=dev[F_ * B * W + B:])
+        if out is None:
+            return cls.of_flat(host.to(device, non_blocking=pin), B, W)
+        if out.numel() != host.numel():
+            raise ValueError(f"out: {out.numel()} elements, the batch needs {host.numel()} ({B} rows x {W})")
+        return cls.of_flat(out.copy_(host, non_blocking=pin), B, W)
+
+    @classmethod
+    def flat_size(cls, rows: int, width: int) -> int:
+        """Elements of a batch's flat buffer: every per-action field, then lengths and request_ts."""
+        return len(cls.per_action_fields()) * rows * width + 2 * rows
+
+    @classmethod
+    def of_flat(cls, flat: torch.Tensor, rows: int, width: int) -> "Actions":
+        """The batch whose fields are views of `flat` (`flat_size(rows, width)` longs)."""
+        names = cls.per_action_fields()
+        n = len(names) * rows * width
+        planes = flat[:n].view(len(names), rows, width)
+        return cls(**{name: planes[j] for j, name in enumerate(names)}, lengths=flat[n:n + rows],
+                   request_ts=flat[n + rows:])
 
 
 class History:

@@ -64,31 +64,46 @@ class FusedGraphs:
     def __init__(self, engine):
         self.engine = engine
         self.graphs: dict[tuple, tuple] = {}
+        self.inputs: dict[tuple, torch.Tensor] = {}  # (rows, width) -> the static input of those graphs
 
-    def run(self, acts: Actions, seen_rows: torch.Tensor, cands: int, cached: list | None = None):
-        """cached: the batch's cross-request cache entries (all hits), copied into the graph's
-        KV buffers; else the graph encodes."""
+    def input(self, rows: int, width: int) -> torch.Tensor:
+        """The static input of the (rows, width) graphs, shared by all of them (replays run in
+        stream order): `Actions.from_histories(out=...)` copies a batch straight into it."""
+        key = (rows, width)
+        if key not in self.inputs:
+            self.inputs[key] = torch.zeros(Actions.flat_size(rows, width), dtype=torch.long, device=self.engine.device)
+        return self.inputs[key]
+
+    def run(self, acts: Actions, seen: torch.Tensor, cands: int, cached: list | None = None):
+        """acts: the batch, on the device (views of `input(rows, width)` when it was built there:
+        nothing to copy); seen: its `_seen_before_window` rows on the host (pinned on a GPU);
+        cached: the batch's cross-request cache entries (all hits), copied into the graph's KV
+        buffers; else the graph encodes."""
         e = self.engine
         r = e.retriever
         args = (e.ret.model, None if e.share_kv else e.rnk.model, r.index, r._row_to_pos, r._pos_to_row,
                 e.ranker.weights)
+        eager = lambda: serve_fn(*args, acts, seen.to(e.device, non_blocking=True), cands,  # noqa: E731
+                                 kv=None if cached is None else self._cat(cached, acts))
         if e.graphs is None:  # CPU: the same function, eagerly
-            return serve_fn(*args, acts, seen_rows, cands, kv=None if cached is None else self._cat(cached, acts))
-        from .graphs import _dummy_actions, _Graph
+            return eager()
+        from .graphs import _Graph
 
-        key = (acts.batch_size, acts.width, seen_rows.shape[1], cands, cached is not None)
+        B, W = acts.batch_size, acts.width
+        key = (B, W, seen.shape[1], cands, cached is not None)
         if key not in self.graphs:
             if len(self.graphs) >= e.config.max_graphs:
-                return serve_fn(*args, acts, seen_rows, cands, kv=None if cached is None else self._cat(cached, acts))
-            st_acts = _dummy_actions(acts.batch_size, acts.width, e.device)
-            st_seen = torch.zeros_like(seen_rows)
+                return eager()
+            st_acts = Actions.of_flat(self.input(B, W), B, W)
+            st_seen = torch.zeros(seen.shape, dtype=seen.dtype, device=e.device)
             st_kv = None if cached is None else self._static_kv(st_acts, cached[0])
             fn = self.function(lambda: serve_fn(*args, st_acts, st_seen, cands, kv=st_kv))
             self.graphs[key] = (st_acts, st_seen, st_kv, _Graph(fn))
         st_acts, st_seen, st_kv, graph = self.graphs[key]
-        for name in (*Actions.per_action_fields(), "lengths", "request_ts"):
-            getattr(st_acts, name).copy_(getattr(acts, name))
-        st_seen.copy_(seen_rows)
+        if acts.lengths.data_ptr() != st_acts.lengths.data_ptr():  # not built in the static input
+            for name in (*Actions.per_action_fields(), "lengths", "request_ts"):
+                getattr(st_acts, name).copy_(getattr(acts, name))
+        st_seen.copy_(seen, non_blocking=True)
         if cached is not None:  # each entry is trimmed to its length: copy into the padded buffers
             self._copy_cached(st_kv, cached)
         return graph.replay()
@@ -199,7 +214,7 @@ def launch(engine, preps: Sequence[Resolved], fused: FusedGraphs):
     """Start a plain batch on the device (no wait) -> (Pending, the cache lookups made), or
     (None, lookups) when the batch is not plain. Misses are stored in the cross-request cache
     here, while the graph's KV buffers still hold this batch."""
-    from .graphs import Buckets, _first_rows, to_device
+    from .graphs import Buckets, _first_rows
 
     if not eligible(engine, preps):
         return None, None
@@ -216,9 +231,12 @@ def launch(engine, preps: Sequence[Resolved], fused: FusedGraphs):
     B = len(preps)
     C = max(p.req.num_candidates for p in preps)
     rows = b.batch(B)
+    width = b.width(max(len(w) for w in windows))
+    cuda = engine.device.type == "cuda"
     acts = Actions.from_histories(windows, [p.request_ts for p in preps], device=engine.device, rows=rows,
-                                  width=b.width(max(len(w) for w in windows)))
-    kv, packed = fused.run(acts, to_device(_seen_before_window(preps, rows, L), engine.device), b.candidates(C),
+                                  width=width, out=fused.input(rows, width) if engine.graphs is not None else None)
+    seen = torch.from_numpy(_seen_before_window(preps, rows, L))
+    kv, packed = fused.run(acts, seen.pin_memory() if cuda else seen, b.candidates(C),
                            cached=[lk.kv for lk in looked] if hits else None)
     pending = Pending(engine, preps, packed[:B], "hit" if hits else "miss")
     if looked is not None and not hits:
