@@ -559,10 +559,9 @@ def limit_fns(eng: dict, L: int, C: int, B: int, items: int, device: str) -> dic
     ua, uc = (eng[m].retriever.index.vectors for m in ("a", "c"))
     top = lambda kv, vec: (kv.user_vectors.to(vec.dtype) @ vec.T).topk(C, dim=1)  # noqa: E731
 
-    def with_top_k(model, vec, ranker, rank_kv=None):
+    def with_top_k(model, vec, ranker, rank_kv=None):  # returns the top-K too: torch.compile drops unused work
         kv = model.encode_history(h)[1]
-        top(kv, vec)
-        return ranker.rank(cand, kv if rank_kv is None else rank_kv())
+        return top(kv, vec), ranker.rank(cand, kv if rank_kv is None else rank_kv())
 
     kv0 = uni.encode_history(h)[1]  # a cross-request cache hit's KV, encoded before
     # the same plus retrieval (exact top-K over the catalog), as the engine's fused graph does;
