@@ -799,12 +799,53 @@ def ann_bench(args) -> dict:
                                                                     "query_ms_per_query", "exact_query_ms_per_query",
                                                                     "build_s", "tuning")},
            "single_query_ms": one_ms}
+    if args.device:
+        out["gpu"] = ann_gpu_rows(index, v, queries[len(queries) // 2:], single, args.device)
     print(json.dumps(out, indent=2))
     print(f"\nANN {report.factory} on {n:,} x {d}: recall@100 = {report.recall_at_k:.4f} vs exact "
           f"(target >= 0.95: {'met' if report.recall_at_k >= 0.95 else 'NOT met'}) on {len(queries) - len(queries) // 2} "
           f"held-out queries; {report.query_ms_per_query:.3f} ms/query batched, {one_ms:.3f} ms one at a time; exact "
           f"{report.exact_query_ms_per_query:.3f} ms/query batched; build {report.build_s:.0f} s")
+    for r in out.get("gpu", []):
+        print(f"  {r['index']:<34} recall@100 {r['recall_at_100']:.4f}  batch of {r['batch']}: "
+              f"{r['batch_ms']:.3f} ms ({r['batch_ms'] / r['batch']:.4f} ms/query)  one at a time {r['single_ms']:.3f} ms")
     return out
+
+
+def ann_gpu_rows(index, vectors: np.ndarray, held_out: np.ndarray, single: np.ndarray, device: str,
+                 batch: int = 64) -> list[dict]:
+    """The same queries through the host index, its faiss-gpu copy (`ItemIndex.on_gpu`) and the
+    exact torch top-K on the GPU (`TorchIndex`, what the engine uses up to torch_index_max_items):
+    recall@100 against the exact answer, a batch's time and one query's (medians)."""
+    import torch
+
+    from unipinrec.index import TorchIndex, recall_at_k
+
+    cuda = device.startswith("cuda")
+    exact = TorchIndex(torch.from_numpy(vectors).to(device), np.arange(len(vectors)), "bench")
+    truth = exact.search(held_out, 100)[1]
+    rows = []
+    gpu = index.on_gpu(device) if cuda else index
+    for name, ix in (("faiss, host", index), ("faiss-gpu (ItemIndex.on_gpu)", gpu),
+                     (f"torch exact top-K, {device} (fp32)", exact)):
+        if name.startswith("faiss-gpu") and ix is index:
+            continue  # no GPU here, or no faiss GPU support (on_gpu warned)
+        got = np.concatenate([ix.search(held_out[s:s + batch], 100)[1] for s in range(0, len(held_out), batch)])
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        timed = lambda qs: _median_ms(lambda: (ix.search(qs, 100), sync()))  # noqa: E731
+        rows.append({"index": name, "recall_at_100": recall_at_k(got, truth), "batch": batch,
+                     "batch_ms": timed(held_out[:batch]), "single_ms": timed(single[:1])})
+    return rows
+
+
+def _median_ms(fn, n: int = 30) -> float:
+    fn()
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1000)
+    return statistics.median(out)
 
 
 def main() -> None:
@@ -859,6 +900,7 @@ def main() -> None:
     a.add_argument("--kind", default="ivfpq")
     a.add_argument("--target", type=float, default=0.97)
     a.add_argument("--queries", type=int, default=1000)
+    a.add_argument("--device", help="also the exact torch top-K on this device (cuda: and the faiss-gpu copy)")
     a.add_argument("--out")
     args = p.parse_args()
     result = {"http": http_bench, "inprocess": inprocess_bench, "ann": ann_bench}[args.cmd](args)

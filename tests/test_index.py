@@ -95,6 +95,39 @@ def test_torch_index_matches_faiss_exact_search():
     np.testing.assert_allclose(fs, ts, rtol=1e-5, atol=1e-6)
 
 
+def test_on_gpu_without_faiss_gpu_keeps_the_host_index_and_says_why():
+    v = clustered(500, 8)
+    index, _ = build_index(v, np.arange(500), "v", None, num_queries=10)
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        pytest.skip("faiss has GPU support on this machine: the GPU copy is benchmarked in bench/serving_bench.py ann")
+    with pytest.warns(UserWarning, match="faiss has no GPU support here.*faiss-gpu-cu12"):
+        assert index.on_gpu("cuda:0") is index
+
+
+def test_a_gpu_index_hands_searches_past_its_k_limit_to_the_host_copy():
+    """faiss on a GPU returns at most GPU_MAX_K neighbours a query; a search needing more (k plus
+    the exclusions) goes to the host copy, so the answer is the same as on the host."""
+    v = clustered(3_000, 8, seed=4)
+    ids = np.arange(3_000)
+    host, _ = build_index(v, ids, "v", None, num_queries=10)
+
+    class Capped:  # stands for the GPU index: the same answers, and faiss's GPU limit on k
+        def __init__(self, index):
+            self.index, self.calls = index, []
+
+        def search(self, q, k):
+            self.calls.append(k)
+            assert k <= ItemIndex.GPU_MAX_K
+            return self.index.search(q, k)
+
+    gpu = ItemIndex(Capped(host.index), ids, "v")
+    gpu._gpu, gpu._cpu = object(), host.index
+    q = synthetic_queries(v, 2, seed=5)
+    for k, seen in ((10, [ids[:100], []]), (10, [ids[:2_100], []]), (2_500, None)):
+        assert all(np.array_equal(a, b) for a, b in zip(gpu.search(q, k, exclude=seen), host.search(q, k, exclude=seen)))
+    assert gpu.index.calls == [110]  # only the first fits the GPU's limit
+
+
 def test_search_pads_when_exclusions_leave_fewer_than_k():
     v = clustered(30, 4)
     index, _ = build_index(v, np.arange(30), "v", None, num_queries=10)
@@ -119,3 +152,4 @@ def tiny_model_dir(tmp_path):
 
     make_model_dir(tmp_path / "m", num_items=120, max_history=8)
     return tmp_path / "m"
+

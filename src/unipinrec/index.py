@@ -242,6 +242,7 @@ class ItemIndex:
         self.model_version = model_version
         self.meta = dict(meta or {"model_version": model_version})
         self._pos_of = None
+        self._gpu = self._cpu = None  # on a GPU: its faiss resources, and the index on the host
 
     @property
     def num_items(self) -> int:
@@ -280,6 +281,37 @@ class ItemIndex:
             _set_param(index, "k_factor_rf" if name == "k_factor" else name, value)
         return cls(index, ids, version, meta)
 
+    # faiss searches at most this many neighbours per query on a GPU
+    GPU_MAX_K = 2048
+
+    def on_gpu(self, device) -> "ItemIndex":
+        """The same index searched on `device`'s GPU (faiss-gpu: the IVF lists and codes in GPU
+        memory, fp16 lookup tables), or this one unchanged, with a warning saying why, when faiss
+        has no GPU support here or cannot move this kind of index. Searches take and return
+        host arrays either way; one that needs more than GPU_MAX_K neighbours per query (k plus
+        the exclusions) runs on the host copy, so no answer is cut short."""
+        import warnings
+
+        import faiss
+
+        gpu_id = int(str(device).partition(":")[2] or 0)
+        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() <= gpu_id:
+            warnings.warn("the item index searches on the CPU: faiss has no GPU support here (install "
+                          "faiss-gpu-cu12 instead of faiss-cpu)", stacklevel=2)
+            return self
+        resources = faiss.StandardGpuResources()
+        options = faiss.GpuClonerOptions()
+        options.useFloat16 = True  # PQ lookup tables in fp16: larger codes fit the GPU's shared memory
+        try:
+            index = faiss.index_cpu_to_gpu(resources, gpu_id, self.index, options)
+        except RuntimeError as e:  # a kind faiss cannot run on a GPU (e.g. HNSW)
+            warnings.warn(f"the item index searches on the CPU: faiss could not move {self.meta.get('factory')} "
+                          f"to the GPU ({str(e).splitlines()[0]})", stacklevel=2)
+            return self
+        out = ItemIndex(index, self.item_ids, self.model_version, {**self.meta, "device": f"cuda:{gpu_id}"})
+        out._gpu, out._cpu = resources, self.index  # the GPU memory lives as long as its resources
+        return out
+
     def search(self, queries: np.ndarray, k: int, exclude: Sequence[Sequence[int]] | None = None):
         """Top-`k` item ids and scores per query, skipping each query's `exclude` item ids.
 
@@ -290,7 +322,8 @@ class ItemIndex:
         b = len(queries)
         excl = [set(map(int, e)) if e is not None else set() for e in (exclude or [None] * b)]
         fetch = min(self.num_items, k + max((len(e) for e in excl), default=0))
-        scores, pos = self.index.search(queries, fetch)
+        index = self._cpu if self._gpu is not None and fetch > self.GPU_MAX_K else self.index
+        scores, pos = index.search(queries, fetch)
         out_ids = np.full((b, k), -1, dtype=np.int64)
         out_scores = np.full((b, k), -np.inf, dtype=np.float32)
         for i in range(b):

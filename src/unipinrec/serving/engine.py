@@ -176,6 +176,8 @@ class Engine:
             from ..index import TorchIndex
 
             index = TorchIndex.for_model(retrieval, index.item_ids, config.device)  # exact top-K on the GPU
+        elif torch.device(config.device).type == "cuda":
+            index = index.on_gpu(config.device)  # faiss-gpu beyond that (or the host, with a warning)
         popularity = None
         pop_path = Path(index_dir) / "popularity.npy"
         if pop_path.exists():
