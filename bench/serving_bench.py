@@ -290,7 +290,7 @@ def build_archives(paths: dict, index_dirs: dict, store: Path, args, gpu: dict) 
                      ranking_dir=paths["ranking"], engine={**gpu, "kv_cache_bytes": 0}, **common)
     ts.build_archive(paths["unified"], index_dirs["unified"], store, name=ARCHIVES["d"],  # one worker: one cache
                      engine={**gpu, "kv_cache_bytes": 1024 * 2**20}, **{**common, "workers": 1})
-    if "torchserve" in args.runtime:
+    if "torchserve" in args.runtime and args.floor:
         build_floor_archive(store, workers=args.workers, batch_size=args.batch_size,
                             max_batch_delay=args.max_batch_delay)
 
@@ -320,7 +320,7 @@ def build_floor_archive(store: Path, *, workers: int, batch_size: int, max_batch
 def timed_rounds(servers: dict, L: int, C: int, args) -> tuple[dict, dict]:
     """Latencies and wall time per (runtime, mode); rounds interleave runtimes and modes, so a
     noisy neighbour hits all of them."""
-    keys = [(rt, m) for rt in servers for m in MODES] + [("torchserve", "f")] * ("torchserve" in servers)
+    keys = [(rt, m) for rt in servers for m in MODES] + [("torchserve", "f")] * ("torchserve" in servers and args.floor)
     lat, wall = {k: [] for k in keys}, {k: 0.0 for k in keys}
     for rt, m in keys:  # warm-up
         warm = make_bodies(args.clients, L, C, args.items, seed=11, first_user=10**6)
@@ -349,7 +349,7 @@ def p50_overhead(servers: dict, engine, L: int, C: int, args) -> dict:
         torch.set_num_threads(args.threads)  # as each server worker runs it
     # per runtime: HTTP latency, and "RT engine": the engine's own time in the server's worker
     lat = {"inprocess": [], **{k: [] for rt in servers for k in (rt, f"{rt} engine")},
-           **({"torchserve floor": []} if "torchserve" in servers else {})}
+           **({"torchserve floor": []} if "torchserve" in servers and args.floor else {})}
     with requests.Session() as s:
         for i, b in enumerate([bodies[0]] + bodies):  # the first one warms every path
             parsed = json.loads(payload(b, args))
@@ -363,7 +363,7 @@ def p50_overhead(servers: dict, engine, L: int, C: int, args) -> dict:
                 ms[rt] = (time.perf_counter() - t) * 1000
                 assert r.status_code == 200, r.text[:200]
                 ms[f"{rt} engine"] = r.json()["timings_ms"]["total"]
-            if "torchserve" in servers:  # the same body through TorchServe's floor (f)
+            if "torchserve" in servers and args.floor:  # the same body through TorchServe's floor (f)
                 t = time.perf_counter()
                 r = s.post(servers["torchserve"][0](ARCHIVES["f"]), data=payload(b, args),
                            headers={"Content-Type": "application/json"}, timeout=600)
@@ -379,7 +379,7 @@ def p50_overhead(servers: dict, engine, L: int, C: int, args) -> dict:
         out[f"{rt}_engine_p50_ms"] = statistics.median(lat[f"{rt} engine"])
         # per body, HTTP minus in-process: less noisy than the difference of the medians
         out[f"{rt}_overhead_ms"] = statistics.median(h - e for h, e in zip(lat[rt], lat["inprocess"]))
-    if "torchserve" in servers:
+    if "torchserve floor" in lat:
         out["torchserve_floor_p50_ms"] = statistics.median(lat["torchserve floor"])
     return out
 
@@ -878,6 +878,8 @@ def main() -> None:
                    help="the requests' history: a list of actions, or columnar arrays")
     h.add_argument("--device", help="the in-process engine's device (cuda on the GPU machine, where TorchServe "
                                     "gives each worker the GPU; default cpu); on cuda the archives capture graphs")
+    h.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                   help="TorchServe's floor (f): the same bodies through a fixed-answer handler, measured beside")
     h.add_argument("--overhead-requests", type=int, default=12,
                    help="one-client requests of (a) per runtime for the p50 overhead over in-process (0: skip)")
     g = sub.choices["inprocess"]
