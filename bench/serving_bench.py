@@ -290,9 +290,14 @@ def build_archives(paths: dict, index_dirs: dict, store: Path, args, gpu: dict) 
                      ranking_dir=paths["ranking"], engine={**gpu, "kv_cache_bytes": 0}, **common)
     ts.build_archive(paths["unified"], index_dirs["unified"], store, name=ARCHIVES["d"],  # one worker: one cache
                      engine={**gpu, "kv_cache_bytes": 1024 * 2**20}, **{**common, "workers": 1})
-    if "torchserve" in args.runtime and args.floor:
+    if with_floor(args):
         build_floor_archive(store, workers=args.workers, batch_size=args.batch_size,
                             max_batch_delay=args.max_batch_delay)
+
+
+def with_floor(args) -> bool:
+    """Whether the run has TorchServe's floor model (f) beside the engines."""
+    return args.floor and "torchserve" in args.runtime
 
 
 def build_floor_archive(store: Path, *, workers: int, batch_size: int, max_batch_delay: int,
@@ -320,7 +325,7 @@ def build_floor_archive(store: Path, *, workers: int, batch_size: int, max_batch
 def timed_rounds(servers: dict, L: int, C: int, args) -> tuple[dict, dict]:
     """Latencies and wall time per (runtime, mode); rounds interleave runtimes and modes, so a
     noisy neighbour hits all of them."""
-    keys = [(rt, m) for rt in servers for m in MODES] + [("torchserve", "f")] * ("torchserve" in servers and args.floor)
+    keys = [(rt, m) for rt in servers for m in MODES] + [("torchserve", "f")] * with_floor(args)
     lat, wall = {k: [] for k in keys}, {k: 0.0 for k in keys}
     for rt, m in keys:  # warm-up
         warm = make_bodies(args.clients, L, C, args.items, seed=11, first_user=10**6)
@@ -347,28 +352,24 @@ def p50_overhead(servers: dict, engine, L: int, C: int, args) -> dict:
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)  # as each server worker runs it
-    # per runtime: HTTP latency, and "RT engine": the engine's own time in the server's worker
-    lat = {"inprocess": [], **{k: [] for rt in servers for k in (rt, f"{rt} engine")},
-           **({"torchserve floor": []} if "torchserve" in servers and args.floor else {})}
+    # per target: HTTP latency; per runtime also "RT engine", the engine's own time in the server's worker
+    targets = {rt: url(ARCHIVES["a"]) for rt, (url, _) in servers.items()}
+    if with_floor(args):  # the same bodies through TorchServe's floor (f)
+        targets["torchserve floor"] = servers["torchserve"][0](ARCHIVES["f"])
+    lat = {"inprocess": [], **{k: [] for k in targets}, **{f"{rt} engine": [] for rt in servers}}
     with requests.Session() as s:
         for i, b in enumerate([bodies[0]] + bodies):  # the first one warms every path
             parsed = json.loads(payload(b, args))
             t = time.perf_counter()
             engine.handle(parsed)
             ms = {"inprocess": (time.perf_counter() - t) * 1000}
-            for rt, (url, _) in servers.items():
+            for key, url in targets.items():
                 t = time.perf_counter()
-                r = s.post(url(ARCHIVES["a"]), data=payload(b, args), headers={"Content-Type": "application/json"},
-                           timeout=600)
-                ms[rt] = (time.perf_counter() - t) * 1000
+                r = s.post(url, data=payload(b, args), headers={"Content-Type": "application/json"}, timeout=600)
+                ms[key] = (time.perf_counter() - t) * 1000
                 assert r.status_code == 200, r.text[:200]
-                ms[f"{rt} engine"] = r.json()["timings_ms"]["total"]
-            if "torchserve" in servers and args.floor:  # the same body through TorchServe's floor (f)
-                t = time.perf_counter()
-                r = s.post(servers["torchserve"][0](ARCHIVES["f"]), data=payload(b, args),
-                           headers={"Content-Type": "application/json"}, timeout=600)
-                ms["torchserve floor"] = (time.perf_counter() - t) * 1000
-                assert r.status_code == 200, r.text[:200]
+                if key in servers:
+                    ms[f"{key} engine"] = r.json()["timings_ms"]["total"]
             if i:
                 for k, v in ms.items():
                     lat[k].append(v)
@@ -832,20 +833,11 @@ def ann_gpu_rows(index, vectors: np.ndarray, held_out: np.ndarray, single: np.nd
             continue  # no GPU here, or no faiss GPU support (on_gpu warned)
         got = np.concatenate([ix.search(held_out[s:s + batch], 100)[1] for s in range(0, len(held_out), batch)])
         sync = torch.cuda.synchronize if cuda else (lambda: None)
-        timed = lambda qs: _median_ms(lambda: (ix.search(qs, 100), sync()))  # noqa: E731
+        timed = lambda qs: statistics.median(_timed(lambda: (ix.search(qs, 100), sync()), 30, cuda=False))  # noqa: E731
         rows.append({"index": name, "recall_at_100": recall_at_k(got, truth), "batch": batch,
                      "batch_ms": timed(held_out[:batch]), "single_ms": timed(single[:1])})
     return rows
 
-
-def _median_ms(fn, n: int = 30) -> float:
-    fn()
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t) * 1000)
-    return statistics.median(out)
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -19,17 +18,8 @@ import serving_bench as sb  # noqa: E402
 
 
 def one_client_p50(url: str, body: bytes, n: int) -> float:
-    import requests
-
-    lat = []
-    with requests.Session() as s:
-        for i in range(n + 5):  # the first five warm the connection and the worker
-            t = time.perf_counter()
-            r = s.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=60)
-            assert r.status_code == 200, r.text[:200]
-            if i >= 5:
-                lat.append((time.perf_counter() - t) * 1000)
-    return statistics.median(lat)
+    sb.run_clients(url, [body] * 5, 1)  # warms the connection and the worker
+    return statistics.median(sb.run_clients(url, [body] * n, 1)[0])
 
 
 def main() -> None:

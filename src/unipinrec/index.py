@@ -242,7 +242,7 @@ class ItemIndex:
         self.model_version = model_version
         self.meta = dict(meta or {"model_version": model_version})
         self._pos_of = None
-        self._gpu = self._cpu = None  # on a GPU: its faiss resources, and the index on the host
+        self._gpu = self._cpu = None  # on a GPU: its faiss resources (kept alive), the index on the host
 
     @property
     def num_items(self) -> int:
@@ -322,7 +322,7 @@ class ItemIndex:
         b = len(queries)
         excl = [set(map(int, e)) if e is not None else set() for e in (exclude or [None] * b)]
         fetch = min(self.num_items, k + max((len(e) for e in excl), default=0))
-        index = self._cpu if self._gpu is not None and fetch > self.GPU_MAX_K else self.index
+        index = self._cpu if self._cpu is not None and fetch > self.GPU_MAX_K else self.index
         scores, pos = index.search(queries, fetch)
         out_ids = np.full((b, k), -1, dtype=np.int64)
         out_scores = np.full((b, k), -np.inf, dtype=np.float32)

@@ -150,9 +150,10 @@ class KVCache:
             wt, w = max(1, n * self.tokens_per_action), max(1, n)
             parts = ([t[b:b + 1, :, :wt] for t in kv], [getattr(h, name)[b:b + 1, :w] for name in names],
                      [h.lengths[b:b + 1], h.request_ts[b:b + 1]], [self.user_vectors[b:b + 1]])
-            (buffer, kv_row), (_, acts), (_, (lengths_, request_ts)), (_, (user,)) = map(_one_buffer, parts)
-            dst += [*kv_row, *acts, lengths_, request_ts, user]
+            made = [_one_buffer(part) for part in parts]
+            dst += [t for _, ts in made for t in ts]
             src += [t for part in parts for t in part]
+            (buffer, kv_row), (_, acts), (_, (lengths_, request_ts)), (_, (user,)) = made
             out.append(KVCache(keys=kv_row[:n_layers], values=kv_row[n_layers:], user_vectors=user, buffer=buffer,
                                history=replace(h, **dict(zip(names, acts)), lengths=lengths_, request_ts=request_ts),
                                tokens_per_action=self.tokens_per_action))

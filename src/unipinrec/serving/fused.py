@@ -75,8 +75,8 @@ class FusedGraphs:
         return self.inputs[key]
 
     def run(self, acts: Actions, seen: torch.Tensor, cands: int, cached: list | None = None):
-        """acts: the batch, on the device (views of `input(rows, width)` when it was built there:
-        nothing to copy); seen: its `_seen_before_window` rows on the host (pinned on a GPU);
+        """acts: the batch, on the device; on a GPU built in `input(rows, width)` (its graphs read
+        it there: nothing is copied); seen: its `_seen_before_window` rows on the host (pinned on a GPU);
         cached: the batch's cross-request cache entries (all hits), copied into the graph's KV
         buffers; else the graph encodes."""
         e = self.engine
@@ -100,9 +100,8 @@ class FusedGraphs:
             fn = self.function(lambda: serve_fn(*args, st_acts, st_seen, cands, kv=st_kv))
             self.graphs[key] = (st_acts, st_seen, st_kv, _Graph(fn))
         st_acts, st_seen, st_kv, graph = self.graphs[key]
-        if acts.lengths.data_ptr() != st_acts.lengths.data_ptr():  # not built in the static input
-            for name in (*Actions.per_action_fields(), "lengths", "request_ts"):
-                getattr(st_acts, name).copy_(getattr(acts, name))
+        if acts.lengths.data_ptr() != st_acts.lengths.data_ptr():
+            raise ValueError("FusedGraphs.run: build the batch in input(rows, width) (Actions.from_histories(out=...))")
         st_seen.copy_(seen, non_blocking=True)
         if cached is not None:  # each entry is trimmed to its length: copy into the padded buffers
             self._copy_cached(st_kv, cached)
