@@ -4,6 +4,7 @@ work replaced by a stub that returns a precomputed output, so only the host's st
 where a request's host time goes without a GPU; the GPU figures are in docs/serving.md.
 
     python bench/host_profile.py [--batch 1 8] [--L 2048] [--C 256] [--cprofile]
+    python bench/host_profile.py --gc --batch 1 8 64 --repeats 400   # garbage collector pauses, before / after settle_heap
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import gpu_profile as gp  # noqa: E402
 import serving_bench as sb  # noqa: E402
 
 from unipinrec.serving import fused  # noqa: E402
+from unipinrec.serving.engine import settle_heap  # noqa: E402
 from unipinrec.serving.request import parse_request  # noqa: E402
 
 
@@ -40,6 +42,46 @@ def stubbed(eng):
     return eng
 
 
+class GCPauses:
+    """The garbage collector's pauses, from its own callbacks: (generation, ms) each."""
+
+    def __init__(self):
+        self.pauses: list[tuple[int, float]] = []
+        self._t0 = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], (time.perf_counter() - self._t0) * 1e3))
+
+
+def gc_table(eng, batches: list[int], L: int, C: int, repeats: int) -> None:
+    """handle_batch's host time with the collector's pauses, before and after settle_heap (what
+    the servers do once loaded): the same engine, requests and repeats."""
+    import gc
+
+    pauses = GCPauses()
+    gc.callbacks.append(pauses)
+    print("| batch | heap | objects walked | host ms p50 | p99 | max | full collections | longest pause ms | GC ms per batch |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    with torch.inference_mode():
+        for heap in ("as loaded", "settled"):
+            if heap == "settled":
+                settle_heap()
+            for B in batches:
+                reqs = [parse_request(sb.columnar(b), eng.limits) for b in sb.make_bodies(B, L, C, 20_000, 3)]
+                eng.handle_batch(reqs)
+                pauses.pauses.clear()
+                lat = np.asarray(sb._timed(lambda: eng.handle_batch(reqs), repeats, cuda=False))
+                full = [ms for g, ms in pauses.pauses if g == 2]
+                print(f"| {B} | {heap} | {len(gc.get_objects()):,} | {np.median(lat):.3f} | {np.percentile(lat, 99):.3f} | "
+                      f"{lat.max():.2f} | {len(full)} | {max([ms for _, ms in pauses.pauses], default=0):.1f} | "
+                      f"{sum(ms for _, ms in pauses.pauses) / repeats:.3f} |", flush=True)
+    gc.callbacks.remove(pauses)
+    gc.unfreeze()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -47,11 +89,14 @@ def main():
     p.add_argument("--C", type=int, default=256)
     p.add_argument("--repeats", type=int, default=200)
     p.add_argument("--cprofile", action="store_true")
+    p.add_argument("--gc", action="store_true", help="the garbage collector's pauses, before / after settle_heap")
     a = p.parse_args()
     torch.set_num_threads(1)
     ns = argparse.Namespace(d_model=32, layers=1, heads=2, items=20_000)
     paths = sb.make_models(Path(tempfile.mkdtemp()), a.L, ns)
     eng = sb.engines(paths, None, device="cpu", torch_index=True)
+    if a.gc:
+        return gc_table(stubbed(eng["a"]), a.batch, a.L, a.C, a.repeats)
     print("| batch | mode | handle_batch ms (median) | per request ms | handle_stream ms per batch |")
     print("|---|---|---|---|---|")
     with torch.inference_mode():

@@ -111,7 +111,7 @@ def engines(paths: dict, index_dirs: dict | None, device: str = "cpu", torch_ind
     """The three modes in-process (kv cache off: every request is a new user anyway); on CUDA
     the graphs of `graph_warmup` (batch, history, candidates) are captured at load."""
     from unipinrec.checkpoint import load_model
-    from unipinrec.serving.engine import Engine, EngineConfig
+    from unipinrec.serving.engine import Engine, EngineConfig, settle_heap
 
     cfg = dict(kv_cache_bytes=0, device=device, **({"graph_warmup": graph_warmup} if graph_warmup else {}), **config)
     uni, ret, rnk = (load_model(paths[k], device=device) for k in ("unified", "retrieval", "ranking"))
@@ -127,11 +127,13 @@ def engines(paths: dict, index_dirs: dict | None, device: str = "cpu", torch_ind
 
         return ItemIndex.load(index_dirs[name], expect_model_version=loaded.version)
 
-    return {
+    out = {
         "a": Engine(uni, index_for(uni, "unified"), config=EngineConfig(share_kv=True, **cfg)),
         "b": Engine(uni, index_for(uni, "unified"), config=EngineConfig(share_kv=False, **cfg)),
         "c": Engine(ret, index_for(ret, "retrieval"), ranking=rnk, config=EngineConfig(**cfg)),
     }
+    settle_heap()  # as the servers do once loaded (handler_support.build_engine)
+    return out
 
 
 def summarize(lat_ms: list[float], n: int, wall_s: float) -> dict:
@@ -606,15 +608,17 @@ def engine_rows(eng: dict, L: int, C: int, B: int, args, device: str, gflops: di
     from unipinrec.serving.request import parse_request
 
     cuda = device.startswith("cuda")
-    bodies = make_bodies(B, L, C, args.items, seed=3)
-    reqs = [parse_request(columnar(b) if args.history_form == "columnar" else b, eng["a"].limits) for b in bodies]
+    # the bodies go once parsed, and only the last answer is held: a server keeps neither, and the
+    # collector would walk them (engine.settle_heap)
+    reqs = [parse_request(columnar(b) if args.history_form == "columnar" else b, eng["a"].limits)
+            for b in make_bodies(B, L, C, args.items, seed=3)]
     rows = []
     for m in MODES:
         first = _timed(lambda: eng[m].handle_batch(reqs), 1, cuda)[0]  # graphs were captured at load
         for _ in range(3):
             eng[m].handle_batch(reqs)
-        out = []
-        lat = _timed(lambda: out.append(eng[m].handle_batch(reqs)), args.repeats, cuda)
+        out = [None]
+        lat = _timed(lambda: out.__setitem__(-1, eng[m].handle_batch(reqs)), args.repeats, cuda)
         assert all(isinstance(o, dict) for o in out[-1]), out[-1]
         sustained = _stream_qps(lambda: _drain(eng[m].handle_stream([reqs] * args.stream_batches)),
                                 B * args.stream_batches, cuda)
@@ -631,12 +635,14 @@ def kv_engine(path: Path, device: str, graph_warmup: tuple, kv_cache_bytes: int 
     `kv_cache_bytes` (0: off), its graphs of `graph_warmup` captured."""
     from unipinrec.checkpoint import load_model
     from unipinrec.index import TorchIndex
-    from unipinrec.serving.engine import Engine, EngineConfig
+    from unipinrec.serving.engine import Engine, EngineConfig, settle_heap
 
     uni = load_model(path, device=device)
     index = TorchIndex.for_model(uni, uni.vocab.item_ids, device)
-    return Engine(uni, index, config=EngineConfig(kv_cache_bytes=kv_cache_bytes, device=device,
-                                                  graph_warmup=graph_warmup, **config))
+    eng = Engine(uni, index, config=EngineConfig(kv_cache_bytes=kv_cache_bytes, device=device,
+                                                 graph_warmup=graph_warmup, **config))
+    settle_heap()  # as the servers do once loaded
+    return eng
 
 
 def kv_rows(paths: dict, L: int, C: int, B: int, args, device: str) -> dict:
@@ -650,6 +656,7 @@ def kv_rows(paths: dict, L: int, C: int, B: int, args, device: str) -> dict:
         bodies = make_bodies(B, L, C, args.items, seed=77 + rnd, first_user=5 * 10**6 + rnd * B)
         first = [parse_request(columnar({**b, "history": b["history"][:-8]}), eng.limits) for b in bodies]
         full = [parse_request(columnar(b), eng.limits) for b in bodies]
+        del bodies  # a server keeps no bodies: the collector would walk them
         for reqs in (first, first, full):
             out = []
             ms = _timed(lambda: out.append(eng.handle_batch(reqs)), 1, cuda)[0]

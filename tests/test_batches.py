@@ -122,15 +122,21 @@ def test_check_histories_equals_check_history_one_by_one():
     h = lambda items, actions, ts: History(items=items, actions=actions, ts=ts)  # noqa: E731
     hs = [h([10, 11, 12], [0, 1, 2], [1, 2, 3]), h([], [], []), h([13, 99, 14], [0, 0, 0], [5, 6, 7]),
           h([15, 16], [0, 7], [1, 2]), h([17, 18, 19], [0, 0, 0], [9, 3, 10]), h([20], [1], [0]),
-          h([21, 22], [0, 0], [100, 100])]
-    offsets = [0, 0, 5, 0, 2, 0, 0]
+          h([21, 22], [0, 0], [100, 100]), h([23, -5], [0, 0], [1, 2]), h([24, 25], [-1, 0], [1, 2]), h([], [], [])]
+    offsets = [0, 0, 5, 0, 2, 0, 0, 0, 0, 0]
     got = check_histories(hs, vocab, 5, offsets=offsets)
-    for g, hist, off in zip(got, hs, offsets):
+    alone = [check_histories([hist], vocab, 5, offsets=[off])[0] for hist, off in zip(hs, offsets)]  # batch of one
+    for g, one, hist, off in zip(got, alone, hs, offsets):
         try:
             want = check_history(hist, vocab, 5, offset=off)
         except ActionError as e:
-            assert isinstance(g, ActionError) and (g.field, g.message) == (e.field, e.message)
+            for got_ in (g, one):
+                assert isinstance(got_, ActionError) and (got_.field, got_.message) == (e.field, e.message)
         else:
-            assert not isinstance(g, ActionError) and g.tolist() == want.tolist()
-    assert [type(g).__name__ for g in got].count("ActionError") == 3
+            assert not isinstance(g, ActionError) and g.tolist() == want.tolist() == one.tolist()
+    assert [type(g).__name__ for g in got].count("ActionError") == 5
+    assert (got[7].field, got[8].field) == ("history[1].item_id", "history[0].action")
+    assert vocab.lookup([-1, -5, 10, 59, 60, 2**40], unknown=0).tolist() == [0, 0, 1, 50, 0, 0]
+    with pytest.raises(KeyError, match="item_id -5 "):
+        vocab.lookup([10, -5, 2**40])
     assert check_histories(hs[:2] + hs[5:], vocab, 5)[3].tolist() == [12, 13]

@@ -67,10 +67,11 @@ class ItemVocab:
         `unknown` when given (e.g. 0 = padding)."""
         ids = np.asarray(item_ids, dtype=np.int64)
         if self._dense is not None:
-            rows = self._dense[np.clip(ids, -1, len(self._dense) - 1)]  # -1 and past the top: slot 0 / last
-            found = rows > 0
-            if found.all():
+            # negative ids read as uint64 are past the top too: one minimum, not a clip (2x slower)
+            rows = self._dense[np.minimum(ids.view(np.uint64), len(self._dense) - 1)]  # past the top: last slot (0)
+            if not rows.size or rows.min() > 0:
                 return rows
+            found = rows > 0
             if unknown is None:
                 bad = ids.reshape(-1)[np.flatnonzero(~found.reshape(-1))[0]]
                 raise KeyError(f"item_id {int(bad)} is not in the item vocabulary ({len(self)} items)")

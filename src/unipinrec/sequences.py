@@ -177,28 +177,29 @@ class Actions:
             raise ValueError(f"{len(histories)} histories but {len(request_ts)} request_ts values")
         kept = [h if max_history is None else h.last(max_history) for h in histories]
         names = cls.per_action_fields()
-        n = len(kept)
-        B, W = max(n, rows or 0), max([1, width or 0] + [len(h) for h in kept])
+        n, F_ = len(kept), len(names)
+        lens = [len(h) for h in kept]
+        B, W = max(n, rows or 0), max(1, width or 0, *lens)
         pin = torch.device(device).type == "cuda"
-        F_ = len(names)
         # empty, not zeros: each row's padding is cleared as it is filled (zeroing the whole buffer
         # first cost several times the copy itself)
         host = torch.empty(F_ * B * W + 2 * B, dtype=torch.long, pin_memory=pin)  # fields, lengths, request_ts
         flat = host.numpy()
         buf = flat[:F_ * B * W].reshape(F_, B, W)
-        buf[:, n:] = 0  # padding rows
-        full = n and vocab is None and all(len(h) == W for h in kept)
-        for j, name in enumerate(names if full else ()):  # every row full width: one stack per field
-            np.stack([h.arrays[name] for h in kept], out=buf[j, :n])
-        for b, h in enumerate(kept if not full else ()):
-            k = len(h)
+        if n < B:
+            buf[:, n:] = 0  # padding rows
+        for b, (h, k) in enumerate(zip(kept, lens)):  # a row a field at a time: one copy each
+            arrays = h.arrays
             for j, name in enumerate(names):
-                row = buf[j, b]
-                row[:k] = h.arrays[name] if j or vocab is None or not k else vocab.lookup(h.items)
-                row[k:] = 0
-        flat[F_ * B * W:] = 0
-        flat[F_ * B * W:F_ * B * W + n] = np.fromiter((len(h) for h in kept), dtype=np.int64, count=n)
-        flat[F_ * B * W + B:F_ * B * W + B + n] = np.asarray(list(request_ts), dtype=np.int64)
+                buf[j, b, :k] = arrays[name] if j or vocab is None or not k else vocab.lookup(h.items)
+            if k < W:
+                buf[:, b, k:] = 0
+        tail = flat[F_ * B * W:]
+        tail[:n] = lens
+        tail[B:B + n] = request_ts
+        if n < B:
+            tail[n:B] = 0
+            tail[B + n:] = 0
         if out is None:
             return cls.of_flat(host.to(device, non_blocking=pin), B, W)
         if out.numel() != host.numel():
@@ -215,9 +216,9 @@ class Actions:
         """The batch whose fields are views of `flat` (`flat_size(rows, width)` longs)."""
         names = cls.per_action_fields()
         n = len(names) * rows * width
-        planes = flat[:n].view(len(names), rows, width)
-        return cls(**{name: planes[j] for j, name in enumerate(names)}, lengths=flat[n:n + rows],
-                   request_ts=flat[n + rows:])
+        lengths, request_ts = flat[n:].view(2, rows).unbind(0)
+        return cls(**dict(zip(names, flat[:n].view(len(names), rows, width).unbind(0))), lengths=lengths,
+                   request_ts=request_ts)
 
 
 class History:
@@ -367,18 +368,20 @@ def check_histories(hs: Sequence[History], vocab, num_actions: int | None = None
     if not hs:
         return []
     lens = np.fromiter((len(h) for h in hs), dtype=np.int64, count=len(hs))
-    cat = lambda name: np.concatenate([h.arrays[name] for h in hs])  # noqa: E731
+    one = len(hs) == 1  # the usual batch of one: no concatenation, no split (half of this at batch 1)
+    cat = (lambda name: hs[0].arrays[name]) if one else (  # noqa: E731
+        lambda name: np.concatenate([h.arrays[name] for h in hs]))
     rows, actions, ts = vocab.lookup(cat("items"), unknown=0), cat("actions"), cat("ts")
-    bad = rows == 0
+    wrong = rows == 0
     if num_actions is not None:
-        bad |= (actions < 0) | (actions >= num_actions)
-    back = np.zeros(len(ts), dtype=bool)
-    back[1:] = np.diff(ts) < 0
+        wrong |= actions.view(np.uint64) >= num_actions  # negative ids read as uint64 are out of range too
+    back = ts[1:] < ts[:-1]  # back[j]: action j + 1 is before action j
     ends = np.cumsum(lens)
-    first = ends[:-1]
-    back[first[first < len(ts)]] = False  # a history's first action follows nothing
-    parts = np.split(rows, ends[:-1])
-    wrong = bad | back
+    if not one:
+        starts = ends[:-1][(ends[:-1] > 0) & (ends[:-1] < len(ts))]
+        back[starts - 1] = False  # a history's first action follows nothing
+    wrong[1:] |= back
+    parts = [rows] if one else np.split(rows, ends[:-1])
     if not wrong.any():
         return parts
     out: list = []

@@ -9,7 +9,7 @@ import torch
 from unipinrec.batches import batch_histories
 from unipinrec.checkpoint import load_model
 from unipinrec.index import IndexVersionMismatch, ItemIndex
-from unipinrec.serving.engine import Engine, EngineConfig
+from unipinrec.serving.engine import Engine, EngineConfig, settle_heap
 from unipinrec.serving.request import ServingError, parse_request
 from unipinrec.serving.store import History, InMemoryStore
 from unipinrec.serving.synthetic import random_history
@@ -290,3 +290,29 @@ def test_columnar_history_serves_the_same_as_the_list_form(engine):
     with pytest.raises(ServingError) as e:
         engine.handle({**b, "history": bad})
     assert e.value.status == 422 and e.value.field == "history[11].item_id"
+
+
+def test_settle_heap_collects_garbage_then_freezes_what_is_alive():
+    """After a server loads: cyclic garbage is collected (not frozen for good), what is alive is
+    frozen, and a full collection then walks only what came after."""
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    try:
+        cycle = Node()
+        cycle.me = cycle
+        gone = weakref.ref(cycle)
+        del cycle
+        kept = Node()
+        frozen = settle_heap()
+        assert gone() is None and frozen == gc.get_freeze_count() > 10_000
+        view = gc.get_objects()  # what a full collection walks now: only what came after the freeze
+        assert len(view) < 1_000 and not any(o is kept for o in view)
+        after = Node()
+        after.me = after
+        assert any(o is after for o in gc.get_objects())  # new objects are collected as usual
+    finally:
+        gc.unfreeze()

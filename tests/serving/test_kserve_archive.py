@@ -4,6 +4,7 @@ v2 field names its errors use."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import shutil
 import zipfile
 
@@ -30,7 +31,9 @@ def test_a_mar_an_unpacked_folder_and_the_storage_uri_layout_load_the_same_model
     versions = set()
     for i, path in enumerate((mar, unpacked, storage)):
         m = UniPinRecModel("unipinrec", path, work_dir=tmp_path / f"work{i}")
+        gc.unfreeze()
         assert m.load() and asyncio.run(m.healthy())
+        assert gc.get_freeze_count() > 10_000  # the loaded engine is out of the collector's walks (settle_heap)
         versions.add(m.engine.model_version)
         assert m.batcher.max_batch_size == 4  # the archive's model-config.yaml (batchSize)
     assert len(versions) == 1

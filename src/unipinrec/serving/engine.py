@@ -19,6 +19,7 @@ whose deadline ranking would overrun gets the retrieval order, marked `degraded`
 """
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -40,6 +41,18 @@ from .store import OnlineStore
 from .timing import StageTimer
 
 log = logging.getLogger(__name__)
+
+
+def settle_heap() -> int:
+    """Once a server has loaded (engines built, graphs captured): collect, then move every object
+    alive out of the garbage collector's view (`gc.freeze`). A full collection walks every tracked
+    object, about 180,000 once torch is imported (85 ms on the development machine), and it falls
+    on whichever batch allocates past the threshold (`bench/host_profile.py --gc`, batches of 64:
+    five in 400 batches, up to 143 ms each; p99 105 ms, 10 ms once settled). Frozen objects are
+    never walked again; objects made later are collected as usual. -> how many were frozen."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 @dataclass
