@@ -79,12 +79,16 @@ def host_steps(eng, reqs, n=30):
         windows = [p.window(L) for p in preps]
         t = mark("windows", t)
         rows, width = b.batch(len(preps)), b.width(max(len(w) for w in windows))
+        ring = eng.fused.host  # as fused.launch does
+        staging = ring.take((Actions.flat_size(rows, width),), torch.long)
         acts = Actions.from_histories(windows, [p.request_ts for p in preps], device=eng.device, rows=rows,
-                                      width=width, out=eng.fused.input(rows, width))  # as fused.launch does
+                                      width=width, out=eng.fused.input(rows, width), staging=staging)
         t = mark("from_histories", t)
-        seen = torch.from_numpy(fused._seen_before_window(preps, rows, L)).pin_memory()
+        seen = fused._seen_before_window(preps, rows, L, ring)
         t = mark("seen (pinned)", t)
         kv, packed = eng.fused.run(acts, seen, b.candidates(max(p.req.num_candidates for p in preps)))
+        ring.mark(staging)
+        ring.mark(seen)
         t = mark("run (copies+replay launch)", t)
         host = to_host(packed[:len(preps)])
         t = mark("to_host (waits for GPU)", t)

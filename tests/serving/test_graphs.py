@@ -271,3 +271,18 @@ def test_fused_function_traces_as_one_graph(tiny):
         got = graphs.function(lambda: fused.serve_fn(*args, acts, seen, 16))()[1]
         ref = fused.serve_fn(*args, acts, seen, 16)[1]
     assert torch.equal(ref, got)
+
+
+def test_pinned_ring_hands_each_buffer_back_only_after_the_others_of_its_shape():
+    """The fused path's host buffers are reused in turn: a batch's buffer is not handed to the
+    next `depth - 1` batches of its shape (those still in flight may read or fill it)."""
+    from unipinrec.serving import fused
+
+    ring = fused.PinnedRing(pin=False, depth=3)
+    first = [ring.take((4, 5), torch.long) for _ in range(3)]
+    assert len({b.data_ptr() for b in first}) == 3 and all(b.shape == (4, 5) for b in first)
+    other = ring.take((2,), torch.float32)  # another shape: its own buffers
+    assert other.dtype == torch.float32 and other.data_ptr() not in {b.data_ptr() for b in first}
+    again = [ring.take((4, 5), torch.long) for _ in range(4)]
+    assert [b.data_ptr() for b in again] == [b.data_ptr() for b in first + first[:1]]
+    ring.mark(again[0])  # unpinned: no device copy to wait for

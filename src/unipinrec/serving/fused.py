@@ -58,6 +58,37 @@ def serve_fn(model, ranking, index, row_to_pos, pos_to_row, weights, acts: Actio
     return kv, torch.cat([floats.view(torch.int32).long(), ids[..., None]], dim=-1)
 
 
+class PinnedRing:
+    """Host buffers kept for reuse, `depth` per (shape, dtype), handed out in turn (pinned on a
+    GPU: allocating one per batch cost 25 us each, three per batch). A buffer comes back only
+    after `depth - 1` others of its shape and once the device has finished the copy last marked
+    on it (`mark`); `depth` exceeds the batches in flight at once (`serve_chunks`: two), so the
+    host is done reading an output buffer before the device writes it again."""
+
+    def __init__(self, pin: bool, depth: int = 4):
+        self.pin, self.depth = pin, depth
+        self._rings: dict[tuple, list] = {}
+        self._events: dict[int, torch.cuda.Event] = {}
+
+    def take(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        ring = self._rings.setdefault((tuple(shape), dtype), [])
+        if len(ring) < self.depth:
+            ring.append(torch.empty(shape, dtype=dtype, pin_memory=self.pin))
+            return ring[-1]
+        buf = ring.pop(0)
+        ring.append(buf)
+        ev = self._events.get(buf.data_ptr())
+        if ev is not None:
+            ev.synchronize()  # its last copy is done (at once, unless the device is far behind)
+        return buf
+
+    def mark(self, buf: torch.Tensor) -> None:
+        """buf's copy is enqueued: it is not handed out again before the device has done it."""
+        if self.pin:
+            ev = self._events.setdefault(buf.data_ptr(), torch.cuda.Event())
+            ev.record()
+
+
 class FusedGraphs:
     """Fused graphs of one engine, per (rows, history width, seen width, candidates) bucket."""
 
@@ -65,6 +96,7 @@ class FusedGraphs:
         self.engine = engine
         self.graphs: dict[tuple, tuple] = {}
         self.inputs: dict[tuple, torch.Tensor] = {}  # (rows, width) -> the static input of those graphs
+        self.host = PinnedRing(pin=engine.device.type == "cuda")  # the batches' host sides, reused
 
     def input(self, rows: int, width: int) -> torch.Tensor:
         """The static input of the (rows, width) graphs, shared by all of them (replays run in
@@ -181,10 +213,12 @@ def serve(engine, preps: Sequence[Resolved], timer: StageTimer, fused: FusedGrap
 class Pending:
     """A launched fused batch: its output on its way to a pinned host buffer."""
 
-    def __init__(self, engine, preps: Sequence[Resolved], packed: torch.Tensor, status: str = "miss"):
+    def __init__(self, engine, preps: Sequence[Resolved], packed: torch.Tensor, status: str = "miss",
+                 ring: PinnedRing | None = None):
         self.engine, self.preps, self.status = engine, preps, status
         if packed.device.type == "cuda":
-            self.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True) if ring is None \
+                else ring.take(packed.shape, packed.dtype)
             self.host.copy_(packed, non_blocking=True)
             self.done = torch.cuda.Event()
             self.done.record()
@@ -231,13 +265,16 @@ def launch(engine, preps: Sequence[Resolved], fused: FusedGraphs):
     C = max(p.req.num_candidates for p in preps)
     rows = b.batch(B)
     width = b.width(max(len(w) for w in windows))
-    cuda = engine.device.type == "cuda"
+    graphs = engine.graphs is not None  # a GPU: the batch's host side in reused pinned buffers
+    staging = fused.host.take((Actions.flat_size(rows, width),), torch.long) if graphs else None
     acts = Actions.from_histories(windows, [p.request_ts for p in preps], device=engine.device, rows=rows,
-                                  width=width, out=fused.input(rows, width) if engine.graphs is not None else None)
-    seen = torch.from_numpy(_seen_before_window(preps, rows, L))
-    kv, packed = fused.run(acts, seen.pin_memory() if cuda else seen, b.candidates(C),
-                           cached=[lk.kv for lk in looked] if hits else None)
-    pending = Pending(engine, preps, packed[:B], "hit" if hits else "miss")
+                                  width=width, out=fused.input(rows, width) if graphs else None, staging=staging)
+    seen = _seen_before_window(preps, rows, L, fused.host if graphs else None)
+    kv, packed = fused.run(acts, seen, b.candidates(C), cached=[lk.kv for lk in looked] if hits else None)
+    if graphs:
+        fused.host.mark(staging)
+        fused.host.mark(seen)
+    pending = Pending(engine, preps, packed[:B], "hit" if hits else "miss", fused.host if graphs else None)
     if looked is not None and not hits:
         kv = _first_rows(kv, B, acts)
         stored = kv.rows(range(B), [len(w) for w in windows])  # the lengths from here: no wait for the graph
@@ -287,14 +324,19 @@ def _finish(pending: Pending, resolved: list, ok: list, timer: StageTimer, start
     return out
 
 
-def _seen_before_window(preps: Sequence[Resolved], rows: int, L: int) -> np.ndarray:
+def _seen_before_window(preps: Sequence[Resolved], rows: int, L: int, ring: PinnedRing | None = None) -> torch.Tensor:
     """(rows, 2 + W): the exclude flag, num_candidates, then the rows of each history's actions
-    before its last L (the whole history is excluded, not only the encoded window)."""
+    before its last L (the whole history is excluded, not only the encoded window); in a buffer
+    of `ring` when given."""
     before = [max(0, len(p.rows) - L) if p.req.exclude_seen else 0 for p in preps]
-    seen = np.zeros((rows, 2 + bucket(max(before), lo=16)), np.int64)
+    shape = (rows, 2 + bucket(max(before), lo=16))
+    out = torch.zeros(shape, dtype=torch.long) if ring is None else ring.take(shape, torch.long)
+    seen = out.numpy()
+    if ring is not None:
+        seen[:] = 0
     seen[:len(preps), 0] = [p.req.exclude_seen for p in preps]
     seen[:len(preps), 1] = [p.req.num_candidates for p in preps]
     for j, p in enumerate(preps):
         if before[j]:
             seen[j, 2:2 + before[j]] = p.rows[:before[j]]
-    return seen
+    return out
