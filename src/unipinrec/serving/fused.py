@@ -63,7 +63,8 @@ class PinnedRing:
     GPU: allocating one per batch cost 25 us each, three per batch). A buffer comes back only
     after `depth - 1` others of its shape and once the device has finished the copy last marked
     on it (`mark`); `depth` exceeds the batches in flight at once (`serve_chunks`: two), so the
-    host is done reading an output buffer before the device writes it again."""
+    host is done reading an output buffer before the device writes it again. Callers take the
+    shapes of graph buckets, so the ring holds `depth` buffers per bucket at most."""
 
     def __init__(self, pin: bool, depth: int = 4):
         self.pin, self.depth = pin, depth
@@ -211,19 +212,21 @@ def serve(engine, preps: Sequence[Resolved], timer: StageTimer, fused: FusedGrap
 
 
 class Pending:
-    """A launched fused batch: its output on its way to a pinned host buffer."""
+    """A launched fused batch: its output on its way to a pinned host buffer. packed: the graph's
+    output, a row per bucket row (the first len(preps) are the batch's)."""
 
     def __init__(self, engine, preps: Sequence[Resolved], packed: torch.Tensor, status: str = "miss",
                  ring: PinnedRing | None = None):
         self.engine, self.preps, self.status = engine, preps, status
-        if packed.device.type == "cuda":
-            self.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True) if ring is None \
+        if packed.device.type == "cuda":  # ring buffers of the bucket's shape: a few per bucket, not per batch size
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True) if ring is None \
                 else ring.take(packed.shape, packed.dtype)
+            packed, self.host = packed[:len(preps)], host[:len(preps)]
             self.host.copy_(packed, non_blocking=True)
             self.done = torch.cuda.Event()
             self.done.record()
         else:
-            self.host, self.done = packed, None
+            self.host, self.done = packed[:len(preps)], None
 
     def wait(self) -> np.ndarray:
         if self.done is not None:
@@ -274,7 +277,7 @@ def launch(engine, preps: Sequence[Resolved], fused: FusedGraphs):
     if graphs:
         fused.host.mark(staging)
         fused.host.mark(seen)
-    pending = Pending(engine, preps, packed[:B], "hit" if hits else "miss", fused.host if graphs else None)
+    pending = Pending(engine, preps, packed, "hit" if hits else "miss", fused.host if graphs else None)
     if looked is not None and not hits:
         kv = _first_rows(kv, B, acts)
         stored = kv.rows(range(B), [len(w) for w in windows])  # the lengths from here: no wait for the graph
