@@ -102,6 +102,32 @@ def test_every_example_once_per_epoch_and_a_new_order_each_epoch(tmp_path):
     assert {len(b) for b in e0} <= {15, 16}
 
 
+def test_a_worker_dying_while_shut_down_is_logged_and_the_stream_goes_on(tmp_path, monkeypatch, caplog):
+    """A forked worker of a threaded process can abort on its way out; torch's shutdown then raises
+    from its SIGCHLD handler. close() logs it, and the loader starts the next stream as usual."""
+    import logging
+
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+    src = ParquetExamples([write_split(tmp_path / "train", 300)])
+    loader = _loader(src, workers=2)
+    first = _ids(loader.batch_for(0))
+    real = _MultiProcessingDataLoaderIter._shutdown_workers
+
+    def dies(self):
+        real(self)  # the workers are gone, then the handler's error, as torch raises it
+        raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Aborted.")
+
+    monkeypatch.setattr(_MultiProcessingDataLoaderIter, "_shutdown_workers", dies)
+    with caplog.at_level(logging.WARNING, logger="unipinrec.stream"):
+        loader.close()
+    assert "died while shutting down" in caplog.text and "Aborted" in caplog.text
+    monkeypatch.setattr(_MultiProcessingDataLoaderIter, "_shutdown_workers", real)
+    assert _ids(loader.batch_for(0)) == first  # a fresh stream from step 0: the same batch
+    assert sorted(sum(_epoch_ids(loader, 0), [])) == list(range(300))
+    loader.close()
+
+
 def test_same_seed_epoch_rank_same_batches(tmp_path):
     src = ParquetExamples([write_split(tmp_path / "train", 300)])
     runs = {}
