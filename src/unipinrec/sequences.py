@@ -380,7 +380,7 @@ def check_histories(hs: Sequence[History], vocab, num_actions: int | None = None
     rows, actions, ts = vocab.lookup(cat("items"), unknown=0), cat("actions"), cat("ts")
     wrong = rows == 0
     if num_actions is not None:
-        wrong |= actions.view(np.uint64) >= num_actions  # negative ids read as uint64 are out of range too
+        wrong |= np.asarray(actions, np.int64).view(np.uint64) >= num_actions  # negative: huge as uint64, out of range
     back = ts[1:] < ts[:-1]  # back[j]: action j + 1 is before action j
     ends = np.cumsum(lens)
     if not one:

@@ -119,6 +119,14 @@ def test_any_body_is_either_a_request_or_a_4xx(value):
         assert req.k >= 1 and req.num_candidates >= req.k
 
 
+def test_a_non_finite_number_under_an_empty_key_is_named():
+    """Found by the fuzz test above: the field path of an empty key was empty."""
+    for raw, field in (({"": float("inf")}, 'body[""]'), ({"a": {"": float("nan")}}, 'a[""]')):
+        with pytest.raises(ServingError) as e:
+            parse_request(json.dumps(raw, allow_nan=True))
+        assert (e.value.status, e.value.field) == (400, field)
+
+
 # --- the columnar history form -------------------------------------------------------------------
 
 COLS = {"item_id": [7, 9, 11], "action": [2, 0, 1], "ts": [1700000000, 1700000060, 1700000090]}

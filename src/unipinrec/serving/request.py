@@ -164,7 +164,9 @@ def _check_finite(value: Any, where: str = "body", depth: int = 0) -> None:
         raise ServingError(400, where, f"{value} is not a finite number")
     if isinstance(value, dict):
         for k, v in value.items():
-            _check_finite(v, f"{where}.{k}" if where != "body" else str(k), depth + 1)
+            name = str(k)
+            child = f'{where}[""]' if not name else name if where == "body" else f"{where}.{name}"  # never empty
+            _check_finite(v, child, depth + 1)
     elif isinstance(value, list):
         for i, v in enumerate(value):
             _check_finite(v, f"{where}[{i}]", depth + 1)
