@@ -37,11 +37,6 @@ def main() -> None:
     engs = {on: sb.kv_engine(paths["unified"], args.device, ((B, L - 8, C),), kv_cache_bytes=8 * 2**30 if on else 0)
             for on in (True, False)}
 
-    def timed(eng, reqs):
-        out = []
-        ms = sb._timed(lambda: out.append(eng.handle_batch(reqs)), 1, cuda)[0]
-        return ms, out[0][0]["kv_cache"]
-
     def sync():
         if cuda:
             torch.cuda.synchronize()
@@ -54,7 +49,7 @@ def main() -> None:
     for rnd in range(args.rounds + 1):
         reqs = batch(7 + rnd, 10**6 * (rnd + 1))
         for name, eng in (("cache off", engs[False]), ("miss", engs[True]), ("hit", engs[True])):
-            ms, status = timed(eng, reqs)
+            ms, status = sb.timed_batch(eng, reqs, cuda)
             if rnd:  # round 0 warms every path
                 by.setdefault(f"{name} ({status})", []).append(ms)
     for k, v in by.items():

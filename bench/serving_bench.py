@@ -132,7 +132,7 @@ def engines(paths: dict, index_dirs: dict | None, device: str = "cpu", torch_ind
         "b": Engine(uni, index_for(uni, "unified"), config=EngineConfig(share_kv=False, **cfg)),
         "c": Engine(ret, index_for(ret, "retrieval"), ranking=rnk, config=EngineConfig(**cfg)),
     }
-    settle_heap()  # as the servers do once loaded (handler_support.build_engine)
+    settle_heap()  # as the servers do once loaded (serving/handler.py, KServe's load)
     return out
 
 
@@ -650,6 +650,13 @@ def kv_engine(path: Path, device: str, graph_warmup: tuple, kv_cache_bytes: int 
     return eng
 
 
+def timed_batch(eng, reqs: list, cuda: bool) -> tuple[float, str]:
+    """One `handle_batch` of reqs -> (its ms, the first answer's kv_cache status)."""
+    out = []
+    ms = _timed(lambda: out.append(eng.handle_batch(reqs)), 1, cuda)[0]
+    return ms, out[0][0]["kv_cache"]
+
+
 def kv_rows(paths: dict, L: int, C: int, B: int, args, device: str) -> dict:
     """(d) on the device: per batch of B users, L-8 actions (miss), the same again (hit), 8 appended (extend)."""
     from unipinrec.serving.engine import settle_heap
@@ -665,9 +672,8 @@ def kv_rows(paths: dict, L: int, C: int, B: int, args, device: str) -> dict:
         del bodies  # a server keeps no bodies: the collector would walk them
         settle_heap()  # nor the bench's own objects (engine_rows)
         for reqs in (first, first, full):
-            out = []
-            ms = _timed(lambda: out.append(eng.handle_batch(reqs)), 1, cuda)[0]
-            by[out[0][0]["kv_cache"]].append(ms)
+            ms, status = timed_batch(eng, reqs, cuda)
+            by[status].append(ms)
     bound = kv_bound(eng, L, C, B, args, device)
     return {"L": L, "C": C, "batch": B, **bound, **{f"{k}_p50_ms": statistics.median(v) if v else float("nan")
                                                     for k, v in by.items()}}
@@ -851,7 +857,6 @@ def ann_gpu_rows(index, vectors: np.ndarray, held_out: np.ndarray, single: np.nd
         rows.append({"index": name, "recall_at_100": recall_at_k(got, truth), "batch": batch,
                      "batch_ms": timed(held_out[:batch]), "single_ms": timed(single[:1])})
     return rows
-
 
 
 def main() -> None:

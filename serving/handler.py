@@ -16,6 +16,7 @@ import time
 from http import HTTPStatus
 from pathlib import Path
 
+from unipinrec.serving.engine import settle_heap
 from unipinrec.serving.handler_support import body_size_error, build_engine, content_type_error, emit_metrics
 from unipinrec.serving.request import ServingError, parse_request
 
@@ -52,6 +53,7 @@ def handle(data, ctx):
         t = time.perf_counter()
         _engine = build_engine(Path(ctx.system_properties["model_dir"]),
                                with_assigned_gpu(getattr(ctx, "model_yaml_config", None) or {}, ctx.system_properties))
+        settle_heap()  # loaded: out of the garbage collector's full walks
         log.info("unipinrec engine ready in %.1f s: %s", time.perf_counter() - t, _engine.model_version)
     if data is None:
         return None

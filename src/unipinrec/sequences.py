@@ -187,8 +187,9 @@ class Actions:
         # empty, not zeros: each row's padding is cleared as it is filled (zeroing the whole buffer
         # first cost several times the copy itself)
         size = F_ * B * W + 2 * B  # fields, lengths, request_ts
-        if staging is not None and staging.numel() != size:
-            raise ValueError(f"staging: {staging.numel()} elements, the batch needs {size} ({B} rows x {W})")
+        for name, given in (("staging", staging), ("out", out)):
+            if given is not None and given.numel() != size:
+                raise ValueError(f"{name}: {given.numel()} elements, the batch needs {size} ({B} rows x {W})")
         host = torch.empty(size, dtype=torch.long, pin_memory=pin) if staging is None else staging
         flat = host.numpy()
         buf = flat[:F_ * B * W].reshape(F_, B, W)
@@ -208,8 +209,6 @@ class Actions:
             tail[B + n:] = 0
         if out is None:
             return cls.of_flat(host.to(device, non_blocking=pin), B, W)
-        if out.numel() != host.numel():
-            raise ValueError(f"out: {out.numel()} elements, the batch needs {host.numel()} ({B} rows x {W})")
         return cls.of_flat(out.copy_(host, non_blocking=pin), B, W)
 
     @classmethod

@@ -333,10 +333,9 @@ def _seen_before_window(preps: Sequence[Resolved], rows: int, L: int, ring: Pinn
     of `ring` when given."""
     before = [max(0, len(p.rows) - L) if p.req.exclude_seen else 0 for p in preps]
     shape = (rows, 2 + bucket(max(before), lo=16))
-    out = torch.zeros(shape, dtype=torch.long) if ring is None else ring.take(shape, torch.long)
+    out = torch.empty(shape, dtype=torch.long) if ring is None else ring.take(shape, torch.long)
     seen = out.numpy()
-    if ring is not None:
-        seen[:] = 0
+    seen[:] = 0
     seen[:len(preps), 0] = [p.req.exclude_seen for p in preps]
     seen[:len(preps), 1] = [p.req.num_candidates for p in preps]
     for j, p in enumerate(preps):

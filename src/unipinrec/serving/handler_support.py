@@ -17,7 +17,7 @@ import json
 from email.message import Message
 from pathlib import Path
 
-from .engine import Engine, EngineConfig, settle_heap
+from .engine import Engine, EngineConfig
 from .request import ServingError
 from .store import InMemoryStore
 
@@ -54,9 +54,7 @@ def build_engine(model_dir: Path, model_yaml_config: dict) -> Engine:
         torch.set_num_threads(int(threads))
     store = make_store(handler_cfg.get("store", spec.get("store")), model_dir)
     ranking = model_dir / "ranking" if spec.get("ranking") else None
-    engine = Engine.from_dirs(model_dir / "model", model_dir / "index", ranking_dir=ranking, config=config, store=store)
-    settle_heap()  # what is loaded stays: out of the garbage collector's walks (engine.settle_heap)
-    return engine
+    return Engine.from_dirs(model_dir / "model", model_dir / "index", ranking_dir=ranking, config=config, store=store)
 
 
 def _header(ctx, idx: int, name: str):

@@ -53,6 +53,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .engine import settle_heap
 from .handler_support import SERVING_JSON, build_engine
 from .request import ServingError, _field_name, decode_json, parse_request
 
@@ -378,6 +379,7 @@ class UniPinRecModel(kserve.Model):
         for e in engines:  # readiness means the engine answers: one request through every stage first
             e.handle({"user_id": 0, "history": [{"item_id": first, "action": 0, "ts": 0}], "k": 1,
                       "num_candidates": 1, "request_ts": 1})
+        settle_heap()  # every engine loaded and warm: out of the garbage collector's full walks, once
         self.engine = engines[0]
         size = self.batch_size or int(mcfg.get("batchSize", 1))
         delay = self.max_batch_delay_ms if self.max_batch_delay_ms is not None else float(mcfg.get("maxBatchDelay", 0))
