@@ -12,9 +12,12 @@ batch 1, 8, 64 (L=2048, C=256, d=256, 4 heads, 4 layers, bf16):
   (cuDNN with a key-padding bias, any lengths: what the model does now in bf16),
   `split_efficient` (the memory-efficient kernel with the bias: the model's fp32 path on CUDA),
   `split_flash_varlen` (flash over the padded cache with per-row key counts);
-- the largest difference of each variant's output from `cat_mask`.
+- the largest difference of each variant's output from `cat_mask`;
+- with `--splits`, instead of the variants: the model's `rank` with its history attention in
+  1, 2, 4, ... chunks of keys side by side (`model.history_splits`, "auto" its choice), each
+  against one chunk, and `--timeline` the kernels of one rank replay in order.
 
-    python bench/candidate_attention_bench.py [--batch 1 8 64] [--layers 4]
+    python bench/candidate_attention_bench.py [--batch 1 8 64] [--layers 4] [--splits [--timeline]]
 """
 from __future__ import annotations
 
@@ -103,6 +106,40 @@ def variants(B, H, C, Wt, Dh, lengths, dev):
     return out
 
 
+def splits_rows(model, kv, cand, B: int, L: int) -> None:
+    """rank's replay ms per key-chunk count, and its largest difference from one chunk."""
+    from unipinrec.model import history_splits
+
+    auto = history_splits(B, model.config.n_heads, cand.shape[1], L, cand.device)
+    model.attention_splits = 1
+    ref, base = model.rank(cand, kv).float(), timed_ms(lambda: model.rank(cand, kv))
+    for s in [1, 2, 4, 8, 16, 32]:
+        if L % s or L // s < 64:
+            continue
+        model.attention_splits = s
+        ms = timed_ms(lambda: model.rank(cand, kv))
+        diff = float((model.rank(cand, kv).float() - ref).abs().max())
+        print(f"| {B} | {s}{' (auto)' if s == auto else ''} | {ms:.3f} | {base / ms:.2f}x | {diff:.2e} |")
+    model.attention_splits = None
+
+
+def timeline(fn, title: str) -> None:
+    """Each kernel of one replay of fn's graph, in launch order, with its device time."""
+    from torch.profiler import ProfilerActivity, profile
+    from unipinrec.serving.graphs import _Graph
+
+    g = _Graph(fn)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        g.replay()
+        torch.cuda.synchronize()
+    ev = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    print(f"\n## timeline: {title} ({len(ev)} kernels)")
+    t0 = ev[0].time_range.start if ev else 0
+    for e in ev:
+        print(f"{(e.time_range.start - t0) / 1000:8.3f} ms {e.time_range.elapsed_us():7.1f} us  {e.name[:90]}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
@@ -110,19 +147,25 @@ def main():
     p.add_argument("--L", type=int, default=2048)
     p.add_argument("--C", type=int, default=256)
     p.add_argument("--profile", action="store_true", help="print rank's and encode's kernels at the last batch")
+    p.add_argument("--splits", action="store_true", help="rank per key-chunk count instead of the variants")
+    p.add_argument("--timeline", action="store_true", help="with --splits: one rank replay's kernels in order")
     a = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from unipinrec.sequences import Actions, History
     from unipinrec.serving.synthetic import make_model_dir, random_history
     from unipinrec.checkpoint import load_model
+    from unipinrec.model import history_splits
 
     work = Path(tempfile.mkdtemp())
     make_model_dir(work / "m", kind="unified", seed=0, num_items=20_000, d_model=256, n_layers=a.layers,
                    n_heads=4, max_history=a.L)
     loaded = load_model(work / "m")
     model = loaded.model.to(dev, torch.bfloat16).eval()
-    print(f"| batch | encode ms | rank ms | rank attention: variant | ms (all layers) | max |diff| vs cat_mask |")
-    print("|---|---|---|---|---|---|")
+    if a.splits:
+        print("| batch | key chunks | rank ms | vs 1 chunk | max |diff| vs 1 chunk |\n|---|---|---|---|---|")
+    else:
+        print("| batch | encode ms | rank ms | rank attention: variant | ms (all layers) | max |diff| vs cat_mask |")
+        print("|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     with torch.inference_mode():
         for B in a.batch:
@@ -130,6 +173,14 @@ def main():
             h = Actions.from_histories(hs, [1_800_000_000] * B, vocab=loaded.vocab, device=dev)
             cand = torch.randint(1, 20_001, (B, a.C), device=dev)
             kv = model.encode_history(h)[1]
+            if a.splits:
+                splits_rows(model, kv, cand, B, a.L)
+                if a.timeline and torch.cuda.is_available():
+                    for s in sorted({1, history_splits(B, model.config.n_heads, a.C, a.L, dev)}):
+                        model.attention_splits = s
+                        timeline(lambda: model.rank(cand, kv), f"rank, batch {B}, {s} key chunks")
+                    model.attention_splits = None
+                continue
             enc = timed_ms(lambda: model.encode_history(h))
             rnk = timed_ms(lambda: model.rank(cand, kv))
             for lengths_kind, lengths in (("full", torch.full((B,), a.L, device=dev)),

@@ -100,6 +100,19 @@ def host_steps(eng, reqs, n=30):
     return {k: float(np.median(v)) for k, v in steps.items()}
 
 
+def launch_ms(graph, n: int = 30) -> float:
+    """Host ms of one `graph.replay()` call alone (the launch, not the work: synchronised between
+    calls); it grows with the graph's nodes."""
+    out = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        graph.replay()
+        out.append((time.perf_counter() - t) * 1e3)
+    torch.cuda.synchronize()
+    return float(np.median(out))
+
+
 def parts(eng, acts, seen, C):
     """The fused graph's parts, each captured alone: -> ms per part."""
     m = eng.ret.model
@@ -167,7 +180,7 @@ def main():
                 hs = host_steps(e, reqs)
                 summary.append((B, m, hb, gr, lr))
                 print(f"\n# batch {B} mode {m}: handle_batch {hb:.3f} ms, fused graph replay {gr:.3f} ms, "
-                      f"limit replay {lr:.3f} ms")
+                      f"limit replay {lr:.3f} ms; host ms of the replay call alone {launch_ms(graph):.3f}")
                 print("host steps (median ms):", {k: round(v, 3) for k, v in hs.items()})
                 kernels(graph.replay, f"fused graph replay, batch {B}, mode {m}")
                 kernels(lg.replay, f"limit replay, batch {B}, mode {m}")

@@ -587,6 +587,43 @@ def test_candidate_attention_kernels_match_fp64(device):
         assert (out - ref).abs().max() < tol, (dt, float((out - ref).abs().max()))
 
 
+@pytest.mark.parametrize("splits", [2, 3, 4])
+def test_candidate_attention_in_key_chunks_equals_one_chunk(splits):
+    """History attention in chunks of keys side by side (`attention_splits`; what a GPU runs at
+    small batches), merged by their log-sum-exps with the candidate's own key, gives the scores of
+    one chunk: ragged histories, one row whose last chunks are all padding, an empty one; fp64
+    1e-12, fp32 1e-5, bf16 3e-2 (against fp64), all finite."""
+    m = make_model(dropout=0.0)
+    h, cand = make_history([L, 7, 1, 0], width=L), candidates(4, 9)
+    with torch.inference_mode():
+        ref = m.to(torch.float64).rank(cand, m.encode_history(h)[1])
+        for dt, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+            mm = m.to(dt)
+            mm.attention_splits = splits
+            got = mm.rank(cand, mm.encode_history(h)[1]).double()
+            assert torch.isfinite(got).all() and (got - ref).abs().max() < tol, (dt, float((got - ref).abs().max()))
+    m.attention_splits = None
+
+
+def test_history_splits_fill_the_gpu_at_small_batches_only():
+    """The chunk count: 1 on a CPU; on a GPU of 132 multiprocessors, chunks until the (64-query,
+    head) tiles would pass it, each at least 128 keys and an even share of the width."""
+    import unipinrec.model as model_mod
+
+    gpu = torch.device("cuda", 0)
+    model_mod._SMS[0] = 132  # as an H200 reports it (the rule alone is tested: no GPU needed)
+    try:
+        assert model_mod.history_splits(1, 4, 256, 2048, torch.device("cpu")) == 1
+        assert model_mod.history_splits(1, 4, 256, 2048, gpu) == 8  # 16 tiles -> 128
+        assert model_mod.history_splits(8, 4, 256, 2048, gpu) == 1  # 128 tiles already
+        assert model_mod.history_splits(64, 4, 256, 2048, gpu) == 1
+        assert model_mod.history_splits(1, 4, 256, 256, gpu) == 2  # chunks of 128 keys at least
+        assert model_mod.history_splits(1, 4, 256, 96, gpu) == 1
+        assert model_mod.history_splits(1, 4, 256, 384, gpu) == 2  # 3 * 128: halves only once
+    finally:
+        model_mod._SMS.pop(0, None)
+
+
 def test_candidate_attention_falls_back_to_the_next_kernel(monkeypatch):
     """A history-attention kernel this build or GPU lacks (cuDNN's on an older GPU, say) gives a
     warning and the next kernel, here the reference formula, with the same scores (fp64 1e-10)."""

@@ -222,40 +222,80 @@ class CausalSelfAttention(nn.Module):
         )
         return self._merge(y), k, v
 
-    def attend_candidates(self, x, past_k, past_v, history_bias):
+    def attend_candidates(self, x, past_k, past_v, history_bias, splits: int = 1):
         """Each candidate attends to the cached history and to itself only, without copying the
-        cache: one fused attention call over the history keys (with its log-sum-exp), then the
-        candidate's own key folded into the same softmax. No (B, H, C, Wt) scores in memory and
-        no [history; candidate] concatenation (which cost more than the attention on a GPU).
+        cache: fused attention over the history keys (with its log-sum-exp), in `splits` chunks
+        of keys side by side (`history_splits`: only so does a small batch fill a GPU), then
+        the candidate's own key folded into the same softmax. No (B, H, C, Wt) scores in memory
+        and no [history; candidate] concatenation (which cost more than the attention on a GPU).
 
         x (B, C, D); past_k/v (B, H, Wt, Dh); history_bias (B, 1, 1, Wt) from `history_bias`.
         """
         q, k, v = self._heads(x)  # (B, H, C, Dh)
         if past_k.shape[2] == 0:
             return self._merge(v)
-        y, lse = history_attention(q, past_k, past_v, history_bias)  # (B, H, C, Dh), (B, H, C)
-        f = torch.promote_types(q.dtype, torch.float32)  # the merge in fp32 (fp64 stays fp64)
-        own = (q.to(f) * k.to(f)).sum(-1) * self.d_head ** -0.5  # (B, H, C) each one's own score
-        lse = lse.to(f)
-        m = torch.maximum(lse, own)
-        w_hist, w_own = torch.exp(lse - m)[..., None], torch.exp(own - m)[..., None]
-        y = (w_hist * y.to(f) + w_own * v.to(f)) / (w_hist + w_own)
-        return self._merge(y.to(q.dtype))
+        B, H, C, Dh = q.shape
+        y, lse = history_attention(q, past_k, past_v, history_bias, splits)  # (B, S, H, C, Dh), (B, S, H, C)
+        f = torch.promote_types(q.dtype, torch.float32)  # the softmax in fp32 (fp64 stays fp64)
+        own = (q * k).sum(-1, dtype=f) * self.d_head ** -0.5  # (B, H, C) each candidate's own score
+        w = torch.softmax(torch.cat([lse.to(f), own[:, None]], dim=1), dim=1).to(v.dtype)  # (B, S + 1, H, C)
+        if splits == 1:  # one kernel: (1 - w_own) * y + w_own * v
+            return self._merge(torch.lerp(y[:, 0], v, w[:, 1, ..., None]))
+        return self._merge((w[..., None] * torch.cat([y, v[:, None]], dim=1)).sum(1))
 
 
-def history_attention(q, keys, values, bias):
-    """Softmax attention of q over keys with an additive bias -> (out, log-sum-exp (B, H, C); fp32,
-    fp64 for fp64 inputs), from the device's fused kernel: cuDNN's in bf16/fp16 on CUDA, the
+def history_splits(batch: int, heads: int, candidates: int, width: int, device: torch.device) -> int:
+    """Chunks of the history keys that candidate attention runs side by side: on a GPU, enough
+    that the batch's (64-query block, head) tiles fill its multiprocessors (at batch 1, 4 heads
+    and 256 candidates cuDNN's kernel ran 16 tiles on 132 multiprocessors, each walking all 2,048
+    keys), each chunk at least 128 keys and a power-of-two share of the width; 1 on a CPU."""
+    if device.type != "cuda":
+        return 1
+    tiles = batch * heads * -(-candidates // 64)
+    sms = _multiprocessors(device)
+    s = 1
+    while tiles * s * 2 <= sms and width % (2 * s) == 0 and width // (2 * s) >= 128:
+        s *= 2
+    return s
+
+
+_SMS: dict = {}
+
+
+def _multiprocessors(device: torch.device) -> int:
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SMS:
+        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SMS[i]
+
+
+def history_attention(q, keys, values, bias, splits: int = 1):
+    """Softmax attention of q (B, H, C, Dh) over keys with an additive bias, in `splits` equal
+    chunks of keys -> each chunk's (out (B, S, H, C, Dh), log-sum-exp (B, S, H, C); fp32, fp64 for
+    fp64 inputs), from the device's fused kernel: cuDNN's in bf16/fp16 on CUDA, the
     memory-efficient one otherwise on CUDA, the flash kernel on CPU. A kernel this build or GPU
     does not offer (cuDNN's needs a recent GPU) falls back to the next, and last to the reference
-    formula (scores in memory), chosen once per device and dtype (before any graph capture)."""
-    B, H, C, _ = q.shape
-    bias = bias.to(q.dtype).expand(B, H, C, keys.shape[2])
+    formula (scores in memory), chosen once per device and dtype (before any graph capture).
+    A row's chunks are one batch of the kernel: views in the cache's layout from `_heads`
+    (another layout is copied); the caller merges them by their log-sum-exps."""
+    B, H, C, Dh = q.shape
+    S, Wt = splits, keys.shape[2]
+    if S > 1:
+        q = q[:, None].expand(B, S, H, C, Dh).reshape(B * S, H, C, Dh)  # small: C queries
+        keys, values = _key_chunks(keys, S), _key_chunks(values, S)  # (B*S, H, Wt/S, Dh)
+        bias = bias.reshape(B * S, 1, 1, Wt // S)
+    bias = bias.to(q.dtype).expand(B * S, H, C, Wt // S)
     key = (q.device, q.dtype)
     if key not in _CHOSEN_KERNEL:
         _CHOSEN_KERNEL[key] = _first_working_kernel(q, keys, values, bias)
     y, lse = _HISTORY_KERNELS[_CHOSEN_KERNEL[key]](q, keys, values, bias)
-    return y, lse[..., :C].reshape(B, H, C)
+    return y.unflatten(0, (B, S)), lse[..., :C].reshape(B, S, H, C)
+
+
+def _key_chunks(t: torch.Tensor, S: int) -> torch.Tensor:
+    """(B, H, W, Dh) -> (B*S, H, W/S, Dh): row b's chunk s at b*S + s."""
+    B, H, W, Dh = t.shape
+    return t.unflatten(2, (S, W // S)).transpose(1, 2).reshape(B * S, H, W // S, Dh)
 
 
 def _reference_attention(q, keys, values, bias):
@@ -307,8 +347,8 @@ class Block(nn.Module):
         x = x + a
         return x + self.mlp(self.ln2(x)), k, v
 
-    def forward_candidates(self, x, past_k, past_v, history_bias):
-        x = x + self.attn.attend_candidates(self.ln1(x), past_k, past_v, history_bias)
+    def forward_candidates(self, x, past_k, past_v, history_bias, splits: int = 1):
+        x = x + self.attn.attend_candidates(self.ln1(x), past_k, past_v, history_bias, splits)
         return x + self.mlp(self.ln2(x))
 
 
@@ -372,6 +412,7 @@ class UniPinRec(nn.Module):
         self.slate_pos_emb = nn.Embedding(cfg.slate_positions, D) if cfg.slate_positions else None
         self.action_token_emb = nn.Parameter(torch.zeros(D))  # marks action tokens (interleaved)
         self.drop = nn.Dropout(cfg.dropout)
+        self.attention_splits: int | None = None  # candidate attention's key chunks; None: `history_splits`
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(D)
         self.retrieval_proj = nn.Linear(D, D)
@@ -607,8 +648,11 @@ class UniPinRec(nn.Module):
             candidate_gaps = self.default_candidate_gaps(c.lengths, c.last_ts(), c.request_ts)
         x = self._candidate_tokens(candidates, c.lengths, candidate_gaps, slate_positions)  # (B, C, D)
         bias = history_bias(c.padding_mask, c.keys[0].dtype if c.keys else x.dtype)  # built once for every layer
+        B, C, _ = x.shape
+        splits = history_splits(B, self.config.n_heads, C, c.keys[0].shape[2] if c.keys else 0, x.device) \
+            if self.attention_splits is None else self.attention_splits
         for block, pk, pv in zip(self.blocks, c.keys, c.values):
-            x = block.forward_candidates(x, pk, pv, bias)
+            x = block.forward_candidates(x, pk, pv, bias, splits)
         return self._rank_logits(self.ln_f(x), c.user_vectors[:, None, :], candidates)  # (B, C, T)
 
     def item_vectors(self) -> torch.Tensor:
