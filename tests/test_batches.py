@@ -57,6 +57,32 @@ def test_from_histories_into_a_static_buffer_is_views_of_it_with_the_same_batch(
         Actions.from_histories(hs, [10, 20], rows=4, width=8, out=torch.zeros(10, dtype=torch.long))
 
 
+def test_stack_rows_builds_from_histories_batch_from_rows_already_on_the_device():
+    """The cross-request cache's hits: each cached row's fields (one buffer, as `KVCache.rows`
+    stores a row) into one padded batch by device copies, with the lengths and the request times
+    of now (they may differ from the cached ones): the batch from_histories builds, every padding
+    element zero, in `out` when given."""
+    from unipinrec.model import KVCache
+    from unipinrec.sequences import Actions, History
+
+    hs = [History(items=[3, 4, 5], actions=[1, 2, 1], ts=[1, 2, 3], surfaces=[0, 1, 1]),
+          History(items=[6], actions=[0], ts=[9])]
+    want = Actions.from_histories(hs, [10, 20], rows=4, width=8)
+    batch = Actions.from_histories(hs, [99, 99])  # as first served: other request times
+    kv = KVCache(keys=[torch.zeros(2, 1, 3, 1)], values=[torch.zeros(2, 1, 3, 1)], history=batch,
+                 user_vectors=torch.zeros(2, 2))
+    fields = [r.history_stacked() for r in kv.rows([0, 1], [3, 1])]
+    assert all(f is not None for f in fields) and [f.shape for f in fields] == [(4, 1, 3), (4, 1, 1)]
+    assert kv.history_stacked() is None  # a batch's own fields are not one cached buffer
+    tail = torch.tensor([3, 1, 0, 0, 10, 20, 0, 0])
+    out = torch.full((Actions.flat_size(4, 8),), -1, dtype=torch.long)
+    for got in (Actions.stack_rows(fields, tail, rows=4, width=8, out=out),
+                Actions.stack_rows(fields, tail, rows=4, width=8)):
+        for name in (*Actions.per_action_fields(), "lengths", "request_ts"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert (out >= 0).all() and torch.equal(Actions.of_flat(out, 4, 8).items, want.items)
+
+
 def _examples() -> pa.Table:
     rows = [
         {"user_id": 1, "request_ts": 100,

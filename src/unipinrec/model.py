@@ -73,6 +73,7 @@ class KVCache:
     user_vectors: torch.Tensor  # (B, D)
     tokens_per_action: int = 1
     buffer: torch.Tensor | None = None  # (2 x layers, B, H, Wt, Dh) when keys, then values, are its views
+    history_buffer: torch.Tensor | None = None  # (fields, B, W) when the history's per-action fields are its views
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -107,6 +108,12 @@ class KVCache:
         makes them), so copying a cached row is one copy; None when they are separate tensors."""
         b = self.buffer
         return b if b is not None and b.data_ptr() == self.keys[0].data_ptr() else None
+
+    def history_stacked(self) -> torch.Tensor | None:
+        """(fields, B, W): the one buffer the history's per-action fields are views of (as `rows`
+        makes them), so a cached row's history goes into a batch in one copy; else None."""
+        b = self.history_buffer
+        return b if b is not None and b.data_ptr() == self.history.items.data_ptr() else None
 
     def _with(self, kv_fn, history: "Actions", user_vectors: torch.Tensor) -> "KVCache":
         return KVCache(keys=[kv_fn(k) for k in self.keys], values=[kv_fn(v) for v in self.values], history=history,
@@ -153,10 +160,10 @@ class KVCache:
             made = [_one_buffer(part) for part in parts]
             dst += [t for _, ts in made for t in ts]
             src += [t for part in parts for t in part]
-            (buffer, kv_row), (_, acts), (_, (lengths_, request_ts)), (_, (user,)) = made
+            (buffer, kv_row), (fields, acts), (_, (lengths_, request_ts)), (_, (user,)) = made
             out.append(KVCache(keys=kv_row[:n_layers], values=kv_row[n_layers:], user_vectors=user, buffer=buffer,
                                history=replace(h, **dict(zip(names, acts)), lengths=lengths_, request_ts=request_ts),
-                               tokens_per_action=self.tokens_per_action))
+                               tokens_per_action=self.tokens_per_action, history_buffer=fields))
         if dst:
             torch._foreach_copy_(dst, src)
         return out

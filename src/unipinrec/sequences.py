@@ -212,6 +212,22 @@ class Actions:
         return cls.of_flat(out.copy_(host, non_blocking=pin), B, W)
 
     @classmethod
+    def stack_rows(cls, fields: Sequence[torch.Tensor], tail: torch.Tensor, *, rows: int, width: int,
+                   out: torch.Tensor | None = None) -> "Actions":
+        """Rows already on the device, each its per-action fields stacked, (fields, 1, w) (a
+        cached row's `KVCache.history_stacked`), and the batch's tail, lengths then request_ts
+        (2 * rows longs: pinned host or device) -> one right-padded batch of `rows` x `width` in
+        `out` (a `flat_size` tensor, e.g. a CUDA graph's static input) or a new one, by device
+        copies in one call: `from_histories`'s batch without building it on the host."""
+        flat = torch.zeros(cls.flat_size(rows, width), dtype=torch.long, device=fields[0].device) \
+            if out is None else out.zero_()
+        n = len(cls.per_action_fields()) * rows * width
+        whole = flat[:n].view(-1, rows, width)
+        dst = [whole[:, b:b + 1, :f.shape[2]] for b, f in enumerate(fields)]
+        torch._foreach_copy_([*dst, flat[n:]], [*fields, tail], non_blocking=True)
+        return cls.of_flat(flat, rows, width)
+
+    @classmethod
     def flat_size(cls, rows: int, width: int) -> int:
         """Elements of a batch's flat buffer: every per-action field, then lengths and request_ts."""
         return len(cls.per_action_fields()) * rows * width + 2 * rows

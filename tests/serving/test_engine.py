@@ -2,6 +2,8 @@
 modes agree where they must, caches and handles behave, bad input is a 4xx naming the field."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -136,6 +138,68 @@ def test_cross_request_cache_hits_and_extends_with_unchanged_scores(tiny):
     assert ids(ext) == ids(ref)
     np.testing.assert_allclose(scores(ext), scores(ref), rtol=1e-5, atol=1e-6)
     assert cached.user_cache.stats.as_dict() == {"hits": 1, "extends": 1, "misses": 1}
+
+
+def _counting_checks(monkeypatch) -> list:
+    """check_histories as the resolver calls it, recording how many histories each call checks."""
+    import unipinrec.serving.resolve as resolve_mod
+
+    calls, real = [], resolve_mod.check_histories
+    monkeypatch.setattr(resolve_mod, "check_histories", lambda hs, *a, **k: calls.append(len(hs)) or real(hs, *a, **k))
+    return calls
+
+
+def test_a_history_byte_for_byte_the_cached_one_skips_the_checks(tiny, monkeypatch):
+    """A request whose whole history is exactly its user's cached one (checked when stored) is a
+    hit found before the checks: they are skipped, the answer is the first one's, the hit counted
+    once; in a batch, the other requests are checked as usual."""
+    eng = Engine.from_dirs(tiny.unified, tiny.unified_index)
+    body = req(user_id=420, n=12, seed=5)
+    calls = _counting_checks(monkeypatch)
+    first = eng.handle(body)
+    assert first["kv_cache"] == "miss" and calls == [1]
+    again = eng.handle(body)
+    assert again["kv_cache"] == "hit" and calls == [1, 0]  # nothing checked the second time
+    assert ids(again) == ids(first)
+    np.testing.assert_allclose(scores(again), scores(first), rtol=1e-5, atol=1e-6)
+    assert eng.user_cache.stats.as_dict() == {"hits": 1, "extends": 0, "misses": 1}
+    other = req(user_id=421, n=7, seed=6)
+    out = eng.handle_batch([parse_request(body), parse_request(other)])
+    assert [o["kv_cache"] for o in out] == ["hit", "miss"] and calls[-1] == 1
+    assert out[0]["history_length"] == 12 and not out[0]["cold_start"]
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda h: h[3].update(item_id=5), "history[3].item_id"),  # not in the catalog
+    (lambda h: h[2].update(action=99), "history[2].action"),
+    (lambda h: h[4].update(ts=0), "history[4].ts"),
+])
+def test_a_changed_history_of_a_cached_user_is_checked_again(tiny, mutate, field):
+    """The same user with the same number of actions, one of them changed (a client replaying a
+    cached user with a bad action): not a hit, checked, refused naming the action."""
+    eng = Engine.from_dirs(tiny.unified, tiny.unified_index)
+    body = req(user_id=430, n=10, seed=8)
+    eng.handle(body)
+    bad = copy.deepcopy(body)
+    mutate(bad["history"])
+    with pytest.raises(ServingError) as e:
+        eng.handle(bad)
+    assert e.value.field == field and e.value.status == 422
+    assert eng.handle(body)["kv_cache"] == "hit"
+
+
+def test_a_longer_history_or_an_earlier_request_ts_is_not_probed(tiny, monkeypatch):
+    """The probe takes only a history that is the cached one whole: appended actions are checked
+    (and extend the entry), and a request_ts before the last action is refused, as without a cache."""
+    eng = Engine.from_dirs(tiny.unified, tiny.unified_index)
+    full = req(user_id=440, n=14, seed=9)
+    first = {**full, "history": full["history"][:9]}
+    eng.handle(first)
+    calls = _counting_checks(monkeypatch)
+    assert eng.handle(full)["kv_cache"] == "extend" and calls == [1]
+    with pytest.raises(ServingError) as e:
+        eng.handle({**full, "request_ts": 5})
+    assert e.value.field == "request_ts"
 
 
 def test_request_time_gaps_model_hits_only_at_the_same_request_ts(tiny):

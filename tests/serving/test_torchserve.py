@@ -188,3 +188,24 @@ def test_fuzzed_bodies_never_get_a_5xx(http, server):
     check()
     assert seen["count"] >= 1000
     assert_serving(http, server)
+
+
+def test_a_worker_traceback_logged_after_the_frontend_saw_the_death_is_still_found(tmp_path):
+    """TorchServe's frontend log can say a worker died before the worker's log holds its
+    traceback (separate appenders): the error named to the user waits for it, briefly."""
+    import threading
+    import time
+
+    from unipinrec.serving.torchserve import _last_python_error
+
+    log = tmp_path / "model_log.log"
+    log.write_text("2026-12-01T00:00:00 [INFO ] W-9000 MODEL_LOG - loading\n")
+    assert _last_python_error(log, wait_s=0.2) is None
+
+    def late():
+        time.sleep(0.5)
+        with open(log, "a") as f:
+            f.write("2026-12-01T00:00:01 [INFO ] W-9000 MODEL_LOG - ValueError: weights do not match the config\n")
+
+    threading.Thread(target=late).start()
+    assert _last_python_error(log, wait_s=5.0) == "ValueError: weights do not match the config"

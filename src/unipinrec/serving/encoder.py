@@ -37,8 +37,8 @@ class HistoryEncoder:
         L = model.config.max_history
         caching = use_cache and self.user_cache.enabled
         if looked is None or not caching:
-            looked = [self.user_cache.lookup(p.req.user_id, p.window(L), p.request_ts, L) if caching else None
-                      for p in preps]
+            looked = [(p.cached or self.user_cache.lookup(p.req.user_id, p.raw_window(L), p.request_ts, L))
+                      if caching else None for p in preps]
         status = [lk.status if lk is not None else "miss" for lk in looked]
         parts: list[tuple[Any, list[int]]] = []
         with timer.stage(stage):
@@ -58,7 +58,8 @@ class HistoryEncoder:
             new = [i for i, s in enumerate(status) if s != "hit"]
             windows = [preps[i].window(L) for i in new]
             for i, window, row in zip(new, windows, kv.rows(new, [len(w) for w in windows])):
-                self.user_cache.put(preps[i].req.user_id, row, window, preps[i].request_ts)
+                self.user_cache.put(preps[i].req.user_id, row, preps[i].raw_window(L), preps[i].request_ts,
+                                    rows=window.items)
         return kv, status
 
     def _encode_new(self, model, preps: Sequence[Resolved], L: int, role: str):

@@ -127,7 +127,8 @@ class Engine:
         self.handles = HandleStore(self.config.handle_bytes, self.config.handle_ttl_s,
                                    max_entries=self.config.handle_entries)
         actions_type = type(self.ret.model).actions_type
-        self.resolver = HistoryResolver(self.vocab, self.ret.model.config.num_actions, store, actions_type)
+        self.resolver = HistoryResolver(self.vocab, self.ret.model.config.num_actions, store, actions_type,
+                                        cache=self.user_cache)
         self.graphs = Graphs.for_device(self.device, self.config.cuda_graphs, self.config.max_graphs)
         self.encoder = HistoryEncoder(self.device, self.user_cache, self.graphs, actions_type)
         self.retriever = Retriever(index, Popularity(self.vocab.item_ids, popularity), self.vocab)

@@ -256,8 +256,8 @@ def launch(engine, preps: Sequence[Resolved], fused: FusedGraphs):
         return None, None
     L = engine.ret.model.config.max_history
     cache = engine.user_cache
-    windows = [p.window(L) for p in preps]  # once: the lookup, the batch and the store read them
-    looked = [cache.lookup(p.req.user_id, w, p.request_ts, L) for p, w in zip(preps, windows)] \
+    raw = [p.raw_window(L) for p in preps]  # what the cache compares
+    looked = [p.cached or cache.lookup(p.req.user_id, w, p.request_ts, L) for p, w in zip(preps, raw)] \
         if cache.enabled else None
     status = [lk.status for lk in looked] if looked is not None else ["miss"] * len(preps)
     hits = status[0] == "hit" and all(s == "hit" for s in status)
@@ -267,22 +267,30 @@ def launch(engine, preps: Sequence[Resolved], fused: FusedGraphs):
     B = len(preps)
     C = max(p.req.num_candidates for p in preps)
     rows = b.batch(B)
-    width = b.width(max(len(w) for w in windows))
+    width = b.width(max(len(w) for w in raw))
     graphs = engine.graphs is not None  # a GPU: the batch's host side in reused pinned buffers
-    staging = fused.host.take((Actions.flat_size(rows, width),), torch.long) if graphs else None
-    acts = Actions.from_histories(windows, [p.request_ts for p in preps], device=engine.device, rows=rows,
-                                  width=width, out=fused.input(rows, width) if graphs else None, staging=staging)
+    out, staging, windows = fused.input(rows, width) if graphs else None, None, None
+    fields = [lk.kv.history_stacked() for lk in looked] if hits else None
+    if fields is not None and all(f is not None for f in fields):  # the histories are on the device already
+        staging = _tail(fused, preps, rows, raw)
+        acts = Actions.stack_rows(fields, staging, rows=rows, width=width, out=out)
+    else:
+        windows = [p.window(L) for p in preps]  # the batch and the store read them
+        staging = fused.host.take((Actions.flat_size(rows, width),), torch.long) if graphs else None
+        acts = Actions.from_histories(windows, [p.request_ts for p in preps], device=engine.device, rows=rows,
+                                      width=width, out=out, staging=staging)
     seen = _seen_before_window(preps, rows, L, fused.host if graphs else None)
     kv, packed = fused.run(acts, seen, b.candidates(C), cached=[lk.kv for lk in looked] if hits else None)
-    if graphs:
+    if staging is not None:
         fused.host.mark(staging)
+    if graphs:
         fused.host.mark(seen)
     pending = Pending(engine, preps, packed, "hit" if hits else "miss", fused.host if graphs else None)
     if looked is not None and not hits:
         kv = _first_rows(kv, B, acts)
         stored = kv.rows(range(B), [len(w) for w in windows])  # the lengths from here: no wait for the graph
-        for p, w, row in zip(preps, windows, stored):
-            cache.put(p.req.user_id, row, w, p.request_ts)
+        for p, r, w, row in zip(preps, raw, windows, stored):
+            cache.put(p.req.user_id, row, r, p.request_ts, rows=w.items)
     return pending, looked
 
 
@@ -325,6 +333,17 @@ def _finish(pending: Pending, resolved: list, ok: list, timer: StageTimer, start
     for i, res in zip(ok, pending.responses(host, timer.as_dict())):
         out[i] = res
     return out
+
+
+def _tail(fused: FusedGraphs, preps: Sequence[Resolved], rows: int, windows: Sequence) -> torch.Tensor:
+    """A batch's lengths then request times (2 * rows; padded rows 0) in a buffer of the ring (the
+    caller marks it once its copy is enqueued)."""
+    host = fused.host.take((2 * rows,), torch.long)
+    t = host.numpy()
+    t[:] = 0
+    t[:len(preps)] = [len(w) for w in windows]
+    t[rows:rows + len(preps)] = [p.request_ts for p in preps]
+    return host
 
 
 def _seen_before_window(preps: Sequence[Resolved], rows: int, L: int, ring: PinnedRing | None = None) -> torch.Tensor:

@@ -121,9 +121,10 @@ class CacheStats:
 @dataclass
 class _Entry:
     kv: Any  # KVCache, batch of one, trimmed
-    actions: tuple  # the encoded history's arrays as bytes, field by field (History.as_bytes)
+    actions: tuple  # the encoded history's arrays as the client sent them, as bytes (History.as_bytes)
     length: int
     request_ts: int | None  # what the tokens also depend on (request_dependent), else None
+    rows: np.ndarray | None = None  # the history's embedding rows (read-only), for `probe`
 
     def holds(self, window: History, request_ts: int | None, length: int) -> bool:
         """The window's first `length` actions are exactly the cached ones (and request_ts equal)."""
@@ -135,6 +136,7 @@ class Lookup:
     status: str  # "hit" | "extend" | "miss"
     kv: Any = None  # cached KVCache (hit / extend)
     num_cached: int = 0  # actions already encoded (extend: the new ones start here)
+    rows: np.ndarray | None = None  # a probe's hit: the history's embedding rows, checked when stored
 
 
 class UserKVCache:
@@ -156,7 +158,8 @@ class UserKVCache:
         return self.lru.max_bytes > 0
 
     def lookup(self, user_id: int, window: History, request_ts: int, max_history: int) -> Lookup:
-        """window: the history the model would encode (item rows, last max_history actions)."""
+        """window: the history the model would encode (its last max_history actions, item ids as
+        the client sent them)."""
         if not self.enabled:
             return Lookup("miss")
         entry, _ = self.lru.get(user_id)
@@ -174,11 +177,34 @@ class UserKVCache:
         self.stats.misses += 1
         return Lookup("miss")
 
-    def put(self, user_id: int, kv_row, window: History, request_ts: int) -> None:
+    def probe(self, user_id: int, history: History, request_ts: int | None) -> Lookup | None:
+        """Before the history is checked: a hit when the client's whole history (raw, as sent)
+        is byte for byte the cached one, which was checked when it was stored; then the checks
+        would pass again (they read these bytes and the engine's vocabulary alone) and the
+        request skips them (`HistoryResolver.resolve`). None otherwise: the request is checked
+        and looked up as usual (`lookup`). request_ts: the request's, None when not given."""
+        if not self.enabled or (self.request_dependent and request_ts is None):
+            return None
+        entry, _ = self.lru.get(user_id)
+        n = len(history)
+        if entry is None or entry.rows is None or n != entry.length or n == 0:
+            return None
+        if not entry.holds(history, request_ts if self.request_dependent else None, n):
+            return None
+        self.stats.hits += 1
+        return Lookup("hit", entry.kv, n, rows=entry.rows)
+
+    def put(self, user_id: int, kv_row, window: History, request_ts: int, rows: np.ndarray | None = None) -> None:
+        """window: as `lookup` takes it; rows: its embedding rows (copied), which let `probe` find
+        a hit before the history is checked."""
         if not self.enabled:
             return
         extra = request_ts if self.request_dependent else None
-        self.lru.put(user_id, _Entry(kv_row, window.as_bytes(), len(window), extra), kv_row.nbytes + window.nbytes)
+        if rows is not None:
+            rows = np.array(rows, dtype=np.int64)
+            rows.setflags(write=False)  # shared by the requests that hit it
+        self.lru.put(user_id, _Entry(kv_row, window.as_bytes(), len(window), extra, rows),
+                     kv_row.nbytes + window.nbytes + (0 if rows is None else rows.nbytes))
 
 
 @dataclass

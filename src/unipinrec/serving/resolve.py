@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from ..sequences import ActionError, Actions, History, check_histories, check_history
+from .kv_cache import Lookup, UserKVCache
 from .request import Request, ServingError
 from .store import OnlineStore
 from .timing import StageTimer
@@ -22,12 +23,18 @@ class Resolved:
     rows: np.ndarray  # embedding rows of history.items
     request_ts: int
     source: str  # "request" | "store" | "handle"
+    cached: Lookup | None = None  # a cross-request cache hit found before the checks (UserKVCache.probe)
 
     def window(self, max_history: int, start: int = 0) -> History:
         """The last `max_history` actions (from `start` of those on), items as embedding rows:
         what the model encodes."""
         n0 = max(0, len(self.rows) - max_history)
         return self.history.with_items(self.rows).take(slice(n0 + start, None))
+
+    def raw_window(self, max_history: int) -> History:
+        """The last `max_history` actions with the item ids as sent: what the cross-request
+        cache compares (the same decision as comparing rows, and possible before the checks)."""
+        return self.history.last(max_history)
 
 
 def _client_history(req: Request, spec: type[Actions] = Actions) -> History:
@@ -49,11 +56,13 @@ def _client_history(req: Request, spec: type[Actions] = Actions) -> History:
 
 
 class HistoryResolver:
-    def __init__(self, vocab, num_actions: int, store: OnlineStore | None = None, actions_type: type[Actions] = Actions):
+    def __init__(self, vocab, num_actions: int, store: OnlineStore | None = None, actions_type: type[Actions] = Actions,
+                 cache: UserKVCache | None = None):
         self.vocab = vocab
         self.num_actions = num_actions
         self.store = store
         self.actions_type = actions_type  # the model's per-action fields
+        self.cache = cache  # the engine's cross-request cache: hits skip the checks (`_probe`)
 
     def resolve(self, reqs: Sequence[Request], timer: StageTimer) -> list[Resolved | ServingError]:
         need = [i for i, r in enumerate(reqs) if not r.has_history]
@@ -64,11 +73,31 @@ class HistoryResolver:
         if need:
             with timer.stage("lookup"):
                 stored = dict(zip(need, self.store.get_histories([reqs[i].user_id for i in need])))
-        given = [i for i, r in enumerate(reqs) if r.has_history]  # validated together: one pass
-        hs = [_client_history(reqs[i], self.actions_type) for i in given]
-        checked = dict(zip(given, zip(hs, check_histories(hs, self.vocab, self.num_actions,
-                                                          offsets=[reqs[i].history_offset for i in given]))))
-        return [self.resolve_one(r, stored.get(i), checked.get(i)) for i, r in enumerate(reqs)]
+        hs = {i: _client_history(r, self.actions_type) for i, r in enumerate(reqs) if r.has_history}
+        probed = self._probe(reqs, hs)
+        check = [i for i in hs if i not in probed]  # validated together: one pass
+        checked = dict(zip(check, zip([hs[i] for i in check], check_histories(
+            [hs[i] for i in check], self.vocab, self.num_actions, offsets=[reqs[i].history_offset for i in check]))))
+        checked.update({i: (hs[i], lk.rows) for i, lk in probed.items()})
+        out = [self.resolve_one(r, stored.get(i), checked.get(i)) for i, r in enumerate(reqs)]
+        for i, lk in probed.items():
+            out[i].cached = lk
+        return out
+
+    def _probe(self, reqs: Sequence[Request], hs: dict) -> dict[int, Lookup]:
+        """The requests whose whole history is, byte for byte, the one cached for their user
+        (`UserKVCache.probe`) and whose request_ts is not before its last action: their checks
+        would pass, so they are skipped (a 2,048-action history's checks and look-up: 33 us)."""
+        if self.cache is None or not self.cache.enabled:
+            return {}
+        out = {}
+        for i, h in hs.items():
+            ts = reqs[i].request_ts
+            if len(h) and (ts is None or ts >= h.ts[-1]):
+                lk = self.cache.probe(reqs[i].user_id, h, ts)
+                if lk is not None:
+                    out[i] = lk
+        return out
 
     def resolve_one(self, req: Request, from_store: History | None, checked=None) -> Resolved | ServingError:
         """checked: (the client's history, its rows or ActionError) when validated already."""

@@ -377,16 +377,22 @@ def _load_failure(lines: list[str], pending: list[str], logs: Path) -> str | Non
     return None
 
 
-def _last_python_error(path: Path) -> str | None:
-    """The last 'SomeError: message' line the workers logged (their traceback's last line)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, path.stat().st_size - 2**16))
-            tail = f.read().decode("utf-8", errors="replace").splitlines()
-    except OSError:
-        return None
-    errors = [m.group(1) for line in tail if (m := _PY_ERROR.search(line))]
-    return errors[-1] if errors else None
+def _last_python_error(path: Path, wait_s: float = 3.0) -> str | None:
+    """The last 'SomeError: message' line the workers logged (their traceback's last line),
+    waiting up to `wait_s` for it: the frontend's log can say a worker died before the worker's
+    own log has its traceback (two appenders, each flushed on its own; seen on a loaded machine)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - 2**16))
+                tail = f.read().decode("utf-8", errors="replace").splitlines()
+        except OSError:
+            tail = []
+        errors = [m.group(1) for line in tail if (m := _PY_ERROR.search(line))]
+        if errors or time.monotonic() >= deadline:
+            return errors[-1] if errors else None
+        time.sleep(0.1)
 
 
 def stop(run_dir: str | Path, timeout_s: float = 60.0) -> bool:
