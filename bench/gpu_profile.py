@@ -92,7 +92,7 @@ def host_steps(eng, reqs, n=30):
         t = mark("run (copies+replay launch)", t)
         host = to_host(packed[:len(preps)])
         t = mark("to_host (waits for GPU)", t)
-        fused.Pending(eng, preps, torch.from_numpy(host)).responses(host, timer.as_dict())
+        fused.Pending(eng, preps, torch.from_numpy(host), ring).responses(host, timer.as_dict())
         t = mark("items", t)
         for p in preps:
             eng._history_meta(p)

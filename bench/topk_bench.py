@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serving_bench as sb  # noqa: E402  (also puts src/ on the path)
-
+from candidate_attention_bench import timed_ms  # noqa: E402  (graph replays' median; also puts src/ on the path)
 
 
 def two_stage_topk(scores, k: int, parts: int):
@@ -32,17 +31,6 @@ def two_stage_topk(scores, k: int, parts: int):
     pos = pos + (torch.arange(parts, device=scores.device) * width).repeat(Q)[:, None]
     top, at = top.view(Q, -1).topk(k, dim=1)
     return top, pos.view(Q, -1).gather(1, at)
-
-
-def timed_ms(fn) -> float:
-    from unipinrec.serving.graphs import _Graph
-
-    if not torch.cuda.is_available():  # a smoke run
-        import time
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1000
-    return sb.events_ms(_Graph(fn).replay)
 
 
 def main():

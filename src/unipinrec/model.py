@@ -58,6 +58,11 @@ def _one_buffer(like: list[torch.Tensor]) -> tuple[torch.Tensor | None, list[tor
     return None, [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in like]
 
 
+def _if_viewed(buffer: torch.Tensor | None, first: torch.Tensor) -> torch.Tensor | None:
+    """buffer, when `first` (the first of the tensors made as its views) still starts it."""
+    return buffer if buffer is not None and buffer.data_ptr() == first.data_ptr() else None
+
+
 @dataclass(kw_only=True)
 class KVCache:
     """Per-layer keys/values of encoded histories, the histories they encode (to extend them)
@@ -106,14 +111,12 @@ class KVCache:
     def stacked(self) -> torch.Tensor | None:
         """(2 x layers, B, H, Wt, Dh): the one buffer keys then values are views of (as `row`
         makes them), so copying a cached row is one copy; None when they are separate tensors."""
-        b = self.buffer
-        return b if b is not None and b.data_ptr() == self.keys[0].data_ptr() else None
+        return _if_viewed(self.buffer, self.keys[0])
 
     def history_stacked(self) -> torch.Tensor | None:
         """(fields, B, W): the one buffer the history's per-action fields are views of (as `rows`
         makes them), so a cached row's history goes into a batch in one copy; else None."""
-        b = self.history_buffer
-        return b if b is not None and b.data_ptr() == self.history.items.data_ptr() else None
+        return _if_viewed(self.history_buffer, self.history.items)
 
     def _with(self, kv_fn, history: "Actions", user_vectors: torch.Tensor) -> "KVCache":
         return KVCache(keys=[kv_fn(k) for k in self.keys], values=[kv_fn(v) for v in self.values], history=history,

@@ -215,12 +215,11 @@ class Pending:
     """A launched fused batch: its output on its way to a pinned host buffer. packed: the graph's
     output, a row per bucket row (the first len(preps) are the batch's)."""
 
-    def __init__(self, engine, preps: Sequence[Resolved], packed: torch.Tensor, status: str = "miss",
-                 ring: PinnedRing | None = None):
+    def __init__(self, engine, preps: Sequence[Resolved], packed: torch.Tensor, ring: PinnedRing,
+                 status: str = "miss"):
         self.engine, self.preps, self.status = engine, preps, status
         if packed.device.type == "cuda":  # ring buffers of the bucket's shape: a few per bucket, not per batch size
-            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True) if ring is None \
-                else ring.take(packed.shape, packed.dtype)
+            host = ring.take(packed.shape, packed.dtype)
             packed, self.host = packed[:len(preps)], host[:len(preps)]
             self.host.copy_(packed, non_blocking=True)
             self.done = torch.cuda.Event()
@@ -268,24 +267,22 @@ def launch(engine, preps: Sequence[Resolved], fused: FusedGraphs):
     C = max(p.req.num_candidates for p in preps)
     rows = b.batch(B)
     width = b.width(max(len(w) for w in raw))
-    graphs = engine.graphs is not None  # a GPU: the batch's host side in reused pinned buffers
-    out, staging, windows = fused.input(rows, width) if graphs else None, None, None
+    ring = fused.host  # the batch's host side in reused buffers (pinned on a GPU)
+    out = fused.input(rows, width) if engine.graphs is not None else None  # a GPU: the graphs' static input
     fields = [lk.kv.history_stacked() for lk in looked] if hits else None
     if fields is not None and all(f is not None for f in fields):  # the histories are on the device already
-        staging = _tail(fused, preps, rows, raw)
+        windows, staging = None, _tail(ring, preps, rows, raw)
         acts = Actions.stack_rows(fields, staging, rows=rows, width=width, out=out)
     else:
         windows = [p.window(L) for p in preps]  # the batch and the store read them
-        staging = fused.host.take((Actions.flat_size(rows, width),), torch.long) if graphs else None
+        staging = ring.take((Actions.flat_size(rows, width),), torch.long)
         acts = Actions.from_histories(windows, [p.request_ts for p in preps], device=engine.device, rows=rows,
                                       width=width, out=out, staging=staging)
-    seen = _seen_before_window(preps, rows, L, fused.host if graphs else None)
+    seen = _seen_before_window(preps, rows, L, ring)
     kv, packed = fused.run(acts, seen, b.candidates(C), cached=[lk.kv for lk in looked] if hits else None)
-    if staging is not None:
-        fused.host.mark(staging)
-    if graphs:
-        fused.host.mark(seen)
-    pending = Pending(engine, preps, packed, "hit" if hits else "miss", fused.host if graphs else None)
+    ring.mark(staging)
+    ring.mark(seen)
+    pending = Pending(engine, preps, packed, ring, "hit" if hits else "miss")
     if looked is not None and not hits:
         kv = _first_rows(kv, B, acts)
         stored = kv.rows(range(B), [len(w) for w in windows])  # the lengths from here: no wait for the graph
@@ -335,10 +332,10 @@ def _finish(pending: Pending, resolved: list, ok: list, timer: StageTimer, start
     return out
 
 
-def _tail(fused: FusedGraphs, preps: Sequence[Resolved], rows: int, windows: Sequence) -> torch.Tensor:
+def _tail(ring: PinnedRing, preps: Sequence[Resolved], rows: int, windows: Sequence) -> torch.Tensor:
     """A batch's lengths then request times (2 * rows; padded rows 0) in a buffer of the ring (the
     caller marks it once its copy is enqueued)."""
-    host = fused.host.take((2 * rows,), torch.long)
+    host = ring.take((2 * rows,), torch.long)
     t = host.numpy()
     t[:] = 0
     t[:len(preps)] = [len(w) for w in windows]
