@@ -14,7 +14,7 @@ batch 1, 8, 64 (L=2048, C=256, d=256, 4 heads, 4 layers, bf16):
   `split_flash_varlen` (flash over the padded cache with per-row key counts);
 - the largest difference of each variant's output from `cat_mask`;
 - with `--splits`, instead of the variants: the model's `rank` with its history attention in
-  1, 2, 4, ... chunks of keys side by side (`model.history_splits`, "auto" its choice), each
+  1, 2, 4, ... chunks of keys side by side (`attention.history_splits`, "auto" its choice), each
   against one chunk, and `--timeline` the kernels of one rank replay in order.
 
     python bench/candidate_attention_bench.py [--batch 1 8 64] [--layers 4] [--splits [--timeline]]
@@ -108,7 +108,7 @@ def variants(B, H, C, Wt, Dh, lengths, dev):
 
 def splits_rows(model, kv, cand, B: int, L: int) -> None:
     """rank's replay ms per key-chunk count, and its largest difference from one chunk."""
-    from unipinrec.model import history_splits
+    from unipinrec.attention import history_splits
 
     auto = history_splits(B, model.config.n_heads, cand.shape[1], L, cand.device)
     model.attention_splits = 1
@@ -154,7 +154,7 @@ def main():
     from unipinrec.sequences import Actions, History
     from unipinrec.serving.synthetic import make_model_dir, random_history
     from unipinrec.checkpoint import load_model
-    from unipinrec.model import history_splits
+    from unipinrec.attention import history_splits
 
     work = Path(tempfile.mkdtemp())
     make_model_dir(work / "m", kind="unified", seed=0, num_items=20_000, d_model=256, n_layers=a.layers,

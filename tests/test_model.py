@@ -608,26 +608,26 @@ def test_candidate_attention_in_key_chunks_equals_one_chunk(splits):
 def test_history_splits_fill_the_gpu_at_small_batches_only():
     """The chunk count: 1 on a CPU; on a GPU of 132 multiprocessors, chunks until the (64-query,
     head) tiles would pass it, each at least 128 keys and an even share of the width."""
-    import unipinrec.model as model_mod
+    import unipinrec.attention as attention
 
     gpu = torch.device("cuda", 0)
-    model_mod._SMS[0] = 132  # as an H200 reports it (the rule alone is tested: no GPU needed)
+    attention._SMS[0] = 132  # as an H200 reports it (the rule alone is tested: no GPU needed)
     try:
-        assert model_mod.history_splits(1, 4, 256, 2048, torch.device("cpu")) == 1
-        assert model_mod.history_splits(1, 4, 256, 2048, gpu) == 8  # 16 tiles -> 128
-        assert model_mod.history_splits(8, 4, 256, 2048, gpu) == 1  # 128 tiles already
-        assert model_mod.history_splits(64, 4, 256, 2048, gpu) == 1
-        assert model_mod.history_splits(1, 4, 256, 256, gpu) == 2  # chunks of 128 keys at least
-        assert model_mod.history_splits(1, 4, 256, 96, gpu) == 1
-        assert model_mod.history_splits(1, 4, 256, 384, gpu) == 2  # 3 * 128: halves only once
+        assert attention.history_splits(1, 4, 256, 2048, torch.device("cpu")) == 1
+        assert attention.history_splits(1, 4, 256, 2048, gpu) == 8  # 16 tiles -> 128
+        assert attention.history_splits(8, 4, 256, 2048, gpu) == 1  # 128 tiles already
+        assert attention.history_splits(64, 4, 256, 2048, gpu) == 1
+        assert attention.history_splits(1, 4, 256, 256, gpu) == 2  # chunks of 128 keys at least
+        assert attention.history_splits(1, 4, 256, 96, gpu) == 1
+        assert attention.history_splits(1, 4, 256, 384, gpu) == 2  # 3 * 128: halves only once
     finally:
-        model_mod._SMS.pop(0, None)
+        attention._SMS.pop(0, None)
 
 
 def test_candidate_attention_falls_back_to_the_next_kernel(monkeypatch):
     """A history-attention kernel this build or GPU lacks (cuDNN's on an older GPU, say) gives a
     warning and the next kernel, here the reference formula, with the same scores (fp64 1e-10)."""
-    import unipinrec.model as model_mod
+    import unipinrec.attention as attention
 
     m = make_model(dropout=0.0)
     h, cand = make_history([L, 5, 0], width=L), candidates(3, 7)
@@ -637,11 +637,11 @@ def test_candidate_attention_falls_back_to_the_next_kernel(monkeypatch):
     def missing(*args):
         raise NotImplementedError("no such kernel in this build")
 
-    monkeypatch.setitem(model_mod._HISTORY_KERNELS, "flash_cpu", missing)
-    monkeypatch.setattr(model_mod, "_CHOSEN_KERNEL", {})
+    monkeypatch.setitem(attention._HISTORY_KERNELS, "flash_cpu", missing)
+    monkeypatch.setattr(attention, "_CHOSEN_KERNEL", {})
     with pytest.warns(UserWarning, match="flash_cpu kernel is not available"), torch.inference_mode():
         got = m.rank(cand, m.encode_history(h)[1])
-    assert model_mod._CHOSEN_KERNEL[(torch.device("cpu"), torch.float64)] == "reference"
+    assert attention._CHOSEN_KERNEL[(torch.device("cpu"), torch.float64)] == "reference"
     assert (got - ref).abs().max() < 1e-10
 
 

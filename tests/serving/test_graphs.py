@@ -264,9 +264,9 @@ def test_fused_function_traces_as_one_graph(tiny):
     args = (m.model, None, r.index, r._row_to_pos, r._pos_to_row, eng.ranker.weights)
     graphs = fused.FusedGraphs(eng)
     assert graphs.backend == "eager"
-    import unipinrec.model as model_mod
+    import unipinrec.attention as attention
 
-    model_mod._CHOSEN_KERNEL.clear()  # as in a fresh process: the kernel is chosen before the trace
+    attention._CHOSEN_KERNEL.clear()  # as in a fresh process: the kernel is chosen before the trace
     with torch.inference_mode():
         got = graphs.function(lambda: fused.serve_fn(*args, acts, seen, 16))()[1]
         ref = fused.serve_fn(*args, acts, seen, 16)[1]
