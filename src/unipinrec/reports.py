@@ -130,24 +130,37 @@ def evaluation_html(evaluation: dict, *, model_dir: str | Path | None = None, ro
              f"<code>{e(str(evaluation.get('split')))}</code> of <code>{e(str(evaluation.get('examples')))}</code>: "
              f"{evaluation.get('num_examples', 0):,} examples, {evaluation.get('num_items', 0):,} items "
              f"(source {e(str(evaluation.get('source')))}).</p>"]
+    parts += _retrieval_section(evaluation, plt)
+    parts += _ranking_section(evaluation, roc, plt)
+    parts += _training_section(evaluation, model_dir)
+    return _page(title, "\n".join(parts))
 
+
+def _retrieval_section(evaluation: dict, plt) -> list[str]:
+    e = html.escape
     keys, model, pop = _retrieval_rows(evaluation)
-    if keys:
-        parts.append("<h2>Retrieval (full ranking over all items)</h2><table><tr><th>metric</th><th>model</th>"
-                     "<th>popularity</th></tr>" + "".join(
-                         f"<tr><td>{e(k)}</td><td class='num'>{_fmt(model.get(k))}</td>"
-                         f"<td class='num'>{_fmt(pop.get(k))}</td></tr>" for k in keys) + "</table>")
-        hr = [k for k in keys if k.startswith(("HR@", "NDCG@"))]
-        if hr:
-            fig, ax = plt.subplots(figsize=(7, 3))
-            x = np.arange(len(hr))
-            ax.bar(x - 0.2, [model.get(k) or 0 for k in hr], 0.4, label="model")
-            ax.bar(x + 0.2, [pop.get(k) or 0 for k in hr], 0.4, label="popularity")
-            ax.set_xticks(x, hr, fontsize=8)
-            ax.set_title("retrieval"), ax.legend()
-            parts.append(_png(fig))
-            plt.close(fig)
+    if not keys:
+        return []
+    parts = ["<h2>Retrieval (full ranking over all items)</h2><table><tr><th>metric</th><th>model</th>"
+             "<th>popularity</th></tr>" + "".join(
+                 f"<tr><td>{e(k)}</td><td class='num'>{_fmt(model.get(k))}</td>"
+                 f"<td class='num'>{_fmt(pop.get(k))}</td></tr>" for k in keys) + "</table>"]
+    hr = [k for k in keys if k.startswith(("HR@", "NDCG@"))]
+    if hr:
+        fig, ax = plt.subplots(figsize=(7, 3))
+        x = np.arange(len(hr))
+        ax.bar(x - 0.2, [model.get(k) or 0 for k in hr], 0.4, label="model")
+        ax.bar(x + 0.2, [pop.get(k) or 0 for k in hr], 0.4, label="popularity")
+        ax.set_xticks(x, hr, fontsize=8)
+        ax.set_title("retrieval"), ax.legend()
+        parts.append(_png(fig))
+        plt.close(fig)
+    return parts
 
+
+def _ranking_section(evaluation: dict, roc: dict | None, plt) -> list[str]:
+    e = html.escape
+    parts = []
     ranking = evaluation.get("ranking") or {}
     oracle = evaluation.get("oracle") or {}
     if ranking:
@@ -159,18 +172,22 @@ def evaluation_html(evaluation: dict, *, model_dir: str | Path | None = None, ro
                          f"<td class='num'>{m.get('num_impressions', 0):,}</td>"
                          f"<td class='num'>{_fmt(m.get('positive_rate'))}</td></tr>" for t, m in ranking.items())
                      + "</table>")
-    if roc:
-        curves = {t: c for t, c in roc.items() if c.get("fpr")}
-        if curves:
-            fig, ax = plt.subplots(figsize=(4.2, 4))
-            for t, c in curves.items():
-                ax.plot(c["fpr"], c["tpr"], label=t)
-            ax.plot([0, 1], [0, 1], ":", color="grey")
-            ax.set_xlabel("false positive rate"), ax.set_ylabel("true positive rate"), ax.set_title("ROC")
-            ax.legend(fontsize=8)
-            parts.append(_png(fig))
-            plt.close(fig)
+    curves = {t: c for t, c in (roc or {}).items() if c.get("fpr")}
+    if curves:
+        fig, ax = plt.subplots(figsize=(4.2, 4))
+        for t, c in curves.items():
+            ax.plot(c["fpr"], c["tpr"], label=t)
+        ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.set_xlabel("false positive rate"), ax.set_ylabel("true positive rate"), ax.set_title("ROC")
+        ax.legend(fontsize=8)
+        parts.append(_png(fig))
+        plt.close(fig)
+    return parts
 
+
+def _training_section(evaluation: dict, model_dir) -> list[str]:
+    e = html.escape
+    parts = []
     if model_dir is not None and (Path(model_dir) / "train_log.csv").exists():
         from .evaluate import plot_curves
 
@@ -184,7 +201,7 @@ def evaluation_html(evaluation: dict, *, model_dir: str | Path | None = None, ro
     train = evaluation.get("train") or {}
     if train:
         parts.append("<h2>Training summary</h2><pre>" + e(json.dumps(train, indent=2, default=str)) + "</pre>")
-    return _page(title, "\n".join(parts))
+    return parts
 
 
 def gate_html(decision: dict) -> str:

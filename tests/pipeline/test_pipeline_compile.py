@@ -197,5 +197,9 @@ def test_cli_compile_and_bad_options(tmp_path):
     assert r.exit_code == 1 and "--local" in r.output
     r = CliRunner().invoke(app, ["pipeline", "run", "--local", "--example-buckets", "0"])
     assert r.exit_code == 1 and "--example-buckets must be >= 1" in r.output
+    r = CliRunner().invoke(app, ["pipeline", "run", "--local", "--epochs", "-1"])
+    assert r.exit_code == 1 and "--epochs must be >= 0" in r.output
+    r = CliRunner().invoke(app, ["pipeline", "run", "--local", "--source", "moon"])
+    assert r.exit_code == 1 and "--source: 'moon'" in r.output
     r = CliRunner().invoke(app, ["pipeline", "schedule", "--host", "http://127.0.0.1:9", "--cron", "daily"])
     assert r.exit_code == 1 and "cron" in r.output

@@ -103,23 +103,9 @@ def run_cmd(
     index, package, deploy. Prints one line per step; the full log goes to a file."""
     if not local:
         fail("only --local runs here; for a Kubeflow cluster use `unipinrec pipeline submit --host URL`")
-    from ..steps import DEPLOY_MODES, SOURCES
-
-    if source not in SOURCES:
-        fail(f"--source: {source!r} is not one of {', '.join(SOURCES)}")
-    if deploy_mode not in ("local", "none"):
-        fail(f"--deploy-mode: {deploy_mode!r} is not local or none (kubernetes runs through `submit`)"
-             if deploy_mode in DEPLOY_MODES else f"--deploy-mode: {deploy_mode!r} is not local or none")
-    if source != "synthetic" and data_path is None:
-        fail(f"--data-path is required for --source {source}")
-    if data_path is not None and not data_path.is_dir():
-        fail(f"--data-path: {data_path} is not a folder")
-    if example_buckets < 1:
-        fail(f"--example-buckets must be >= 1, got {example_buckets}")
-    for option, value in (("--users", users), ("--items", items), ("--requests-per-user", requests_per_user),
-                          ("--epochs", epochs), ("--gate-tolerance", gate_tolerance)):
-        if value < 0:
-            fail(f"{option} must be >= 0, got {value}")
+    _check_run_options(source, data_path, deploy_mode, example_buckets,
+                       {"--users": users, "--items": items, "--requests-per-user": requests_per_user,
+                        "--epochs": epochs, "--gate-tolerance": gate_tolerance})
     pipeline, run = _pipelines()
     text = _config_text(config if config is not None else Path(pipeline.__file__).with_name("demo.yaml"))
     args = {"source": source, "data_path": str(data_path.resolve()) if data_path else "",
@@ -140,6 +126,26 @@ def run_cmd(
         _print_summary(summary)
     if result.status != "SUCCESS":
         raise typer.Exit(1)
+
+
+def _check_run_options(source: str, data_path: Optional[Path], deploy_mode: str, example_buckets: int,
+                       non_negative: dict) -> None:
+    from ..steps import DEPLOY_MODES, SOURCES
+
+    if source not in SOURCES:
+        fail(f"--source: {source!r} is not one of {', '.join(SOURCES)}")
+    if deploy_mode not in ("local", "none"):
+        fail(f"--deploy-mode: {deploy_mode!r} is not local or none (kubernetes runs through `submit`)"
+             if deploy_mode in DEPLOY_MODES else f"--deploy-mode: {deploy_mode!r} is not local or none")
+    if source != "synthetic" and data_path is None:
+        fail(f"--data-path is required for --source {source}")
+    if data_path is not None and not data_path.is_dir():
+        fail(f"--data-path: {data_path} is not a folder")
+    if example_buckets < 1:
+        fail(f"--example-buckets must be >= 1, got {example_buckets}")
+    for option, value in non_negative.items():
+        if value < 0:
+            fail(f"{option} must be >= 0, got {value}")
 
 
 def _summary(result, deploy_dir: Path) -> dict:

@@ -211,30 +211,34 @@ def _summarise_list(name: str, table: pa.Table, item_ids: pa.Array | None, notes
             res[nonempty] = fn.reduceat(vals, starts[:-1][nonempty])
         return pa.array(res, type=typ, mask=~nonempty)
 
-    if name == "history":
-        out["history_min_ts"] = group("ts", np.minimum, pa.int64())
-        out["history_max_ts"] = group("ts", np.maximum, pa.int64())
-        out["history_min_action"] = group("action", np.minimum, pa.int8())
-        out["history_max_action"] = group("action", np.maximum, pa.int8())
-        out["history_min_surface"] = group("surface", np.minimum, pa.int8())
-        ts = pc.fill_null(fields["ts"], 0).to_numpy(zero_copy_only=False)
-        bad = parent[1:][(ts[1:] < ts[:-1]) & (parent[1:] == parent[:-1])]
-        ok = np.ones(n, dtype=bool)
-        ok[bad] = False
-        out["history_sorted"] = pa.array(ok)
-    else:
-        out["slate_min_action"] = group("action", np.minimum, pa.int8())
-        out["slate_max_action"] = group("action", np.maximum, pa.int8())
-        out["slate_min_position"] = group("position", np.minimum, pa.int16())
-        pos = pc.fill_null(fields["position"], 0).to_numpy(zero_copy_only=False).astype(np.int64)
-        order = np.lexsort((pos, parent))
-        sp, spos = parent[order], pos[order]
-        dup = sp[1:][(sp[1:] == sp[:-1]) & (spos[1:] == spos[:-1])]
-        ok = np.ones(n, dtype=bool)
-        ok[dup] = False
-        out["slate_positions_unique"] = pa.array(ok)
-
+    (_history_rules if name == "history" else _slate_rules)(out, group, fields, parent, n)
     return out, _first_unknown(n, parent, fields, item_ids, len(values))
+
+
+def _history_rules(out: dict, group, fields: dict, parent: np.ndarray, n: int) -> None:
+    out["history_min_ts"] = group("ts", np.minimum, pa.int64())
+    out["history_max_ts"] = group("ts", np.maximum, pa.int64())
+    out["history_min_action"] = group("action", np.minimum, pa.int8())
+    out["history_max_action"] = group("action", np.maximum, pa.int8())
+    out["history_min_surface"] = group("surface", np.minimum, pa.int8())
+    ts = pc.fill_null(fields["ts"], 0).to_numpy(zero_copy_only=False)
+    bad = parent[1:][(ts[1:] < ts[:-1]) & (parent[1:] == parent[:-1])]  # rows with a step back in time
+    ok = np.ones(n, dtype=bool)
+    ok[bad] = False
+    out["history_sorted"] = pa.array(ok)
+
+
+def _slate_rules(out: dict, group, fields: dict, parent: np.ndarray, n: int) -> None:
+    out["slate_min_action"] = group("action", np.minimum, pa.int8())
+    out["slate_max_action"] = group("action", np.maximum, pa.int8())
+    out["slate_min_position"] = group("position", np.minimum, pa.int16())
+    pos = pc.fill_null(fields["position"], 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    order = np.lexsort((pos, parent))
+    sp, spos = parent[order], pos[order]
+    dup = sp[1:][(sp[1:] == sp[:-1]) & (spos[1:] == spos[:-1])]  # rows with a position twice
+    ok = np.ones(n, dtype=bool)
+    ok[dup] = False
+    out["slate_positions_unique"] = pa.array(ok)
 
 
 def _first_unknown(n: int, parent: np.ndarray, fields: dict, item_ids: pa.Array | None, num_values: int):

@@ -79,15 +79,7 @@ def validate(
     suite: a suite JSON file or dict to use instead of the built-in contract (same derived columns).
     """
     t0 = time.perf_counter()
-    if contract not in CONTRACTS:
-        raise ValueError(f"unknown contract '{contract}'; choose one of {', '.join(CONTRACTS)}")
-    if sample_rows is not None and sample_rows <= 0:
-        raise ValueError(f"sample_rows must be positive, got {sample_rows}")
-    if chunk_rows <= 0:
-        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+    path = _checked_args(path, contract, sample_rows, chunk_rows)
     shards = _find_shards(path, contract)
     notes: list[str] = []
     meta, meta_dir = _nearest_meta(path)
@@ -107,20 +99,8 @@ def validate(
     from .gx_runner import GXRunner  # imports great_expectations (slow), only when validating
 
     runner = GXRunner(contract, suite_json, params, available, NEEDS)
-    key = derive.PARTITION_KEY[contract]
     derive_notes: set[str] = set()
-    validated = 0
-    bounds = [(k * hi // n_chunks, (k + 1) * hi // n_chunks) for k in range(n_chunks)]
-    for lo, up in _progress(bounds, progress, contract):
-        filtered = not (lo == 0 and up == BUCKETS)
-        table = _collect(shards, contract, key, lo, up, filtered, item_ids, derive_notes)
-        if table.num_rows == 0 and n_chunks > 1:
-            continue  # an empty chunk says nothing; the not-empty rule ran on the others
-        validated += table.num_rows
-        runner.run(derive.to_pandas(table, derive.RAW_COLUMNS[contract]))
-    if runner.chunks == 0:  # every chunk empty (sample of nothing): still run once, on no rows
-        runner.run(derive.to_pandas(_collect(shards, contract, key, 0, 0, True, item_ids, derive_notes),
-                                        derive.RAW_COLUMNS[contract]))
+    validated = _run_chunks(runner, shards, contract, hi, n_chunks, item_ids, derive_notes, progress)
     notes += sorted(derive_notes)
     results, gx_results, success = runner.finish()
 
@@ -133,6 +113,38 @@ def validate(
     if out_dir is not None:
         report.write(out_dir)
     return report
+
+
+def _checked_args(path, contract: str, sample_rows: int | None, chunk_rows: int) -> Path:
+    if contract not in CONTRACTS:
+        raise ValueError(f"unknown contract '{contract}'; choose one of {', '.join(CONTRACTS)}")
+    if sample_rows is not None and sample_rows <= 0:
+        raise ValueError(f"sample_rows must be positive, got {sample_rows}")
+    if chunk_rows <= 0:
+        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    return path
+
+
+def _run_chunks(runner, shards, contract: str, hi: int, n_chunks: int, item_ids, derive_notes: set[str],
+                progress: bool) -> int:
+    """Run the suite over the rows hashed into buckets [0, hi), in n_chunks chunks -> rows validated."""
+    key = derive.PARTITION_KEY[contract]
+    validated = 0
+    bounds = [(k * hi // n_chunks, (k + 1) * hi // n_chunks) for k in range(n_chunks)]
+    for lo, up in _progress(bounds, progress, contract):
+        filtered = not (lo == 0 and up == BUCKETS)
+        table = _collect(shards, contract, key, lo, up, filtered, item_ids, derive_notes)
+        if table.num_rows == 0 and n_chunks > 1:
+            continue  # an empty chunk says nothing; the not-empty rule ran on the others
+        validated += table.num_rows
+        runner.run(derive.to_pandas(table, derive.RAW_COLUMNS[contract]))
+    if runner.chunks == 0:  # every chunk empty (sample of nothing): still run once, on no rows
+        runner.run(derive.to_pandas(_collect(shards, contract, key, 0, 0, True, item_ids, derive_notes),
+                                    derive.RAW_COLUMNS[contract]))
+    return validated
 
 
 # ---------------------------------------------------------------------------------------------

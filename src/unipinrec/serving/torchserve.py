@@ -84,12 +84,40 @@ def build_archive(model_dir: str | Path, index_dir: str | Path, store_dir: str |
     Checks before packing what a worker would otherwise find at load time: the index belongs
     to the (retrieval) model, and the heads fit (one model with both; or a retrieval + a ranking model).
     """
-    import yaml
-
-    from ..model_config import ModelConfig
     from .engine import EngineConfig
 
     model_dir, index_dir, store_dir = Path(model_dir), Path(index_dir), Path(store_dir)
+    meta = _checked_models(model_dir, index_dir, ranking_dir)
+    EngineConfig(**(engine or {})).validate()
+    sdir = serving_dir(serving)
+    store_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="unipinrec-mar-") as tmp:
+        stage = Path(tmp) / "files"
+        _copy_model(model_dir, stage / "model")
+        if ranking_dir is not None:
+            _copy_model(Path(ranking_dir), stage / "ranking")
+        shutil.copytree(index_dir, stage / "index")
+        if histories is not None:
+            shutil.copytree(Path(histories) / "test", stage / "store" / "test")
+            store = {"kind": "examples", "path": "store", "split": "test"}
+        spec = {"engine": engine or {}, "ranking": ranking_dir is not None, "store": store, "torch_threads": torch_threads,
+                "model_version": meta["model_version"], "kind": meta["kind"]}
+        (stage / SERVING_JSON).write_text(json.dumps(spec, indent=2) + "\n")
+        cfg_path = _model_config(sdir, Path(tmp), batch_size, max_batch_delay_ms, workers)
+        cmd = [_bin("torch-model-archiver"), "--model-name", name, "--version", meta["model_version"],
+               "--handler", str(sdir / "handler.py"), "--extra-files", str(stage), "--config-file", str(cfg_path),
+               "--export-path", str(store_dir), "--force"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise ServeError(f"torch-model-archiver failed: {res.stderr.strip() or res.stdout.strip()}")
+    return store_dir / f"{name}.mar"
+
+
+def _checked_models(model_dir: Path, index_dir: Path, ranking_dir) -> dict:
+    """The model's meta.json, once the index belongs to it and the heads fit (one model with
+    both; or a retrieval + a ranking model)."""
+    from ..model_config import ModelConfig
+
     meta = json.loads((model_dir / "meta.json").read_text()) if (model_dir / "meta.json").exists() else None
     if meta is None:
         raise FileNotFoundError(f"{model_dir / 'meta.json'} not found: is {model_dir} a unipinrec model folder?")
@@ -109,37 +137,23 @@ def build_archive(model_dir: str | Path, index_dir: str | Path, store_dir: str |
         if not heads.has_retrieval_head or not ModelConfig(kind=rmeta["kind"]).has_ranking_head:
             raise ValueError(f"two-model serving needs a retrieval model and a ranking model, got "
                              f"{meta['kind']} and {rmeta['kind']}")
-    EngineConfig(**(engine or {})).validate()
-    sdir = serving_dir(serving)
-    store_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="unipinrec-mar-") as tmp:
-        stage = Path(tmp) / "files"
-        _copy_model(model_dir, stage / "model")
-        if ranking_dir is not None:
-            _copy_model(Path(ranking_dir), stage / "ranking")
-        shutil.copytree(index_dir, stage / "index")
-        if histories is not None:
-            shutil.copytree(Path(histories) / "test", stage / "store" / "test")
-            store = {"kind": "examples", "path": "store", "split": "test"}
-        spec = {"engine": engine or {}, "ranking": ranking_dir is not None, "store": store, "torch_threads": torch_threads,
-                "model_version": meta["model_version"], "kind": meta["kind"]}
-        (stage / SERVING_JSON).write_text(json.dumps(spec, indent=2) + "\n")
-        mcfg = yaml.safe_load((sdir / "model-config.yaml").read_text()) or {}
-        if batch_size is not None:
-            mcfg["batchSize"] = batch_size
-        if max_batch_delay_ms is not None:
-            mcfg["maxBatchDelay"] = max_batch_delay_ms
-        if workers is not None:
-            mcfg["minWorkers"] = mcfg["maxWorkers"] = workers
-        cfg_path = Path(tmp) / "model-config.yaml"
-        cfg_path.write_text(yaml.safe_dump(mcfg, sort_keys=False))
-        cmd = [_bin("torch-model-archiver"), "--model-name", name, "--version", meta["model_version"],
-               "--handler", str(sdir / "handler.py"), "--extra-files", str(stage), "--config-file", str(cfg_path),
-               "--export-path", str(store_dir), "--force"]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise ServeError(f"torch-model-archiver failed: {res.stderr.strip() or res.stdout.strip()}")
-    return store_dir / f"{name}.mar"
+    return meta
+
+
+def _model_config(sdir: Path, tmp: Path, batch_size, max_batch_delay_ms, workers) -> Path:
+    """The serving folder's model-config.yaml with the given batching and workers -> its path."""
+    import yaml
+
+    mcfg = yaml.safe_load((sdir / "model-config.yaml").read_text()) or {}
+    if batch_size is not None:
+        mcfg["batchSize"] = batch_size
+    if max_batch_delay_ms is not None:
+        mcfg["maxBatchDelay"] = max_batch_delay_ms
+    if workers is not None:
+        mcfg["minWorkers"] = mcfg["maxWorkers"] = workers
+    cfg_path = tmp / "model-config.yaml"
+    cfg_path.write_text(yaml.safe_dump(mcfg, sort_keys=False))
+    return cfg_path
 
 
 # --- a local server ----------------------------------------------------------------------------
