@@ -129,6 +129,11 @@ def make_pipeline(*, cluster: bool = False, registry_pvc: str = "unipinrec-model
                 kubernetes.use_secret_as_env(task, secret_name="feast-redis",
                                              secret_key_to_env={"password": "REDIS_PASSWORD"})
                 task.set_env_variable("FEAST_REDIS", "feast-redis:6379,password=$(REDIS_PASSWORD)")
+            # the NetworkPolicies admit only labelled pods: the feature steps reach Redis and the
+            # feature server, the deploy step sends its smoke requests to the serving Service
+            for task in (feats, part):
+                kubernetes.add_pod_label(task, label_key="unipinrec.io/feature-client", label_value="true")
+            kubernetes.add_pod_label(release, label_key="unipinrec.io/serving-client", label_value="true")
 
     return unipinrec_pipeline
 

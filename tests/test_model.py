@@ -1,5 +1,5 @@
 """Exactness of the model: the cached serving path equals the training forward and a full
-recompute; MAM and attention-mask properties (DESIGN section 3)."""
+recompute; MAM and attention-mask properties."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Action vocabularies: the `action` enum, defined once per dataset (DESIGN section 2).
+"""Action vocabularies: the `action` enum, defined once per dataset (docs/data.md).
 
 Which actions count as positive for retrieval, and which binary tasks the ranker predicts,
 is configuration (`TaskConfig`), resolved against a vocabulary here.

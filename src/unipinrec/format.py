@@ -1,4 +1,4 @@
-"""The one input format (DESIGN section 2) as pyarrow schemas, and sharded Parquet I/O.
+"""The one input format (docs/data.md, "Unified examples") as pyarrow schemas, and sharded Parquet I/O.
 
 Everything in the project speaks these tables:
 

@@ -1,4 +1,4 @@
-"""Training losses (DESIGN section 3): loss = retrieval + alpha * ranking, from the model's outputs.
+"""Training losses (arXiv 2606.00422): loss = retrieval + alpha * ranking, from the model's outputs.
 
 `UniPinRecLoss.from_config(train_config)` is the one loss component the trainer calls:
 

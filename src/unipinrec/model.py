@@ -1,4 +1,4 @@
-"""UniPinRec: one causal transformer for retrieval and ranking (DESIGN section 3).
+"""UniPinRec: one causal transformer for retrieval and ranking (arXiv 2606.00422).
 
 One token per history action: item + action (with a MASK action) + log time-gap bucket +
 absolute position (+ surface) (+ item category, `use_category`) embeddings, through a pre-norm causal transformer. Its outputs
@@ -17,7 +17,7 @@ Time gaps (`time_gap`):
   embedding then never depends on when the request comes, so appending actions leaves the
   already-encoded tokens (and their keys/values) unchanged: serving can extend a cached KV
   incrementally across requests (`extend_history`).
-- "request": request_ts - ts, as DESIGN section 3 words it; every token changes with the
+- "request": request_ts - ts, the gap to the request; every token changes with the
   request time, so `extend_history` re-encodes.
 
 Baselines of the same size live in the same class (`kind`): "retrieval_only" (SASRec-style:

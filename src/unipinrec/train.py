@@ -1,4 +1,4 @@
-"""One-stage training (DESIGN section 3): one optimizer, loss = retrieval + alpha * ranking.
+"""One-stage training (arXiv 2606.00422): one optimizer, loss = retrieval + alpha * ranking.
 
 `train(config, examples_dir, out_dir)` reads EX/ (docs/architecture.md), trains on CPU, one
 GPU, or several processes under `torchrun` (DDP), and writes the MODEL/ folder into out_dir,

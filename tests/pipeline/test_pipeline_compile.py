@@ -91,6 +91,31 @@ def test_cluster_variant_mounts_the_registry_and_asks_for_a_gpu(compiled):
     assert root["feature_env"]["defaultValue"] == "cluster"
 
 
+def test_cluster_steps_carry_the_labels_the_network_policies_admit(compiled):
+    """The feature steps reach Redis and the feature server, the deploy step the serving Service:
+    each pod carries the label those NetworkPolicies select, and no other step gets one."""
+    from pathlib import Path
+
+    platform = list(yaml.safe_load_all(compiled["cluster"].read_text()))[1]["platforms"]["kubernetes"]
+    labels = {n: (e.get("podMetadata") or {}).get("labels", {}) for n, e in platform["deploymentSpec"]["executors"].items()}
+    root = Path(__file__).parents[2] / "manifests"
+
+    def admitted(path: str, policy: str) -> list[dict]:
+        doc = next(d for d in yaml.safe_load_all((root / path).read_text()) if d["metadata"]["name"] == policy)
+        return [p["podSelector"]["matchLabels"] for rule in doc["spec"]["ingress"] for p in rule["from"]
+                if "podSelector" in p]
+
+    def admits(selectors: list[dict], pod: dict) -> bool:
+        return any(sel and all(pod.get(k) == v for k, v in sel.items()) for sel in selectors)
+
+    for step in ("exec-build-features", "exec-build-examples"):
+        assert admits(admitted("feast/networkpolicy.yaml", "feast-redis"), labels[step])
+        assert admits(admitted("feast/networkpolicy.yaml", "feast-feature-server"), labels[step])
+    assert admits(admitted("base/networkpolicy.yaml", "unipinrec-serving"), labels["exec-deploy"])
+    assert not admits(admitted("base/networkpolicy.yaml", "unipinrec-serving"), labels["exec-build-features"])
+    assert {n for n, got in labels.items() if got} == {"exec-build-features", "exec-build-examples", "exec-deploy"}
+
+
 def test_recurring_run_uses_the_latest_version_one_at_a_time():
     from unipinrec.kfp_client import recurring_run_body
 

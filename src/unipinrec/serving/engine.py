@@ -1,5 +1,5 @@
 """The serving engine: request -> history -> encode once -> ANN retrieval -> rank on the same
-KV cache -> utility -> top-k (DESIGN sections 3 and 5). No TorchServe here: the handlers in
+KV cache -> utility -> top-k (docs/serving.md). No TorchServe here: the handlers in
 `serving/` are thin adapters, and tests and benchmarks call the engine in-process too.
 
 `Engine` composes the request's stages, each its own part: `HistoryResolver` (resolve.py),

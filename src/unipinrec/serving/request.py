@@ -1,4 +1,4 @@
-"""The request (DESIGN section 5), validated at the edge with pydantic.
+"""The request (docs/serving.md, "The request"), validated at the edge with pydantic.
 
 Every rejection is a `ServingError` with an HTTP status and the dotted name of the field at
 fault (`history[3].item_id`, `k`, `body`), so a client can fix its request; nothing here
@@ -13,7 +13,7 @@ than one object per action -- the form to send long histories in:
 
     {"user_id": 42, "history": {"item_id": [7, 9], "action": [2, 0], "ts": [1700000000, 1700000060]}}
 
-Beyond DESIGN: `request_ts` (default: the last history ts, or now), `stage` ("all" | "retrieve"
+Beyond the items and history: `request_ts` (default: the last history ts, or now), `stage` ("all" | "retrieve"
 | "rank") with `handle` and `candidates` for the split flow. Numbers must be JSON integers
 (no strings, floats, NaN or booleans). A history longer than the model's L is truncated to its
 last L actions before they are validated (reported as `history_truncated` in the answer); longer
