@@ -359,10 +359,12 @@ class History:
         return cls(spec, **{n: arr[:, j] for j, n in enumerate(names)})
 
 
-def check_history(h: History, vocab, num_actions: int | None = None, where: str = "history", offset: int = 0) -> np.ndarray:
-    """The one validation path for a client's history: known items, action ids in range,
-    chronological. Returns the embedding rows of its items; raises ActionError naming the
-    first action at fault (`offset`: where h starts in the history the client sent)."""
+def check_history(h: History, vocab, num_actions: int | None = None, where: str = "history", offset: int = 0,
+                  num_surfaces: int | None = None) -> np.ndarray:
+    """The one validation path for a client's history: known items, action ids in range (and
+    surface ids, for a model that embeds them), chronological. Returns the embedding rows of
+    its items; raises ActionError naming the first action at fault (`offset`: where h starts in
+    the history the client sent)."""
     rows = vocab.lookup(h.items, unknown=0)
     bad = np.flatnonzero(rows == 0)
     if len(bad):
@@ -374,6 +376,12 @@ def check_history(h: History, vocab, num_actions: int | None = None, where: str 
             j = int(bad[0])
             raise ActionError(f"{where}[{j + offset}].action",
                               f"{int(h.actions[j])} is not an action id (0..{num_actions - 1})")
+    if num_surfaces is not None:
+        bad = np.flatnonzero((h.surfaces < 0) | (h.surfaces >= num_surfaces))
+        if len(bad):
+            j = int(bad[0])
+            raise ActionError(f"{where}[{j + offset}].surface",
+                              f"{int(h.surfaces[j])} is not a surface id of this model (0..{num_surfaces - 1})")
     back = np.flatnonzero(np.diff(h.ts) < 0)
     if len(back):
         j = int(back[0]) + 1
@@ -382,7 +390,7 @@ def check_history(h: History, vocab, num_actions: int | None = None, where: str 
 
 
 def check_histories(hs: Sequence[History], vocab, num_actions: int | None = None, where: str = "history",
-                    offsets: Sequence[int] | None = None) -> list:
+                    offsets: Sequence[int] | None = None, num_surfaces: int | None = None) -> list:
     """`check_history` of many histories in one pass over their concatenation (one vocabulary
     look-up, one range check, one order check): per history its embedding rows, or the
     ActionError naming its first action at fault, exactly as `check_history` would."""
@@ -396,6 +404,8 @@ def check_histories(hs: Sequence[History], vocab, num_actions: int | None = None
     wrong = rows == 0
     if num_actions is not None:
         wrong |= np.asarray(actions, np.int64).view(np.uint64) >= num_actions  # negative: huge as uint64, out of range
+    if num_surfaces is not None:
+        wrong |= np.asarray(cat("surfaces"), np.int64).view(np.uint64) >= num_surfaces
     back = ts[1:] < ts[:-1]  # back[j]: action j + 1 is before action j
     ends = np.cumsum(lens)
     if not one:
@@ -409,7 +419,7 @@ def check_histories(hs: Sequence[History], vocab, num_actions: int | None = None
     for i, h in enumerate(hs):
         if wrong[ends[i] - lens[i]:ends[i]].any():  # the slow path names the action
             try:
-                check_history(h, vocab, num_actions, where, 0 if offsets is None else offsets[i])
+                check_history(h, vocab, num_actions, where, 0 if offsets is None else offsets[i], num_surfaces)
             except ActionError as e:
                 out.append(e)
                 continue

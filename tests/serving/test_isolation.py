@@ -3,12 +3,14 @@ per-request isolation inside a batch, histories cut before validation, split-flo
 deadline that degrades to the retrieval order, and cache bounds that are memory bounds."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
 import numpy as np
 import psutil
 import pytest
+import torch
 
 from unipinrec.serving.engine import Engine, EngineConfig, engine_stats
 from unipinrec.serving.request import Limits, ServingError, parse_request
@@ -78,16 +80,82 @@ def test_long_histories_are_cut_to_L_before_validation(engine):
     parse_s = time.perf_counter() - t
     assert len(req.history) == L and req.history_offset == 50_000 - L
     assert long["history"] and len(long["history"]) == 50_000  # the caller's body is untouched
-    resp = engine.handle_batch([req])[0]
+    resp = engine.handle_batch([parse_request({**long, "exclude_seen": False}, engine.limits)])[0]
     assert resp["history_truncated"] == 50_000 - L and resp["history_length"] == L
-    cut = engine.handle({**long, "user_id": 31, "history": long["history"][-L:]})
+    cut = engine.handle({**long, "user_id": 31, "history": long["history"][-L:], "exclude_seen": False})
     assert [it["item_id"] for it in resp["items"]] == [it["item_id"] for it in cut["items"]]
+    assert engine.handle_batch([req])[0]["items"] == []  # 50,000 actions saw every item: all excluded
     # a bad action inside the kept window is named at its position in the body the client sent
     bad = {**long, "history": [*long["history"][:-1], {"item_id": 1, "action": -3, "ts": RTS}]}
     with pytest.raises(ServingError) as e:
         parse_request(bad, engine.limits)
     assert e.value.field == f"history[{50_000 - 1}].action"
     assert parse_s < 5.0  # generous: only the last L actions are validated
+
+
+@pytest.mark.parametrize("columnar", [False, True])
+def test_exclude_seen_covers_the_actions_dropped_before_L(engine, columnar):
+    """A client history longer than L: the model reads its last L actions, and no item of the
+    whole history is retrieved (as from the online store), the dropped actions' included;
+    what remains of the catalog is still served."""
+    hist = body(n=3 * L, seed=8)["history"]
+    sent = {k: [a[k] for a in hist] for k in ("item_id", "action", "ts")} if columnar else hist
+    req = parse_request(body(user_id=40, history=sent, k=NUM_ITEMS // 2, num_candidates=NUM_ITEMS), engine.limits)
+    assert req.history_offset == 2 * L and len(req.dropped_items) == 2 * L
+    got = {it["item_id"] for it in engine.handle_batch([req])[0]["items"]}
+    dropped, kept = {a["item_id"] for a in hist[:2 * L]}, {a["item_id"] for a in hist[2 * L:]}
+    assert len(got) == NUM_ITEMS // 2 and not got & (dropped | kept)
+    assert dropped - kept  # the check above is not vacuous: some items are only in the dropped part
+
+
+def test_a_surface_the_model_does_not_embed_is_refused(tiny):
+    """With surfaces embedded, a surface id past the model's is a 422 naming the action (it was
+    served as the last surface); a model that reads no surface ignores the field."""
+    from unipinrec.checkpoint import load_model
+    from unipinrec.index import TorchIndex
+
+    m = load_model(tiny.unified)
+    plain = Engine(m, TorchIndex.for_model(m, m.vocab.item_ids))
+    m.model.config = dataclasses.replace(m.model.config, use_surface=True)
+    m.model.surface_emb = torch.nn.Embedding(m.model.config.num_surfaces, m.model.config.d_model)
+    surfaced = Engine(m, TorchIndex.for_model(m, m.vocab.item_ids))
+    n = m.model.config.num_surfaces
+    hist = body(n=4)["history"]
+    ok, bad = [{**hist[0], "surface": n - 1}, *hist[1:]], [*hist[:2], {**hist[2], "surface": n}, hist[3]]
+    out = surfaced.handle_batch([parse_request(body(history=h), surfaced.limits) for h in (ok, bad)])
+    assert "items" in out[0] and isinstance(out[1], ServingError)
+    assert (out[1].status, out[1].field) == (422, "history[2].surface")
+    assert "items" in plain.handle_batch([parse_request(body(history=bad), plain.limits)])[0]
+
+
+def test_rank_refuses_what_only_retrieval_applies():
+    for extra in ({"deadline_ms": 5}, {"exclude_seen": True}):
+        with pytest.raises(ServingError) as e:
+            parse_request({"user_id": 1, "stage": "rank", "handle": "h", **extra})
+        assert e.value.status == 422 and e.value.field == next(iter(extra))
+
+
+def test_a_long_key_over_a_long_list_is_refused_in_one_pass():
+    """NaN checking walks containers only and names a location only for what it visits, so a
+    megabytes-long unknown key over a million numbers (246 s before) is refused at once, its
+    name cut short in the error."""
+    key = "k" * 1_500_000
+    raw = ('{"user_id": 1, "%s": [%s]}' % (key, ", ".join(["0"] * 1_000_000))).encode()
+    t = time.perf_counter()
+    with pytest.raises(ServingError) as e:
+        parse_request(raw, Limits(max_body_bytes=8 * 2**20))
+    assert e.value.status == 422 and e.value.message == "unknown field" and len(e.value.field) <= 203
+    assert time.perf_counter() - t < 20.0  # generous: the quadratic walk took minutes
+
+
+@pytest.mark.parametrize("name, field", [("int", "int"), ("list", "list"), ("", 'body[""]')])
+def test_unknown_fields_are_named_whatever_they_are_called(name, field):
+    with pytest.raises(ServingError) as e:
+        parse_request({"user_id": 1, name: 5})
+    assert e.value.field == field
+    with pytest.raises(ServingError) as e:
+        parse_request({"user_id": 1, "history": [{"item_id": 1, "action": 0, "ts": 1, "str": 2}]})
+    assert e.value.field == "history[0].str"
 
 
 def test_deadline_degrades_to_the_retrieval_order(tiny, monkeypatch):

@@ -53,6 +53,20 @@ def test_lru_counts_per_entry_overhead_and_bounds_entries():
     assert len(few) == 3 and few.get(0) == (None, "evicted") and few.get(4) == (4, "ok")
 
 
+def test_the_ttl_queue_stays_within_the_entry_bound():
+    """Keys evicted (or stored again) long before their TTL leave no trace in the sweep's queue
+    beyond a constant factor of the live entries: a million abandoned split-flow handles held
+    a million queue entries (178 MiB) in a store of 100."""
+    clock = Clock()
+    lru = ByteLRU(10**9, ttl_s=120, clock=clock, max_entries=100, entry_overhead=0)
+    for i in range(20_000):
+        lru.put(i if i % 2 else "again", i, 1)
+    assert len(lru) == 100 and len(lru._born) <= 2 * 100 + 64
+    clock.t = 121.0
+    lru.put("fresh", 0, 1)  # the queue still sweeps what is left of them
+    assert len(lru) == 1 and lru.get(19_999) == (None, "expired")
+
+
 def test_expired_entries_are_swept_without_being_looked_up():
     clock = Clock()
     lru = ByteLRU(10**6, ttl_s=5, clock=clock, entry_overhead=0)

@@ -153,7 +153,8 @@ def test_columnar_history_parses_to_arrays():
     ({**COLS, "action": [2, 128, 1]}, 422, "history.action[1]"),
     ({**COLS, "ts": [1, 2, 2**63]}, 422, "history.ts[2]"),
     ({**COLS, "surface": [0, 0, "x"]}, 422, "history.surface[2]"),
-    ({**COLS, "ts": [1, 2, float("nan")]}, 422, "history.ts[2]"),
+    ({**COLS, "ts": [1, 2, float("nan")]}, 400, "history.ts[2]"),  # as the list form: not a finite number
+    ({**COLS, "item_id": [7, -2**64, 11]}, 422, "history.item_id[1]"),
 ])
 def test_columnar_history_errors_name_the_field(history, status, field):
     with pytest.raises(ServingError) as e:

@@ -128,7 +128,7 @@ class Engine:
                                    max_entries=self.config.handle_entries)
         actions_type = type(self.ret.model).actions_type
         self.resolver = HistoryResolver(self.vocab, self.ret.model.config.num_actions, store, actions_type,
-                                        cache=self.user_cache)
+                                        cache=self.user_cache, num_surfaces=self._num_surfaces())
         self.graphs = Graphs.for_device(self.device, self.config.cuda_graphs, self.config.max_graphs)
         self.encoder = HistoryEncoder(self.device, self.user_cache, self.graphs, actions_type)
         self.retriever = Retriever(index, Popularity(self.vocab.item_ids, popularity), self.vocab)
@@ -151,6 +151,12 @@ class Engine:
 
             raise IndexVersionMismatch(f"index model_version {getattr(index, 'model_version', None)!r} differs from "
                                        f"the retrieval model's {self.ret.version!r}")
+
+    def _num_surfaces(self) -> int | None:
+        """The surface ids a client's history may hold: those every model that embeds surfaces
+        has (an id past them would be clamped to the last); None when neither reads them."""
+        sizes = [m.model.config.num_surfaces for m in (self.ret, self.rnk) if m.model.config.use_surface]
+        return min(sizes) if sizes else None
 
     @property
     def store(self) -> OnlineStore | None:

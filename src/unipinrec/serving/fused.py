@@ -347,7 +347,8 @@ def _seen_before_window(preps: Sequence[Resolved], rows: int, L: int, ring: Pinn
     """(rows, 2 + W): the exclude flag, num_candidates, then the rows of each history's actions
     before its last L (the whole history is excluded, not only the encoded window); in a buffer
     of `ring` when given."""
-    before = [max(0, len(p.rows) - L) if p.req.exclude_seen else 0 for p in preps]
+    excl = [p.seen_rows() if p.req.exclude_seen else None for p in preps]  # the dropped actions' items too
+    before = [0 if e is None else len(e) - min(L, len(p.rows)) for p, e in zip(preps, excl)]
     shape = (rows, 2 + bucket(max(before), lo=16))
     out = torch.empty(shape, dtype=torch.long) if ring is None else ring.take(shape, torch.long)
     seen = out.numpy()
@@ -356,5 +357,5 @@ def _seen_before_window(preps: Sequence[Resolved], rows: int, L: int, ring: Pinn
     seen[:len(preps), 1] = [p.req.num_candidates for p in preps]
     for j, p in enumerate(preps):
         if before[j]:
-            seen[j, 2:2 + before[j]] = p.rows[:before[j]]
+            seen[j, 2:2 + before[j]] = excl[j][:before[j]]
     return out

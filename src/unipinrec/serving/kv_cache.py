@@ -12,6 +12,7 @@ Entries hold one batch row of a `KVCache`, trimmed to its real length (no paddin
 """
 from __future__ import annotations
 
+import itertools
 import secrets
 import threading
 import time
@@ -42,8 +43,9 @@ class ByteLRU:
         self.entry_overhead = int(entry_overhead)
         self.ttl_s = ttl_s
         self.clock = clock
-        self._data: OrderedDict[Any, tuple[Any, int, float]] = OrderedDict()
-        self._born: deque[tuple[float, Any]] = deque()  # (birth, key) in birth order, for the TTL sweep
+        self._data: OrderedDict[Any, tuple[Any, int, int]] = OrderedDict()  # key -> (value, nbytes, put number)
+        self._born: deque[tuple[float, int, Any]] = deque()  # (birth, put number, key) in birth order, for the TTL sweep
+        self._puts = itertools.count()
         self._gone: OrderedDict[Any, str] = OrderedDict()  # key -> "expired" | "evicted"
         self._max_gone = tombstones
         self.bytes = 0
@@ -66,9 +68,9 @@ class ByteLRU:
             return
         now = self.clock()
         while self._born and now - self._born[0][0] > self.ttl_s:
-            born, key = self._born.popleft()
+            _, put, key = self._born.popleft()
             item = self._data.get(key)
-            if item is not None and item[2] == born:
+            if item is not None and item[2] == put:  # not a key stored again since
                 self._bury(key, "expired")
                 self.expirations += 1
 
@@ -92,10 +94,12 @@ class ByteLRU:
             self._gone.pop(key, None)
             if nbytes > self.max_bytes:
                 return False
-            born = self.clock()
-            self._data[key] = (value, nbytes, born)
+            put = next(self._puts)
+            self._data[key] = (value, nbytes, put)
             if self.ttl_s is not None:
-                self._born.append((born, key))
+                self._born.append((self.clock(), put, key))
+                if len(self._born) > 2 * len(self._data) + 64:  # keys evicted or stored again before their TTL
+                    self._born = deque(e for e in self._born if (it := self._data.get(e[2])) and it[2] == e[1])
             self.bytes += nbytes
             while self.bytes > self.max_bytes or (self.max_entries is not None and len(self._data) > self.max_entries):
                 self._bury(next(iter(self._data)), "evicted")

@@ -52,10 +52,15 @@ class Limits:
     extra_action_fields: tuple[str, ...] = ()
 
 
+MAX_FIELD_CHARS = 200  # a field's name in an error: a client's own key may be megabytes long
+
+
 class ServingError(Exception):
     """A request the server will not serve: `status` (4xx) and the field at fault."""
 
     def __init__(self, status: int, field: str, message: str):
+        if len(field) > MAX_FIELD_CHARS:
+            field = field[:MAX_FIELD_CHARS] + "..."
         super().__init__(f"{field}: {message}")
         self.status = status
         self.field = field
@@ -104,6 +109,7 @@ class Request(BaseModel):
     deadline_ms: Int64 | None = Field(default=None, ge=1, le=600_000)  # None: the server default
     _history_offset: int = PrivateAttr(default=0)
     _columns: Any = PrivateAttr(default=None)  # a columnar history: record name -> int64 array
+    _dropped_items: Any = PrivateAttr(default=None)  # item ids of the dropped actions (int64), for exclude_seen
 
     # The properties read the private values from pydantic's own dict: `self._columns` goes
     # through BaseModel.__getattr__, which cost about 0.15 ms per batch of 8 on the GPU's host path.
@@ -122,14 +128,21 @@ class Request(BaseModel):
         """A columnar history as validated arrays by record name (None for the list form)."""
         return self.__pydantic_private__["_columns"]
 
+    @property
+    def dropped_items(self) -> np.ndarray | None:
+        """The item ids of the actions dropped before validation (those that are integers in
+        0..2^63-1): the model never reads them, but `exclude_seen` excludes the whole history."""
+        return self.__pydantic_private__["_dropped_items"]
+
 
 def _field_name(loc: tuple) -> str:
+    """A location (keys and list positions) -> `history[3].item_id`; an empty key as `[""]`."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("int", "str", "bool", "list", "none"):  # union branches: not field names
-            continue
+        elif part == "":
+            out = (out or "body") + '[""]'
         else:
             out += ("." if out else "") + str(part)
     return out or "body"
@@ -156,20 +169,34 @@ def decode_json(body: Any, limits: Limits = Limits()) -> Any:
     return body
 
 
-def _check_finite(value: Any, where: str = "body", depth: int = 0) -> None:
-    """Already-decoded JSON (the server may decode it for us) may hold NaN/inf floats."""
+def _non_finite(value: Any, loc: tuple = (), depth: int = 0) -> tuple[tuple, str] | None:
+    """Already-decoded JSON (the server may decode it for us) may hold NaN/inf floats -> (the
+    location of the first one or of too deep a nesting, the problem), or None. Only containers
+    and floats are visited and a location is built only for them, so a body costs its size."""
     if depth > 64:
-        raise ServingError(400, where, "nested too deeply")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ServingError(400, where, f"{value} is not a finite number")
-    if isinstance(value, dict):
-        for k, v in value.items():
-            name = str(k)
-            child = f'{where}[""]' if not name else name if where == "body" else f"{where}.{name}"  # never empty
-            _check_finite(v, child, depth + 1)
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _check_finite(v, f"{where}[{i}]", depth + 1)
+        return loc, "nested too deeply"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (loc, f"{value} is not a finite number")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, v in items:
+        if isinstance(v, (float, dict, list)):
+            found = _non_finite(v, (*loc, key if isinstance(key, int) else str(key)), depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _check_finite(data: dict, offset: int = 0) -> None:
+    found = _non_finite(data)
+    if found is not None:
+        raise ServingError(400, _field_name(_as_sent(found[0], offset)), found[1])
+
+
+def _as_sent(loc: tuple, offset: int) -> tuple:
+    """A location in the cut list history -> the position the client sent."""
+    if offset and len(loc) > 1 and loc[0] == "history" and isinstance(loc[1], int):
+        return ("history", loc[1] + offset, *loc[2:])
+    return loc
 
 
 def parse_request(body: Any, limits: Limits = Limits()) -> Request:
@@ -179,15 +206,14 @@ def parse_request(body: Any, limits: Limits = Limits()) -> Request:
         raise ServingError(400, "body", f"expected a JSON object, got {type(data).__name__}")
     columns = None
     if isinstance(data.get("history"), dict):
-        columns, offset = _parse_columns(data["history"], limits)
+        columns, offset, dropped = _parse_columns(data["history"], limits)
         data = {k: v for k, v in data.items() if k != "history"}
-        _check_finite(data)
     else:
-        _check_finite(data)
         if isinstance(data.get("history"), list) and len(data["history"]) > limits.max_history_request:
             raise ServingError(413, "history", f"{len(data['history'])} actions is over the limit of "
                                                f"{limits.max_history_request}")
-        data, offset = _cut_history(data, limits.keep_history)
+        data, offset, dropped = _cut_history(data, limits.keep_history)
+    _check_finite(data, offset)  # the kept actions: the dropped ones are only counted
     if isinstance(data.get("candidates"), list) and len(data["candidates"]) > limits.max_rank_candidates:
         raise ServingError(413, "candidates", f"{len(data['candidates'])} candidates is over the limit of "
                                               f"{limits.max_rank_candidates}")
@@ -195,13 +221,13 @@ def parse_request(body: Any, limits: Limits = Limits()) -> Request:
         req = Request.model_validate(data, context={"extra_action_fields": limits.extra_action_fields})
         req._history_offset = offset
         req._columns = columns
+        req._dropped_items = dropped
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         loc = tuple(err["loc"])
         if err["type"] in ("extra_forbidden", "extra_value") and "field" in (err.get("ctx") or {}):
             loc = (*loc, err["ctx"]["field"])  # raised by ActionIn for one of its extra fields
-        if offset and len(loc) > 1 and loc[0] == "history" and isinstance(loc[1], int):
-            loc = ("history", loc[1] + offset, *loc[2:])  # name the position the client sent
+        loc = _as_sent(loc, offset)
         msg = err["msg"]
         if err["type"] == "missing":
             msg = "required field is missing"
@@ -222,16 +248,28 @@ def parse_request(body: Any, limits: Limits = Limits()) -> Request:
     if req.stage == "rank" and (req.has_history or req.request_ts is not None):
         field = "history" if req.has_history else "request_ts"
         raise ServingError(422, field, "not allowed with stage 'rank': the handle holds the history and request time")
+    if req.stage == "rank" and "deadline_ms" in req.model_fields_set:
+        raise ServingError(422, "deadline_ms", "not allowed with stage 'rank': a deadline degrades a whole "
+                                               "request (stage 'all') to its retrieval order")
+    if req.stage == "rank" and "exclude_seen" in req.model_fields_set:
+        raise ServingError(422, "exclude_seen", "not allowed with stage 'rank': stage 'retrieve' excluded the seen items")
     return req
 
 
-def _cut_history(data: dict, keep: int | None) -> tuple[dict, int]:
-    """-> (the body with only the last `keep` actions of a list history, how many were dropped).
-    The caller's dict is left as it is."""
+def _cut_history(data: dict, keep: int | None) -> tuple[dict, int, np.ndarray | None]:
+    """-> (the body with only the last `keep` actions of a list history, how many were dropped,
+    the item ids among them). The caller's dict is left as it is."""
     hist = data.get("history")
     if keep is None or not isinstance(hist, list) or len(hist) <= keep:
-        return data, 0
-    return {**data, "history": hist[len(hist) - keep:]}, len(hist) - keep
+        return data, 0, None
+    n = len(hist) - keep
+    dropped = _item_ids(a.get("item_id") if isinstance(a, dict) else None for a in hist[:n])
+    return {**data, "history": hist[n:]}, n, dropped
+
+
+def _item_ids(values) -> np.ndarray:
+    """The values that are item ids (JSON integers in 0..2^63-1) as int64; others are passed over."""
+    return np.array([v for v in values if type(v) is int and 0 <= v <= INT64_MAX], dtype=np.int64)
 
 
 def _column_rules() -> dict[str, tuple[int, int, bool, Any]]:
@@ -245,9 +283,10 @@ def _column_rules() -> dict[str, tuple[int, int, bool, Any]]:
     return out
 
 
-def _parse_columns(hist: dict, limits: Limits) -> tuple[dict[str, np.ndarray], int]:
-    """A columnar history -> (int64 arrays of its last `keep_history` actions, actions dropped),
-    with the list form's checks: known fields, JSON integers only, bounds, equal lengths."""
+def _parse_columns(hist: dict, limits: Limits) -> tuple[dict[str, np.ndarray], int, np.ndarray | None]:
+    """A columnar history -> (int64 arrays of its last `keep_history` actions, actions dropped,
+    the item ids among them), with the list form's checks: known fields, JSON integers only,
+    bounds, equal lengths."""
     rules = {**_column_rules(), **{name: (0, INT64_MAX, False, 0) for name in limits.extra_action_fields}}
     for name in hist:
         if name not in rules:
@@ -265,19 +304,23 @@ def _parse_columns(hist: dict, limits: Limits) -> tuple[dict[str, np.ndarray], i
     if n > limits.max_history_request:
         raise ServingError(413, "history", f"{n} actions is over the limit of {limits.max_history_request}")
     offset = max(0, n - limits.keep_history) if limits.keep_history is not None else 0
+    dropped = _item_ids(hist["item_id"][:offset]) if offset else None
     return {name: _int_column(f"history.{name}", col[offset:], offset, *rules[name][:2])
-            for name, col in hist.items()}, offset
+            for name, col in hist.items()}, offset, dropped
 
 
 def _int_column(field: str, col: list, offset: int, lo: int, hi: int) -> np.ndarray:
     if set(map(type, col)) - {int}:  # bool is not int here, as in the list form (StrictInt)
         j = next(i for i, v in enumerate(col) if type(v) is not int)
+        if isinstance(col[j], float) and not math.isfinite(col[j]):  # as the list form says it
+            raise ServingError(400, f"{field}[{j + offset}]", f"{col[j]} is not a finite number")
         raise ServingError(422, f"{field}[{j + offset}]", "Input should be a valid integer")
     try:
         arr = np.array(col, dtype=np.int64)
     except OverflowError:
         j = next(i for i, v in enumerate(col) if not -2**63 <= v <= INT64_MAX)
-        raise ServingError(422, f"{field}[{j + offset}]", f"Input should be less than or equal to {hi}") from None
+        side = f"greater than or equal to {lo}" if col[j] < 0 else f"less than or equal to {hi}"
+        raise ServingError(422, f"{field}[{j + offset}]", f"Input should be {side}") from None
     bad = np.flatnonzero((arr < lo) | (arr > hi))
     if len(bad):
         j = int(bad[0])

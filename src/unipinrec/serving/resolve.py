@@ -24,6 +24,18 @@ class Resolved:
     request_ts: int
     source: str  # "request" | "store" | "handle"
     cached: Lookup | None = None  # a cross-request cache hit found before the checks (UserKVCache.probe)
+    # the known items of client actions dropped before validation (beyond L): never encoded, but
+    # excluded with the rest of the history (`exclude_seen`)
+    dropped_items: np.ndarray | None = None  # raw item ids
+    dropped_rows: np.ndarray | None = None  # their embedding rows
+
+    def seen_items(self) -> np.ndarray:
+        """Raw ids of every item of the history as sent: what `exclude_seen` excludes."""
+        return self.history.items if self.dropped_items is None else np.concatenate([self.dropped_items, self.history.items])
+
+    def seen_rows(self) -> np.ndarray:
+        """Embedding rows of `seen_items`."""
+        return self.rows if self.dropped_rows is None else np.concatenate([self.dropped_rows, self.rows])
 
     def window(self, max_history: int, start: int = 0) -> History:
         """The last `max_history` actions (from `start` of those on), items as embedding rows:
@@ -57,9 +69,10 @@ def _client_history(req: Request, spec: type[Actions] = Actions) -> History:
 
 class HistoryResolver:
     def __init__(self, vocab, num_actions: int, store: OnlineStore | None = None, actions_type: type[Actions] = Actions,
-                 cache: UserKVCache | None = None):
+                 cache: UserKVCache | None = None, num_surfaces: int | None = None):
         self.vocab = vocab
         self.num_actions = num_actions
+        self.num_surfaces = num_surfaces  # the surface ids a client may send; None: the model reads none
         self.store = store
         self.actions_type = actions_type  # the model's per-action fields
         self.cache = cache  # the engine's cross-request cache: hits skip the checks (`_probe`)
@@ -77,7 +90,8 @@ class HistoryResolver:
         probed = self._probe(reqs, hs)
         check = [i for i in hs if i not in probed]  # validated together: one pass
         checked = dict(zip(check, zip([hs[i] for i in check], check_histories(
-            [hs[i] for i in check], self.vocab, self.num_actions, offsets=[reqs[i].history_offset for i in check]))))
+            [hs[i] for i in check], self.vocab, self.num_actions, offsets=[reqs[i].history_offset for i in check],
+            num_surfaces=self.num_surfaces))))
         checked.update({i: (hs[i], lk.rows) for i, lk in probed.items()})
         out = [self.resolve_one(r, stored.get(i), checked.get(i)) for i, r in enumerate(reqs)]
         for i, lk in probed.items():
@@ -106,7 +120,8 @@ class HistoryResolver:
             source = "request"
             if rows is None:
                 try:
-                    rows = check_history(h, self.vocab, self.num_actions, offset=req.history_offset)
+                    rows = check_history(h, self.vocab, self.num_actions, offset=req.history_offset,
+                                         num_surfaces=self.num_surfaces)
                 except ActionError as e:
                     rows = e
             if isinstance(rows, ActionError):
@@ -115,11 +130,13 @@ class HistoryResolver:
             h, source = (from_store if from_store is not None else History.empty(self.actions_type)), "store"
             h, rows = self._clean(h)
         last_ts = int(h.ts[-1]) if len(h) else 0
-        if req.request_ts is None:
-            return Resolved(req, h, rows, max(int(time.time()), last_ts), source)
-        if req.request_ts < last_ts:
+        if req.request_ts is not None and req.request_ts < last_ts:
             return ServingError(422, "request_ts", f"{req.request_ts} is before the last history action ({last_ts})")
-        return Resolved(req, h, rows, req.request_ts, source)
+        out = Resolved(req, h, rows, max(int(time.time()), last_ts) if req.request_ts is None else req.request_ts, source)
+        if req.dropped_items is not None and req.exclude_seen:
+            known = self.vocab.lookup(req.dropped_items, unknown=0)
+            out.dropped_items, out.dropped_rows = req.dropped_items[known > 0], known[known > 0]
+        return out
 
     def _clean(self, h: History) -> tuple[History, np.ndarray]:
         rows = self.vocab.lookup(h.items, unknown=0)

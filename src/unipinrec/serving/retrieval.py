@@ -66,7 +66,7 @@ class Retriever:
             if warm:
                 q = user_vectors[warm] if len(warm) < len(preps) else user_vectors
                 if self._pos_to_row is None:
-                    excl = [preps[i].history.items if preps[i].req.exclude_seen else None for i in warm]
+                    excl = [preps[i].seen_items() if preps[i].req.exclude_seen else None for i in warm]
                     s, found, rows = self._search(q, C, excl)
                 else:
                     s, found, rows = self._search_device(q, C, [preps[i] for i in warm])
@@ -76,7 +76,7 @@ class Retriever:
                     ids[i], scores[i] = found[j, :n][ok], s[j, :n][ok]
             for i, p in enumerate(preps):
                 if ids[i] is None:
-                    seen = p.history.items if p.req.exclude_seen else None
+                    seen = p.seen_items() if p.req.exclude_seen else None
                     ids[i], scores[i] = self.popularity.top(p.req.num_candidates, seen)
         return ids, scores, (rows if len(warm) == len(preps) else None)
 
@@ -90,11 +90,12 @@ class Retriever:
         scatter; scores and ids come back in one copy, candidate rows stay on the device."""
         from .graphs import to_device, to_host
 
-        W = max([1] + [len(p.rows) if p.req.exclude_seen else 0 for p in preps])
+        excl = [p.seen_rows() if p.req.exclude_seen else None for p in preps]
+        W = max([1] + [len(e) for e in excl if e is not None])
         seen = np.zeros((len(preps), W), dtype=np.int64)  # row 0 (padding) maps to "none"
-        for j, p in enumerate(preps):
-            if p.req.exclude_seen:
-                seen[j, :len(p.rows)] = p.rows
+        for j, e in enumerate(excl):
+            if e is not None:
+                seen[j, :len(e)] = e
         positions = self._row_to_pos[to_device(seen, q.device)]
         top, pos = self.index.search_device(q, C, exclude_positions=positions)
         ids = torch.where(torch.isfinite(top), self.index._ids_t[pos], -1)
