@@ -173,7 +173,8 @@ def test_cold_start_and_long_histories_over_v2(http, server):
 # --- errors -----------------------------------------------------------------------------------------
 
 
-BAD = [*BAD, ("int beyond int64", b'{"user_id": 99999999999999999999999}', JSON, 422, "user_id")]
+BAD = [*BAD, ("int beyond int64", b'{"user_id": 99999999999999999999999}', JSON, 422, "user_id"),
+       ("json-like content type", json.dumps(body()), {"Content-Type": "application/jsonx"}, 415, "Content-Type")]
 
 
 @pytest.mark.parametrize("name, payload, headers, status, field", BAD, ids=[b[0] for b in BAD])
@@ -210,6 +211,8 @@ BAD_V2 = [
     ("no shape", {"inputs": [{"name": "user_id", "datatype": "INT64", "data": [1]}]}, 422, "inputs[0].shape"),
     ("NaN outside a request", b'[NaN]', 422, "body"),  # FastAPI's own handler fails to render it: a 500
     ("oversize body", b'{"inputs": [], "pad": "' + b"x" * (17 * 2**20) + b'"}', 413, "body"),
+    ("an input twice", _v2(USER, ("k", [1], "INT64", [3]), ("k", [1], "INT64", [10**9])), 422, "k"),
+    ("a JSON string", json.dumps(json.dumps(_v2(USER))), 400, "body"),  # KServe's own refusal, our envelope
 ]
 
 
@@ -218,6 +221,19 @@ def test_bad_v2_input_is_a_4xx_naming_the_tensor(http, server, name, payload, st
     r = post(http, f"{server.inference}/v2/models/unipinrec/infer", payload)
     assert r.status_code == status, r.text
     assert r.json()["error"]["field"] == field
+    assert_serving(http, server)
+
+
+def test_bodies_the_server_would_read_unchecked_are_refused_first(http, server):
+    """A chunked body (no Content-Length: read whole before any size check, +1.7 GB for 1 GiB)
+    is a 411, and the binary tensor extension (parsed by KServe, its errors 500s) a 415, both
+    before the body is read; the server keeps serving."""
+    url = f"{server.inference}/v2/models/unipinrec/infer"
+    chunks = (b"x" * 2**16 for _ in range(64))  # requests sends a generator chunked
+    r = http.post(url, data=chunks, headers=JSON, timeout=60)
+    assert r.status_code == 411 and r.json()["error"]["field"] == "Transfer-Encoding"
+    r = post(http, url, b'{"id": 1}', headers={**JSON, "Inference-Header-Content-Length": "9"})
+    assert r.status_code == 415 and r.json()["error"]["field"] == "Inference-Header-Content-Length"
     assert_serving(http, server)
 
 

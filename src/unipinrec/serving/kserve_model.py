@@ -284,7 +284,11 @@ def _tensor(req: InferRequest, name: str, *, size: int | None = None, one_or: in
 
 def v2_requests(req: InferRequest) -> list[dict]:
     """One TorchServe-style request dict per user of a v2 request (validated later, per dict)."""
-    names = {i.name for i in req.inputs}
+    given_names = [i.name for i in req.inputs]
+    names = set(given_names)
+    if len(names) < len(given_names):
+        twice = next(n for n in given_names if given_names.count(n) > 1)
+        raise ServingError(422, twice, "input tensor given more than once")
     unknown = sorted(names - {"user_id", "history_length", *HISTORY_TENSORS, "k", "num_candidates", "request_ts",
                               "exclude_seen"})
     if unknown:
@@ -313,22 +317,23 @@ def v2_requests(req: InferRequest) -> list[dict]:
     N = sum(lengths)
     cols = {n: _tensor(req, n, size=N) for n in HISTORY_TENSORS}
     at = 0
-    for row, n in zip(rows, lengths):
-        keys = [c for c in HISTORY_TENSORS if cols[c] is not None]
-        row["history"] = [{c[len("history_"):]: cols[c][at + i] for c in keys} for i in range(n)]
+    keys = [c for c in HISTORY_TENSORS if cols[c] is not None]
+    for row, n in zip(rows, lengths):  # columnar: cut to L and checked as arrays, no object per action
+        row["history"] = {c[len("history_"):]: cols[c][at:at + n] for c in keys}
         row["_offset"] = at
         at += n
     return rows
 
 
-_HISTORY_FIELD = re.compile(r"^history\[(\d+)\]\.(\w+)$")
+_HISTORY_FIELD = re.compile(r"^history(?:\[(\d+)\]\.(\w+)|\.(\w+)\[(\d+)\])$")  # history[3].ts, history.ts[3]
 
 
 def v2_field(field: str, row: int, offset: int) -> str:
     """An error field of row `row`'s request dict -> the v2 tensor element it came from."""
     m = _HISTORY_FIELD.match(field)
     if m:
-        return f"history_{m.group(2)}[{offset + int(m.group(1))}]"
+        name, i = (m.group(2), m.group(1)) if m.group(1) is not None else (m.group(3), m.group(4))
+        return f"history_{name}[{offset + int(i)}]"
     if field in ("history", "body"):
         return f"history_length[{row}]" if field == "history" else "inputs"
     return f"{field.split('.', 1)[0]}[{row}]"
@@ -397,20 +402,21 @@ class UniPinRecModel(kserve.Model):
             return await self._predict_v2(payload)
         return await self._predict_v1(payload, {k.lower(): v for k, v in (headers or {}).items()})
 
+    # Decoding and validation run in a thread, not on the event loop: a 16 MiB body takes
+    # seconds, and the loop also answers every other client and the health probes.
     async def _predict_v1(self, body, headers: dict):
         ct = headers.get("content-type")
-        if ct is not None and not str(ct).lower().startswith("application/json"):
+        if ct is not None and str(ct).split(";")[0].strip().lower() != "application/json":
             raise ServingError(415, "Content-Type", f"must be application/json, got {ct!r}")
-        limits = self.engine.limits
-        data = decode_json(body, limits)
+        data = await asyncio.to_thread(decode_json, body, self.engine.limits)
         if isinstance(data, dict) and "instances" in data and "user_id" not in data:
             return {"predictions": await self._instances(data["instances"])}
-        (out,) = await self.batcher.submit([parse_request(data, limits)])
+        (out,) = await self.batcher.submit([await asyncio.to_thread(parse_request, data, self.engine.limits)])
         if isinstance(out, ServingError):
             raise out
         return out
 
-    async def _instances(self, instances) -> list[dict]:
+    def _parse_instances(self, instances) -> tuple[list, list, list]:
         if not isinstance(instances, list):
             raise ServingError(422, "instances", "expected a list of requests")
         if len(instances) > MAX_INSTANCES:
@@ -423,6 +429,10 @@ class UniPinRecModel(kserve.Model):
                 where.append(i)
             except ServingError as e:
                 results[i] = e
+        return results, valid, where
+
+    async def _instances(self, instances) -> list[dict]:
+        results, valid, where = await asyncio.to_thread(self._parse_instances, instances)
         if valid:
             for i, res in zip(where, await self.batcher.submit(valid)):
                 results[i] = res
@@ -431,7 +441,7 @@ class UniPinRecModel(kserve.Model):
                 _Metrics.get().errors.labels(str(r.status)).inc()
         return [r.to_dict() if isinstance(r, ServingError) else r for r in results]
 
-    async def _predict_v2(self, req: InferRequest):
+    def _parse_v2(self, req: InferRequest) -> tuple[list, list[int]]:
         rows = v2_requests(req)
         offsets = [row.pop("_offset", 0) for row in rows]
         parsed = []
@@ -440,6 +450,10 @@ class UniPinRecModel(kserve.Model):
                 parsed.append(parse_request(row, self.engine.limits))
             except ServingError as e:
                 raise ServingError(e.status, v2_field(e.field, j, offsets[j]), e.message) from None
+        return parsed, offsets
+
+    async def _predict_v2(self, req: InferRequest):
+        parsed, offsets = await asyncio.to_thread(self._parse_v2, req)
         answers = await self.batcher.submit(parsed)
         for j, a in enumerate(answers):
             if isinstance(a, ServingError):
@@ -496,6 +510,7 @@ def install(app, token_file: Path | None) -> None:
     KServe's model repository (load/unload) closed: management never faces clients."""
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     async def serving_error(request, exc: ServingError):
         _Metrics.get().errors.labels(str(exc.status)).inc()
@@ -510,8 +525,14 @@ def install(app, token_file: Path | None) -> None:
         field = _field_name(loc)  # ("inputs", 0, "shape") -> "inputs[0].shape"
         return await serving_error(request, ServingError(status, field, str(err.get("msg", "invalid request"))))
 
+    async def http_error(request, exc: StarletteHTTPException):
+        # the framework's own refusals (an unreadable body, an unknown route) in our envelope too
+        field = "body" if exc.status_code == 400 else "path"
+        return await serving_error(request, ServingError(exc.status_code, field, str(exc.detail)))
+
     app.add_exception_handler(ServingError, serving_error)
     app.add_exception_handler(RequestValidationError, envelope_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     check = _token_check(token_file)
 
     @app.middleware("http")
@@ -522,11 +543,40 @@ def install(app, token_file: Path | None) -> None:
         if check is not None and not OPEN_PATHS.match(path) and not check(request.headers):
             return JSONResponse({"error": {"status": 401, "field": "Authorization",
                                            "message": "missing or invalid inference token"}}, status_code=401)
+        if "transfer-encoding" in request.headers:  # a chunked body would be read whole before any size check
+            return JSONResponse({"error": {"status": 411, "field": "Transfer-Encoding", "message": "send the body "
+                                           "with a Content-Length"}}, status_code=411)
+        if "inference-header-content-length" in request.headers:
+            return JSONResponse({"error": {"status": 415, "field": "Inference-Header-Content-Length", "message":
+                                           "the binary tensor extension is not served: send JSON tensors"}},
+                                status_code=415)
         size = request.headers.get("content-length", "0")
         if not size.isdigit() or int(size) > MAX_BODY:
             return JSONResponse({"error": {"status": 413, "field": "body", "message": f"Content-Length {size[:20]!r} "
                                            f"is not a size up to {MAX_BODY} bytes"}}, status_code=413)
         return await call_next(request)
+
+
+def envelope_kserve_errors(app) -> None:
+    """KServe's own refusals (`{"error": text}`: a v2 body that is a JSON string, a model
+    version route) in our envelope, naming `body` or `path` by status. Called once KServe's
+    REST server has added its handlers."""
+    from fastapi.responses import JSONResponse
+
+    def wrap(handler):
+        async def ours(request, exc):
+            resp = await handler(request, exc)
+            try:
+                text = str(json.loads(resp.body)["error"])
+            except (ValueError, KeyError, TypeError):
+                return resp
+            field = "body" if resp.status_code in (400, 422) else "path" if resp.status_code in (404, 405, 501) else "server"
+            return JSONResponse(ServingError(resp.status_code, field, text).to_dict(), status_code=resp.status_code)
+        return ours
+
+    for cls, handler in list(app.exception_handlers.items()):
+        if getattr(handler, "__module__", "").startswith("kserve"):
+            app.add_exception_handler(cls, wrap(handler))
 
 
 class _ModelServer(kserve.ModelServer):
@@ -546,6 +596,13 @@ class _ModelServer(kserve.ModelServer):
                                        self.http_port, grace_period=self.grace_period,
                                        timeout_keep_alive=self.timeout_keep_alive, event_loop=self.event_loop)
         self._rest_server.config.host = self.host
+        create = self._rest_server.create_application
+
+        def create_then_envelope() -> None:  # KServe adds its error handlers as it starts
+            create()
+            envelope_kserve_errors(_model_server.app)
+
+        self._rest_server.create_application = create_then_envelope
         self.servers.append(self._rest_server.start())
         self.setup_event_loop()
         self.register_signal_handler()
