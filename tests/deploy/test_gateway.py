@@ -243,6 +243,47 @@ def test_kserve_v1_protocol(stack):
     assert status == 200 and json.loads(body) == {"name": "unipinrec", "ready": True}
 
 
+def test_kserve_v1_instances_succeed_or_fail_alone(stack, monkeypatch):
+    """One bad instance gets its own error object in place (it failed the whole body, the
+    good answers discarded), as the KServe model server answers; past 256 instances a 413."""
+    real = stack["ts"].predict
+
+    def predict(req):
+        if req["user_id"] == 13:
+            return 422, {"error": {"status": 422, "field": "history[0].item_id", "message": "unknown item id 5"}}
+        return real(req)
+
+    monkeypatch.setattr(stack["ts"], "predict", predict)
+    status, body = stack["call"]("POST", "/v1/models/unipinrec:predict",
+                                 {"instances": [{"user_id": 1}, {"user_id": 13}, {"user_id": 2}]}, BEARER)
+    assert status == 200
+    preds = json.loads(body)["predictions"]
+    assert [p.get("echo", {}).get("user_id") for p in preds] == [1, None, 2]
+    assert preds[1]["error"]["field"] == "history[0].item_id"
+    status, body = stack["call"]("POST", "/v1/models/unipinrec:predict", {"instances": [{"user_id": 1}] * 257}, BEARER)
+    assert status == 413 and b"256" in body
+
+
+@pytest.mark.parametrize("limits", [Limits(upstream_threads=1)])
+def test_probes_are_answered_while_every_upstream_thread_is_busy(stack, monkeypatch):
+    """Clients holding every upstream thread (here a slow TorchServe and one thread) do not
+    hold the kubelet's probes: /livez and /ping answer from their own threads."""
+    release, real = threading.Event(), stack["ts"].predict
+    monkeypatch.setattr(stack["ts"], "predict", lambda req: (release.wait(30), real(req))[1])
+    slow = threading.Thread(target=stack["call"], args=("POST", "/predictions/unipinrec", {"user_id": 1}, BEARER))
+    slow.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not any(s[1].startswith("/predictions") for s in stack["ts"].seen) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the one upstream thread is now inside TorchServe
+        assert stack["call"]("GET", "/livez")[0] == 200
+        assert stack["call"]("GET", "/ping")[0] == 200
+        assert slow.is_alive()  # answered while the prediction still waits
+    finally:
+        release.set()
+        slow.join(30)
+
+
 @pytest.mark.parametrize("limits", [Limits(max_body=10)])
 def test_oversized_or_chunked_bodies_are_refused(stack):
     assert stack["call"]("POST", "/predictions/unipinrec", {"user_id": 123456789}, BEARER)[0] == 413

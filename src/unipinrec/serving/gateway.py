@@ -83,9 +83,15 @@ def _json(status: int, obj) -> Reply:
 
 @dataclass
 class Admitted:
-    """A request the gateway will answer: `answer(body)` runs in the upstream thread pool."""
+    """A request the gateway will answer: `answer(body)` runs in the upstream thread pool (a
+    probe in its own: clients that keep every upstream thread busy must not fail the kubelet's
+    liveness and readiness checks)."""
     answer: Callable[[bytes], Reply]
     reads_body: bool = False
+    probe: bool = False
+
+
+MAX_INSTANCES = 256  # a KServe v1 body's instances, as the KServe model server allows
 
 
 def _is_json(content_type: str) -> bool:
@@ -177,11 +183,11 @@ class Gateway:
         path = path.split("?", 1)[0]
         headers = {k.lower(): v for k, v in headers.items()}
         if path == "/livez":
-            return Admitted(lambda _: self.livez())
+            return Admitted(lambda _: self.livez(), probe=True)
         if path == "/ping" and method == "GET":
-            return Admitted(lambda _: self.ready())
+            return Admitted(lambda _: self.ready(), probe=True)
         if (m := _V1_READY.match(path)) and method == "GET":
-            return Admitted(lambda _: self.v1_ready(m.group(1)))
+            return Admitted(lambda _: self.v1_ready(m.group(1)), probe=True)
         if not self.authorized(headers):
             return _json(401, {"code": 401, "message": "missing or invalid inference token"})
         content_type = headers.get("content-type", "application/json")
@@ -213,27 +219,35 @@ class Gateway:
         return _json(200, {"status": "alive"})
 
     def v1_predict(self, model: str, body: bytes) -> Reply:
-        """KServe v1: {"instances": [request, ...]} -> {"predictions": [answer, ...]}."""
+        """KServe v1: {"instances": [request, ...]} -> {"predictions": [answer, ...]}, each
+        instance's answer or its error object in place, as the KServe model server answers."""
         try:
             instances = json.loads(body).get("instances")
         except (ValueError, AttributeError, RecursionError):  # RecursionError: deeply nested JSON
             instances = None
         if not isinstance(instances, list):
             return _json(400, {"code": 400, "message": "instances: expected {\"instances\": [request, ...]}"})
-        answers = []
-        for inst in instances:
-            try:
-                data = json.dumps(inst).encode()
-            except RecursionError:
-                return _json(400, {"code": 400, "message": "instances: nested too deeply"})
-            r = self.forward("POST", f"/predictions/{model}", data)
-            if r.status != 200:
-                return r
-            try:
-                answers.append(json.loads(r.body))
-            except ValueError:
-                return _json(502, {"code": 502, "message": "the model server answered with something other than JSON"})
-        return _json(200, {"predictions": answers})
+        if len(instances) > MAX_INSTANCES:
+            return _json(413, {"code": 413, "message": f"instances: {len(instances)} is over the limit of {MAX_INSTANCES}"})
+        try:
+            bodies = [json.dumps(inst).encode() for inst in instances]
+        except RecursionError:
+            return _json(400, {"code": 400, "message": "instances: nested too deeply"})
+        return _json(200, {"predictions": [self._instance(model, data) for data in bodies]})
+
+    def _instance(self, model: str, data: bytes) -> dict:
+        r = self.forward("POST", f"/predictions/{model}", data)
+        try:
+            answer = json.loads(r.body)
+        except ValueError:
+            answer = None
+        if r.status == 200 and isinstance(answer, dict):
+            return answer
+        if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
+            return answer  # the handler's own error, naming the field
+        message = "the model server answered with something other than JSON" if answer is None else (
+            str(answer.get("message", answer)) if isinstance(answer, dict) else str(answer))
+        return {"error": {"status": r.status if r.status != 200 else 502, "field": "body", "message": message[:500]}}
 
     # -- TorchServe side ---------------------------------------------------------------
     def _conn(self, target) -> http.client.HTTPConnection:
@@ -393,6 +407,7 @@ class GatewayApp:
     def __init__(self, gateway: Gateway, limits: Limits = Limits()):
         self.gateway, self.limits = gateway, limits
         self.pool = ThreadPoolExecutor(max_workers=limits.upstream_threads, thread_name_prefix="gateway-upstream")
+        self.probes = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gateway-probe")
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -417,7 +432,8 @@ class GatewayApp:
                         f"body not received within {self.limits.body_timeout_s:g} s")}), close=True)
                 if body is None:
                     return await _respond(send, _json(400, {"code": 400, "message": "incomplete body"}), close=True)
-        reply = await asyncio.get_running_loop().run_in_executor(self.pool, decision.answer, body)
+        pool = self.probes if decision.probe else self.pool
+        reply = await asyncio.get_running_loop().run_in_executor(pool, decision.answer, body)
         await _respond(send, reply, close=sends_body and not decision.reads_body)
 
     def _length(self, headers: dict[str, str]) -> tuple[Reply | None, int]:
@@ -474,6 +490,7 @@ class GatewayServer:
         if self._thread is not None:
             self._thread.join(15)
         self.app.pool.shutdown(wait=False, cancel_futures=True)
+        self.app.probes.shutdown(wait=False, cancel_futures=True)
         self.socket.close()
 
 
@@ -525,6 +542,7 @@ def run(listen: str, upstream: str, management: str, key_file: Path, token_file:
     log.info("listening on %s, forwarding to %s", listen, upstream)
     server.serve_forever()
     server.app.pool.shutdown(wait=False, cancel_futures=True)
+    server.app.probes.shutdown(wait=False, cancel_futures=True)
     if child is None:
         return 0
     _stop_group(child, grace_s)
