@@ -8,6 +8,7 @@ with token auth on (the token from the run folder), and always stopped.
 from __future__ import annotations
 
 import json
+import time
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -234,6 +235,21 @@ def test_bodies_the_server_would_read_unchecked_are_refused_first(http, server):
     assert r.status_code == 411 and r.json()["error"]["field"] == "Transfer-Encoding"
     r = post(http, url, b'{"id": 1}', headers={**JSON, "Inference-Header-Content-Length": "9"})
     assert r.status_code == 415 and r.json()["error"]["field"] == "Inference-Header-Content-Length"
+    assert_serving(http, server)
+
+
+def test_an_unfinished_head_is_closed_at_the_gateways_deadline(http, server):
+    """KServe's uvicorn waited forever for a request head (no token check before it is whole):
+    now the gateway's 10 s head deadline closes the connection, and the server keeps serving."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(server.inference)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(b"POST /v2/models/unipinrec/infer HTTP/1.1\r\nHost: x\r\n")  # and nothing more
+        t = time.monotonic()
+        assert sock.recv(1024) == b""  # closed by the server, no answer
+        assert 9.0 < time.monotonic() - t < 25.0
     assert_serving(http, server)
 
 

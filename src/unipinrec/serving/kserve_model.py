@@ -579,6 +579,20 @@ def envelope_kserve_errors(app) -> None:
             app.add_exception_handler(cls, wrap(handler))
 
 
+def _bound_connections(config) -> None:
+    """The gateway's limits on uvicorn (KServe-native has no gateway in front): a deadline on
+    request heads (KServe's uvicorn waits forever for an unfinished head, before any token
+    check: 20,000 of them ran the server out of file descriptors), at most 4,096 connections,
+    heads within 16 KiB."""
+    from .gateway import Limits as ConnectionLimits, _head_timed_protocol
+
+    limits = ConnectionLimits()
+    config.http = _head_timed_protocol(limits.head_timeout_s)
+    config.limit_concurrency = limits.max_connections
+    config.backlog = limits.backlog
+    config.h11_max_incomplete_event_size = limits.max_head
+
+
 class _ModelServer(kserve.ModelServer):
     """KServe's ModelServer binding `host` (KServe's own binds 0.0.0.0), REST only."""
 
@@ -596,6 +610,7 @@ class _ModelServer(kserve.ModelServer):
                                        self.http_port, grace_period=self.grace_period,
                                        timeout_keep_alive=self.timeout_keep_alive, event_loop=self.event_loop)
         self._rest_server.config.host = self.host
+        _bound_connections(self._rest_server.config)
         create = self._rest_server.create_application
 
         def create_then_envelope() -> None:  # KServe adds its error handlers as it starts
