@@ -264,6 +264,13 @@ def test_kserve_v1_instances_succeed_or_fail_alone(stack, monkeypatch):
     assert status == 413 and b"256" in body
 
 
+def test_a_head_over_the_limit_is_refused_even_in_one_write(stack):
+    status, body = stack["call"]("POST", "/predictions/unipinrec", {"user_id": 1}, {**BEARER, "X-Pad": "p" * 40_000})
+    assert status == 431 and b"request head" in body
+    assert not [s for s in stack["ts"].seen if s[1].startswith("/predictions")]
+    assert stack["call"]("POST", "/predictions/unipinrec", {"user_id": 1}, BEARER)[0] == 200
+
+
 @pytest.mark.parametrize("limits", [Limits(upstream_threads=1)])
 def test_probes_are_answered_while_every_upstream_thread_is_busy(stack, monkeypatch):
     """Clients holding every upstream thread (here a slow TorchServe and one thread) do not

@@ -412,6 +412,10 @@ class GatewayApp:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return
+        if len(scope["raw_path"]) + sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > self.limits.max_head:
+            # h11 bounds only a head that arrives in pieces; one sent in a single write is whole at once
+            return await _respond(send, _json(431, {"code": 431, "message": f"request head over {self.limits.max_head} "
+                                                                            "bytes"}), close=True)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         path = scope["raw_path"].decode("latin-1")
         decision = self.gateway.admit(scope["method"], path, headers)
