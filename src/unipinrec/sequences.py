@@ -370,18 +370,12 @@ def check_history(h: History, vocab, num_actions: int | None = None, where: str 
     if len(bad):
         j = int(bad[0])
         raise ActionError(f"{where}[{j + offset}].item_id", f"unknown item id {int(h.items[j])}")
-    if num_actions is not None:
-        bad = np.flatnonzero((h.actions < 0) | (h.actions >= num_actions))
+    for values, field, bound, what in ((h.actions, "action", num_actions, "an action id"),
+                                       (h.surfaces, "surface", num_surfaces, "a surface id of this model")):
+        bad = np.flatnonzero((values < 0) | (values >= bound)) if bound is not None else ()
         if len(bad):
             j = int(bad[0])
-            raise ActionError(f"{where}[{j + offset}].action",
-                              f"{int(h.actions[j])} is not an action id (0..{num_actions - 1})")
-    if num_surfaces is not None:
-        bad = np.flatnonzero((h.surfaces < 0) | (h.surfaces >= num_surfaces))
-        if len(bad):
-            j = int(bad[0])
-            raise ActionError(f"{where}[{j + offset}].surface",
-                              f"{int(h.surfaces[j])} is not a surface id of this model (0..{num_surfaces - 1})")
+            raise ActionError(f"{where}[{j + offset}].{field}", f"{int(values[j])} is not {what} (0..{bound - 1})")
     back = np.flatnonzero(np.diff(h.ts) < 0)
     if len(back):
         j = int(back[0]) + 1

@@ -391,10 +391,12 @@ def _load_failure(lines: list[str], pending: list[str], logs: Path) -> str | Non
     return None
 
 
-def _last_python_error(path: Path, wait_s: float = 3.0) -> str | None:
+def _last_python_error(path: Path, wait_s: float = 15.0) -> str | None:
     """The last 'SomeError: message' line the workers logged (their traceback's last line),
     waiting up to `wait_s` for it: the frontend's log can say a worker died before the worker's
-    own log has its traceback (two appenders, each flushed on its own; seen on a loaded machine)."""
+    own log has its traceback (two appenders, each flushed on its own), and on a loaded machine
+    TorchServe stopped reading a dying worker's stderr before its traceback, which then comes
+    only from the retry it starts a second later (seen in the full suite on 2 cores)."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
