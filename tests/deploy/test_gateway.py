@@ -267,6 +267,7 @@ def test_kserve_v1_instances_succeed_or_fail_alone(stack, monkeypatch):
 def test_a_head_over_the_limit_is_refused_even_in_one_write(stack):
     status, body = stack["call"]("POST", "/predictions/unipinrec", {"user_id": 1}, {**BEARER, "X-Pad": "p" * 40_000})
     assert status == 431 and b"request head" in body
+    assert stack["call"]("POST", "/predictions/unipinrec?x=" + "q" * 40_000, {"user_id": 1}, BEARER)[0] == 431
     assert not [s for s in stack["ts"].seen if s[1].startswith("/predictions")]
     assert stack["call"]("POST", "/predictions/unipinrec", {"user_id": 1}, BEARER)[0] == 200
 
@@ -289,6 +290,24 @@ def test_probes_are_answered_while_every_upstream_thread_is_busy(stack, monkeypa
     finally:
         release.set()
         slow.join(30)
+
+
+def test_liveness_answers_while_readiness_waits_on_a_stalled_torchserve(stack, monkeypatch):
+    """Readiness asks TorchServe (which may accept connections and stall); liveness must not
+    wait behind it, or the kubelet restarts a pod whose TorchServe is only slow."""
+    release, real = threading.Event(), stack["gw"].ready
+    monkeypatch.setattr(stack["gw"], "ready", lambda: (release.wait(30), real())[1])
+    waiting = [threading.Thread(target=stack["call"], args=("GET", "/ping")) for _ in range(3)]
+    for t in waiting:
+        t.start()
+    try:
+        time.sleep(0.3)  # both readiness threads now wait
+        assert stack["call"]("GET", "/livez")[0] == 200
+        assert all(t.is_alive() for t in waiting)
+    finally:
+        release.set()
+        for t in waiting:
+            t.join(30)
 
 
 @pytest.mark.parametrize("limits", [Limits(max_body=10)])

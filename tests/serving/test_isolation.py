@@ -15,6 +15,7 @@ import torch
 from unipinrec.serving.engine import Engine, EngineConfig, engine_stats
 from unipinrec.serving.request import Limits, ServingError, parse_request
 from unipinrec.serving.synthetic import random_history
+from unipinrec.serving.timing import StageTimer
 
 L, NUM_ITEMS = 16, 300  # tests/serving/conftest.py's tiny models
 RTS = 1_800_000_000
@@ -104,6 +105,8 @@ def test_exclude_seen_covers_the_actions_dropped_before_L(engine, columnar):
     assert req.history_offset == 2 * L and len(req.dropped_items) == 2 * L
     got = {it["item_id"] for it in engine.handle_batch([req])[0]["items"]}
     dropped, kept = {a["item_id"] for a in hist[:2 * L]}, {a["item_id"] for a in hist[2 * L:]}
+    (resolved,) = engine.resolver.resolve([req], StageTimer(engine.device))
+    assert len(resolved.dropped_rows) == len(dropped)  # each item once: they size the seen buffer
     assert len(got) == NUM_ITEMS // 2 and not got & (dropped | kept)
     assert dropped - kept  # the check above is not vacuous: some items are only in the dropped part
 
@@ -126,6 +129,14 @@ def test_a_surface_the_model_does_not_embed_is_refused(tiny):
     assert "items" in out[0] and isinstance(out[1], ServingError)
     assert (out[1].status, out[1].field) == (422, "history[2].surface")
     assert "items" in plain.handle_batch([parse_request(body(history=bad), plain.limits)])[0]
+    # a store history is cleaned as a client's would be refused: no out-of-range surface reaches
+    # the cross-request cache, whose hits skip the checks
+    from unipinrec.sequences import History
+
+    h = History(items=[a["item_id"] for a in bad], actions=[a["action"] for a in bad], ts=[a["ts"] for a in bad],
+                surfaces=[a.get("surface", 0) for a in bad])
+    cleaned, rows = surfaced.resolver._clean(h)
+    assert len(cleaned) == 3 and (cleaned.surfaces < n).all() and len(rows) == 3
 
 
 def test_rank_refuses_what_only_retrieval_applies():

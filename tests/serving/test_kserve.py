@@ -235,6 +235,8 @@ def test_bodies_the_server_would_read_unchecked_are_refused_first(http, server):
     assert r.status_code == 411 and r.json()["error"]["field"] == "Transfer-Encoding"
     r = post(http, url, b'{"id": 1}', headers={**JSON, "Inference-Header-Content-Length": "9"})
     assert r.status_code == 415 and r.json()["error"]["field"] == "Inference-Header-Content-Length"
+    r = post(http, url, _v2(USER), headers={**JSON, "X-Pad": "p" * 40_000})  # one write: h11 passed it whole
+    assert r.status_code == 431 and r.json()["error"]["field"] == "headers"
     assert_serving(http, server)
 
 

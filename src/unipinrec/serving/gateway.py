@@ -88,7 +88,7 @@ class Admitted:
     liveness and readiness checks)."""
     answer: Callable[[bytes], Reply]
     reads_body: bool = False
-    probe: bool = False
+    probe: str = ""  # "live" | "ready": the thread pool of its own
 
 
 MAX_INSTANCES = 256  # a KServe v1 body's instances, as the KServe model server allows
@@ -183,11 +183,11 @@ class Gateway:
         path = path.split("?", 1)[0]
         headers = {k.lower(): v for k, v in headers.items()}
         if path == "/livez":
-            return Admitted(lambda _: self.livez(), probe=True)
+            return Admitted(lambda _: self.livez(), probe="live")
         if path == "/ping" and method == "GET":
-            return Admitted(lambda _: self.ready(), probe=True)
+            return Admitted(lambda _: self.ready(), probe="ready")
         if (m := _V1_READY.match(path)) and method == "GET":
-            return Admitted(lambda _: self.v1_ready(m.group(1)), probe=True)
+            return Admitted(lambda _: self.v1_ready(m.group(1)), probe="ready")
         if not self.authorized(headers):
             return _json(401, {"code": 401, "message": "missing or invalid inference token"})
         content_type = headers.get("content-type", "application/json")
@@ -337,23 +337,25 @@ class Gateway:
 # -- HTTP side: uvicorn ------------------------------------------------------------------------
 
 
-def _head_timed_protocol(head_timeout_s: float):
+def _head_timed_protocol(head_timeout_s: float, after_answer_s: float | None = None):
     """uvicorn's h11 protocol with a deadline on request heads.
 
     uvicorn times out idle kept-alive connections but not a head that arrives slowly: without
     this, a client sending a header byte now and then holds its connection forever. The deadline
-    runs from the connection (or the previous answer) to the end of the next request's head.
+    runs from the connection to the end of the first head, and from each answer to the end of
+    the next head (`after_answer_s`, default the same: a server keeping connections alive
+    longer gives them that long).
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeadTimedH11(H11Protocol):
         _deadline: asyncio.TimerHandle | None = None
 
-        def _arm(self) -> None:
+        def _arm(self, timeout_s: float = head_timeout_s) -> None:
             if self._deadline is not None:
                 self._deadline.cancel()
             waiting_for = self.cycle  # a new head replaces the cycle
-            self._deadline = self.loop.call_later(head_timeout_s, self._expire, waiting_for)
+            self._deadline = self.loop.call_later(timeout_s, self._expire, waiting_for)
 
         def _expire(self, waiting_for) -> None:
             if self.cycle is waiting_for and not self.transport.is_closing():
@@ -364,7 +366,7 @@ def _head_timed_protocol(head_timeout_s: float):
             self._arm()
 
         def on_response_complete(self) -> None:
-            self._arm()
+            self._arm(head_timeout_s if after_answer_s is None else after_answer_s)
             super().on_response_complete()
 
         def connection_lost(self, exc) -> None:
@@ -373,6 +375,12 @@ def _head_timed_protocol(head_timeout_s: float):
             super().connection_lost(exc)
 
     return HeadTimedH11
+
+
+def head_bytes(scope) -> int:
+    """About the size of a request head as sent: its request line and header lines."""
+    line = len(scope["method"]) + len(scope["raw_path"]) + len(scope.get("query_string", b"")) + 12
+    return line + sum(len(k) + len(v) + 4 for k, v in scope["headers"])
 
 
 async def _respond(send, reply: Reply, close: bool = False) -> None:
@@ -407,12 +415,14 @@ class GatewayApp:
     def __init__(self, gateway: Gateway, limits: Limits = Limits()):
         self.gateway, self.limits = gateway, limits
         self.pool = ThreadPoolExecutor(max_workers=limits.upstream_threads, thread_name_prefix="gateway-upstream")
-        self.probes = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gateway-probe")
+        # liveness apart from readiness too: readiness waits on TorchServe, which may stall
+        self.probes = {"live": ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-live"),
+                       "ready": ThreadPoolExecutor(max_workers=2, thread_name_prefix="gateway-ready")}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return
-        if len(scope["raw_path"]) + sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > self.limits.max_head:
+        if head_bytes(scope) > self.limits.max_head:
             # h11 bounds only a head that arrives in pieces; one sent in a single write is whole at once
             return await _respond(send, _json(431, {"code": 431, "message": f"request head over {self.limits.max_head} "
                                                                             "bytes"}), close=True)
@@ -436,7 +446,7 @@ class GatewayApp:
                         f"body not received within {self.limits.body_timeout_s:g} s")}), close=True)
                 if body is None:
                     return await _respond(send, _json(400, {"code": 400, "message": "incomplete body"}), close=True)
-        pool = self.probes if decision.probe else self.pool
+        pool = self.probes[decision.probe] if decision.probe else self.pool
         reply = await asyncio.get_running_loop().run_in_executor(pool, decision.answer, body)
         await _respond(send, reply, close=sends_body and not decision.reads_body)
 
@@ -493,8 +503,8 @@ class GatewayServer:
         self.server.should_exit = True
         if self._thread is not None:
             self._thread.join(15)
-        self.app.pool.shutdown(wait=False, cancel_futures=True)
-        self.app.probes.shutdown(wait=False, cancel_futures=True)
+        for pool in (self.app.pool, *self.app.probes.values()):
+            pool.shutdown(wait=False, cancel_futures=True)
         self.socket.close()
 
 
@@ -545,8 +555,8 @@ def run(listen: str, upstream: str, management: str, key_file: Path, token_file:
         watcher.start()
     log.info("listening on %s, forwarding to %s", listen, upstream)
     server.serve_forever()
-    server.app.pool.shutdown(wait=False, cancel_futures=True)
-    server.app.probes.shutdown(wait=False, cancel_futures=True)
+    for pool in (server.app.pool, *server.app.probes.values()):
+        pool.shutdown(wait=False, cancel_futures=True)
     if child is None:
         return 0
     _stop_group(child, grace_s)

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "unipinrec"
 MAX_INSTANCES = 256
 MAX_BODY = 16 * 2**20  # any route (v1 bodies are also held to the engine's max_body_bytes)
+MAX_HEAD = 16 * 2**10  # request line + headers, as the gateway allows
 HISTORY_TENSORS = ("history_item_id", "history_action", "history_ts", "history_surface")
 TOKEN_HEADER = "x-unipinrec-token"
 OPEN_PATHS = re.compile(r"^/($|metrics$|v2/health/(live|ready)$|v2/models/[^/]+/ready$|v1/models/[^/:]+$)")
@@ -512,6 +513,8 @@ def install(app, token_file: Path | None) -> None:
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    from .gateway import head_bytes
+
     async def serving_error(request, exc: ServingError):
         _Metrics.get().errors.labels(str(exc.status)).inc()
         return JSONResponse(exc.to_dict(), status_code=exc.status)
@@ -543,6 +546,9 @@ def install(app, token_file: Path | None) -> None:
         if check is not None and not OPEN_PATHS.match(path) and not check(request.headers):
             return JSONResponse({"error": {"status": 401, "field": "Authorization",
                                            "message": "missing or invalid inference token"}}, status_code=401)
+        if head_bytes(request.scope) > MAX_HEAD:  # h11 bounds only a head that arrives in pieces
+            return JSONResponse({"error": {"status": 431, "field": "headers", "message": f"request head over "
+                                           f"{MAX_HEAD} bytes"}}, status_code=431)
         if "transfer-encoding" in request.headers:  # a chunked body would be read whole before any size check
             return JSONResponse({"error": {"status": 411, "field": "Transfer-Encoding", "message": "send the body "
                                            "with a Content-Length"}}, status_code=411)
@@ -587,7 +593,9 @@ def _bound_connections(config) -> None:
     from .gateway import Limits as ConnectionLimits, _head_timed_protocol
 
     limits = ConnectionLimits()
-    config.http = _head_timed_protocol(limits.head_timeout_s)
+    # from an answer, the next head may come as late as KServe keeps connections alive (65 s:
+    # longer than the proxies' and load balancers' idle timeouts in front of it)
+    config.http = _head_timed_protocol(limits.head_timeout_s, max(limits.head_timeout_s, config.timeout_keep_alive))
     config.limit_concurrency = limits.max_connections
     config.backlog = limits.backlog
     config.h11_max_incomplete_event_size = limits.max_head

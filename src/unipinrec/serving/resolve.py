@@ -133,14 +133,17 @@ class HistoryResolver:
         if req.request_ts is not None and req.request_ts < last_ts:
             return ServingError(422, "request_ts", f"{req.request_ts} is before the last history action ({last_ts})")
         out = Resolved(req, h, rows, max(int(time.time()), last_ts) if req.request_ts is None else req.request_ts, source)
-        if req.dropped_items is not None and req.exclude_seen:
-            known = self.vocab.lookup(req.dropped_items, unknown=0)
-            out.dropped_items, out.dropped_rows = req.dropped_items[known > 0], known[known > 0]
+        if req.dropped_items is not None and req.exclude_seen:  # each item once: they size the seen buffer
+            items = np.unique(req.dropped_items)
+            known = self.vocab.lookup(items, unknown=0)
+            out.dropped_items, out.dropped_rows = items[known > 0], known[known > 0]
         return out
 
     def _clean(self, h: History) -> tuple[History, np.ndarray]:
         rows = self.vocab.lookup(h.items, unknown=0)
         keep = (rows > 0) & (h.actions < self.num_actions) & (h.actions >= 0)
+        if self.num_surfaces is not None:  # as a client's history would be refused (and cached rows probed)
+            keep &= (h.surfaces >= 0) & (h.surfaces < self.num_surfaces)
         if not keep.all():
             h, rows = h.take(keep), rows[keep]
         order = np.argsort(h.ts, kind="stable")
