@@ -359,6 +359,23 @@ class History:
         return cls(spec, **{n: arr[:, j] for j, n in enumerate(names)})
 
 
+def _id_bounds(num_actions: int | None, num_surfaces: int | None) -> list[tuple[str, str, int, str]]:
+    """(History field, record name, exclusive bound, what an id is) of the per-action ids a
+    model bounds: action ids always, surface ids when it embeds them."""
+    return [b for b in (("actions", "action", num_actions, "an action id"),
+                        ("surfaces", "surface", num_surfaces, "a surface id of this model")) if b[2] is not None]
+
+
+def ids_out_of_range(field, num_actions: int | None = None, num_surfaces: int | None = None) -> np.ndarray:
+    """Per action, whether any bounded id (`_id_bounds`) is outside 0..bound-1; `field(name)`
+    gives a History field's array."""
+    out = None
+    for name, _, bound, _ in _id_bounds(num_actions, num_surfaces):
+        wrong = np.asarray(field(name), np.int64).view(np.uint64) >= bound  # negative: huge as uint64
+        out = wrong if out is None else out | wrong
+    return np.zeros(len(field("items")), dtype=bool) if out is None else out
+
+
 def check_history(h: History, vocab, num_actions: int | None = None, where: str = "history", offset: int = 0,
                   num_surfaces: int | None = None) -> np.ndarray:
     """The one validation path for a client's history: known items, action ids in range (and
@@ -370,12 +387,12 @@ def check_history(h: History, vocab, num_actions: int | None = None, where: str 
     if len(bad):
         j = int(bad[0])
         raise ActionError(f"{where}[{j + offset}].item_id", f"unknown item id {int(h.items[j])}")
-    for values, field, bound, what in ((h.actions, "action", num_actions, "an action id"),
-                                       (h.surfaces, "surface", num_surfaces, "a surface id of this model")):
-        bad = np.flatnonzero((values < 0) | (values >= bound)) if bound is not None else ()
+    for name, record, bound, what in _id_bounds(num_actions, num_surfaces):
+        values = h.arrays[name]
+        bad = np.flatnonzero((values < 0) | (values >= bound))
         if len(bad):
             j = int(bad[0])
-            raise ActionError(f"{where}[{j + offset}].{field}", f"{int(values[j])} is not {what} (0..{bound - 1})")
+            raise ActionError(f"{where}[{j + offset}].{record}", f"{int(values[j])} is not {what} (0..{bound - 1})")
     back = np.flatnonzero(np.diff(h.ts) < 0)
     if len(back):
         j = int(back[0]) + 1
@@ -394,12 +411,8 @@ def check_histories(hs: Sequence[History], vocab, num_actions: int | None = None
     one = len(hs) == 1  # the usual batch of one: no concatenation, no split (half of this at batch 1)
     cat = (lambda name: hs[0].arrays[name]) if one else (  # noqa: E731
         lambda name: np.concatenate([h.arrays[name] for h in hs]))
-    rows, actions, ts = vocab.lookup(cat("items"), unknown=0), cat("actions"), cat("ts")
-    wrong = rows == 0
-    if num_actions is not None:
-        wrong |= np.asarray(actions, np.int64).view(np.uint64) >= num_actions  # negative: huge as uint64, out of range
-    if num_surfaces is not None:
-        wrong |= np.asarray(cat("surfaces"), np.int64).view(np.uint64) >= num_surfaces
+    rows, ts = vocab.lookup(cat("items"), unknown=0), cat("ts")
+    wrong = (rows == 0) | ids_out_of_range(cat, num_actions, num_surfaces)
     back = ts[1:] < ts[:-1]  # back[j]: action j + 1 is before action j
     ends = np.cumsum(lens)
     if not one:
@@ -421,4 +434,4 @@ def check_histories(hs: Sequence[History], vocab, num_actions: int | None = None
     return out
 
 
-__all__ = ["Actions", "ActionError", "History", "action_field", "check_histories", "check_history"]
+__all__ = ["Actions", "ActionError", "History", "action_field", "check_histories", "check_history", "ids_out_of_range"]

@@ -450,6 +450,11 @@ class GatewayApp:
         reply = await asyncio.get_running_loop().run_in_executor(pool, decision.answer, body)
         await _respond(send, reply, close=sends_body and not decision.reads_body)
 
+    def close(self) -> None:
+        """Drop what waits in the thread pools (the server has stopped taking requests)."""
+        for pool in (self.pool, *self.probes.values()):
+            pool.shutdown(wait=False, cancel_futures=True)
+
     def _length(self, headers: dict[str, str]) -> tuple[Reply | None, int]:
         limit = self.limits.max_body
         if "transfer-encoding" in headers:
@@ -503,8 +508,7 @@ class GatewayServer:
         self.server.should_exit = True
         if self._thread is not None:
             self._thread.join(15)
-        for pool in (self.app.pool, *self.app.probes.values()):
-            pool.shutdown(wait=False, cancel_futures=True)
+        self.app.close()
         self.socket.close()
 
 
@@ -555,8 +559,7 @@ def run(listen: str, upstream: str, management: str, key_file: Path, token_file:
         watcher.start()
     log.info("listening on %s, forwarding to %s", listen, upstream)
     server.serve_forever()
-    for pool in (server.app.pool, *server.app.probes.values()):
-        pool.shutdown(wait=False, cancel_futures=True)
+    server.app.close()
     if child is None:
         return 0
     _stop_group(child, grace_s)

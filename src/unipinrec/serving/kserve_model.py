@@ -61,7 +61,6 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "unipinrec"
 MAX_INSTANCES = 256
 MAX_BODY = 16 * 2**20  # any route (v1 bodies are also held to the engine's max_body_bytes)
-MAX_HEAD = 16 * 2**10  # request line + headers, as the gateway allows
 HISTORY_TENSORS = ("history_item_id", "history_action", "history_ts", "history_surface")
 TOKEN_HEADER = "x-unipinrec-token"
 OPEN_PATHS = re.compile(r"^/($|metrics$|v2/health/(live|ready)$|v2/models/[^/]+/ready$|v1/models/[^/:]+$)")
@@ -285,11 +284,11 @@ def _tensor(req: InferRequest, name: str, *, size: int | None = None, one_or: in
 
 def v2_requests(req: InferRequest) -> list[dict]:
     """One TorchServe-style request dict per user of a v2 request (validated later, per dict)."""
-    given_names = [i.name for i in req.inputs]
-    names = set(given_names)
-    if len(names) < len(given_names):
-        twice = next(n for n in given_names if given_names.count(n) > 1)
-        raise ServingError(422, twice, "input tensor given more than once")
+    names: set[str] = set()
+    for inp in req.inputs:  # one pass: a body may name many thousands of inputs
+        if inp.name in names:
+            raise ServingError(422, inp.name, "input tensor given more than once")
+        names.add(inp.name)
     unknown = sorted(names - {"user_id", "history_length", *HISTORY_TENSORS, "k", "num_candidates", "request_ts",
                               "exclude_seen"})
     if unknown:
@@ -513,8 +512,6 @@ def install(app, token_file: Path | None) -> None:
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from .gateway import head_bytes
-
     async def serving_error(request, exc: ServingError):
         _Metrics.get().errors.labels(str(exc.status)).inc()
         return JSONResponse(exc.to_dict(), status_code=exc.status)
@@ -530,7 +527,7 @@ def install(app, token_file: Path | None) -> None:
 
     async def http_error(request, exc: StarletteHTTPException):
         # the framework's own refusals (an unreadable body, an unknown route) in our envelope too
-        field = "body" if exc.status_code == 400 else "path"
+        field = _framework_field(exc.status_code, other="path")
         return await serving_error(request, ServingError(exc.status_code, field, str(exc.detail)))
 
     app.add_exception_handler(ServingError, serving_error)
@@ -540,27 +537,38 @@ def install(app, token_file: Path | None) -> None:
 
     @app.middleware("http")
     async def guard(request, call_next):
-        path = request.url.path
-        if path.startswith("/v2/repository") or path.startswith("/docs") or path.startswith("/openapi"):
-            return JSONResponse({"error": {"status": 404, "field": "path", "message": "no such route"}}, status_code=404)
-        if check is not None and not OPEN_PATHS.match(path) and not check(request.headers):
-            return JSONResponse({"error": {"status": 401, "field": "Authorization",
-                                           "message": "missing or invalid inference token"}}, status_code=401)
-        if head_bytes(request.scope) > MAX_HEAD:  # h11 bounds only a head that arrives in pieces
-            return JSONResponse({"error": {"status": 431, "field": "headers", "message": f"request head over "
-                                           f"{MAX_HEAD} bytes"}}, status_code=431)
-        if "transfer-encoding" in request.headers:  # a chunked body would be read whole before any size check
-            return JSONResponse({"error": {"status": 411, "field": "Transfer-Encoding", "message": "send the body "
-                                           "with a Content-Length"}}, status_code=411)
-        if "inference-header-content-length" in request.headers:
-            return JSONResponse({"error": {"status": 415, "field": "Inference-Header-Content-Length", "message":
-                                           "the binary tensor extension is not served: send JSON tensors"}},
-                                status_code=415)
-        size = request.headers.get("content-length", "0")
-        if not size.isdigit() or int(size) > MAX_BODY:
-            return JSONResponse({"error": {"status": 413, "field": "body", "message": f"Content-Length {size[:20]!r} "
-                                           f"is not a size up to {MAX_BODY} bytes"}}, status_code=413)
+        refused = _refusal(request, check)
+        if refused is not None:  # not counted as a model error
+            return JSONResponse(refused.to_dict(), status_code=refused.status)
         return await call_next(request)
+
+
+def _refusal(request, check) -> ServingError | None:
+    """What the server refuses from a request's head alone, before any body is read."""
+    from .gateway import Limits as ConnectionLimits, head_bytes
+
+    path, headers = request.url.path, request.headers
+    if path.startswith("/v2/repository") or path.startswith("/docs") or path.startswith("/openapi"):
+        return ServingError(404, "path", "no such route")
+    if check is not None and not OPEN_PATHS.match(path) and not check(headers):
+        return ServingError(401, "Authorization", "missing or invalid inference token")
+    max_head = ConnectionLimits.max_head
+    if head_bytes(request.scope) > max_head:  # h11 bounds only a head that arrives in pieces
+        return ServingError(431, "headers", f"request head over {max_head} bytes")
+    if "transfer-encoding" in headers:  # a chunked body would be read whole before any size check
+        return ServingError(411, "Transfer-Encoding", "send the body with a Content-Length")
+    if "inference-header-content-length" in headers:
+        return ServingError(415, "Inference-Header-Content-Length",
+                            "the binary tensor extension is not served: send JSON tensors")
+    size = headers.get("content-length", "0")
+    if not size.isdigit() or int(size) > MAX_BODY:
+        return ServingError(413, "body", f"Content-Length {size[:20]!r} is not a size up to {MAX_BODY} bytes")
+    return None
+
+
+def _framework_field(status: int, other: str) -> str:
+    """The field a framework's own refusal names: the body, the path, or `other`."""
+    return "body" if status in (400, 422) else "path" if status in (404, 405, 501) else other
 
 
 def envelope_kserve_errors(app) -> None:
@@ -576,7 +584,7 @@ def envelope_kserve_errors(app) -> None:
                 text = str(json.loads(resp.body)["error"])
             except (ValueError, KeyError, TypeError):
                 return resp
-            field = "body" if resp.status_code in (400, 422) else "path" if resp.status_code in (404, 405, 501) else "server"
+            field = _framework_field(resp.status_code, other="server")
             return JSONResponse(ServingError(resp.status_code, field, text).to_dict(), status_code=resp.status_code)
         return ours
 

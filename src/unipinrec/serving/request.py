@@ -245,15 +245,21 @@ def parse_request(body: Any, limits: Limits = Limits()) -> Request:
     if req.stage != "rank" and (req.handle is not None or req.candidates is not None):
         field = "handle" if req.handle is not None else "candidates"
         raise ServingError(422, field, "only allowed with stage 'rank'")
-    if req.stage == "rank" and (req.has_history or req.request_ts is not None):
-        field = "history" if req.has_history else "request_ts"
-        raise ServingError(422, field, "not allowed with stage 'rank': the handle holds the history and request time")
-    if req.stage == "rank" and "deadline_ms" in req.model_fields_set:
-        raise ServingError(422, "deadline_ms", "not allowed with stage 'rank': a deadline degrades a whole "
-                                               "request (stage 'all') to its retrieval order")
-    if req.stage == "rank" and "exclude_seen" in req.model_fields_set:
-        raise ServingError(422, "exclude_seen", "not allowed with stage 'rank': stage 'retrieve' excluded the seen items")
+    if req.stage == "rank":
+        given = {"history": req.has_history, "request_ts": req.request_ts is not None,
+                 "deadline_ms": "deadline_ms" in req.model_fields_set, "exclude_seen": "exclude_seen" in req.model_fields_set}
+        field = next((f for f in _NOT_WITH_RANK if given[f]), None)
+        if field is not None:
+            raise ServingError(422, field, f"not allowed with stage 'rank': {_NOT_WITH_RANK[field]}")
     return req
+
+
+_NOT_WITH_RANK = {  # what stage 'rank' would ignore, and why
+    "history": "the handle holds the history and request time",
+    "request_ts": "the handle holds the history and request time",
+    "deadline_ms": "a deadline degrades a whole request (stage 'all') to its retrieval order",
+    "exclude_seen": "stage 'retrieve' excluded the seen items",
+}
 
 
 def _cut_history(data: dict, keep: int | None) -> tuple[dict, int, np.ndarray | None]:

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..sequences import ActionError, Actions, History, check_histories, check_history
+from ..sequences import ActionError, Actions, History, check_histories, check_history, ids_out_of_range
 from .kv_cache import Lookup, UserKVCache
 from .request import Request, ServingError
 from .store import OnlineStore
@@ -141,9 +141,8 @@ class HistoryResolver:
 
     def _clean(self, h: History) -> tuple[History, np.ndarray]:
         rows = self.vocab.lookup(h.items, unknown=0)
-        keep = (rows > 0) & (h.actions < self.num_actions) & (h.actions >= 0)
-        if self.num_surfaces is not None:  # as a client's history would be refused (and cached rows probed)
-            keep &= (h.surfaces >= 0) & (h.surfaces < self.num_surfaces)
+        # what a client's history would be refused for (a cached window's rows are probed unchecked)
+        keep = (rows > 0) & ~ids_out_of_range(h.arrays.__getitem__, self.num_actions, self.num_surfaces)
         if not keep.all():
             h, rows = h.take(keep), rows[keep]
         order = np.argsort(h.ts, kind="stable")
