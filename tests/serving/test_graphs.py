@@ -279,10 +279,99 @@ def test_pinned_ring_hands_each_buffer_back_only_after_the_others_of_its_shape()
     from unipinrec.serving import fused
 
     ring = fused.PinnedRing(pin=False, depth=3)
-    first = [ring.take((4, 5), torch.long) for _ in range(3)]
+    first = [ring.take((4, 5), torch.long)]
+    assert len(ring._rings[((4, 5), torch.long)]) == 3  # a shape's buffers made at its first take (the warm-up's)
+    first += [ring.take((4, 5), torch.long) for _ in range(2)]
     assert len({b.data_ptr() for b in first}) == 3 and all(b.shape == (4, 5) for b in first)
     other = ring.take((2,), torch.float32)  # another shape: its own buffers
     assert other.dtype == torch.float32 and other.data_ptr() not in {b.data_ptr() for b in first}
     again = [ring.take((4, 5), torch.long) for _ in range(4)]
     assert [b.data_ptr() for b in again] == [b.data_ptr() for b in first + first[:1]]
-    ring.mark(again[0])  # unpinned: no device copy to wait for
+    assert ring.mark(again[0]) is None  # unpinned: no device copy to wait for
+
+
+def test_pinned_ring_marks_a_batch_with_one_event_and_asks_the_device_once(monkeypatch):
+    """A batch's buffers share one event, and once the host has waited for a mark, earlier marks
+    are known done: taking their buffers again asks the device nothing (each CUDA call costs the
+    GPU machine's host about 10 us). A fake event stands in for CUDA's."""
+    from unipinrec.serving import fused
+
+    class Event:
+        made = syncs = 0
+
+        def __init__(self):
+            Event.made += 1
+            self.records = 0
+
+        def record(self):
+            self.records += 1
+
+        def synchronize(self):
+            Event.syncs += 1
+
+    monkeypatch.setattr(fused.torch.cuda, "Event", Event)
+    ring = fused.PinnedRing(pin=False, depth=2)
+    a, b = ring.take((3,), torch.long), ring.take((2,), torch.long)
+    ring.pin = True  # the buffers exist (unpinned here); from now on the ring marks as on a GPU
+    first = ring.mark(a, b)
+    assert first[0] == 1 and Event.made == 1 and ring._marks[b.data_ptr()] == first
+    second = ring.mark(ring.take((3,), torch.long))
+    assert second[0] == 2 and Event.made == 2
+    ring.wait(second)
+    assert Event.syncs == 1
+    ring.wait(first)  # before the one waited for: done already
+    again = ring.take((3,), torch.long)  # a again, its mark done
+    assert again.data_ptr() == a.data_ptr() and Event.syncs == 1
+    third = ring.mark(again)  # a's own event, recorded again
+    assert third[1] is first[1] and first[1].records == 2 and Event.made == 2
+    ring.take((3,), torch.long)
+    ring.take((3,), torch.long)  # a once more: its mark 3 not waited for yet, so the device is asked
+    assert Event.syncs == 2
+
+
+def test_descending_places_are_a_stable_descending_sort_of_each_row():
+    """The fused graph orders a row's candidates by counting, for each, the entries that go
+    before it (no device sort): the same permutation as a stable descending sort, ties (equal
+    utilities, the -inf of candidates not found) kept in retrieval order."""
+    from unipinrec.serving import fused
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(5, 40)).astype(np.float32)
+    x[0, ::3] = x[0, 1]  # ties
+    x[1, 10:] = -np.inf  # not found
+    x[2] = 0.5  # all equal
+    x[3, :20] = np.round(x[3, :20])  # more ties, among integers
+    places = fused.descending_places(torch.from_numpy(x)).numpy()
+    for row, p in zip(x, places):
+        order = np.argsort(-row, kind="stable")
+        assert sorted(p.tolist()) == list(range(len(row)))  # a permutation: the scatter fills every place
+        assert np.array_equal(np.argsort(p), order)
+
+
+def test_a_nan_utility_is_not_found_and_the_others_keep_their_places(tiny):
+    """A broken model's NaN utility must not break the order (NaN compares false with all, so it
+    would share a place and leave another empty): that candidate counts as not found."""
+    from unipinrec.checkpoint import load_model
+    from unipinrec.serving import fused
+    from unipinrec.serving.engine import Engine, EngineConfig
+    from unipinrec.serving.request import parse_request
+    from unipinrec.serving.synthetic import random_history
+    from unipinrec.serving.timing import StageTimer
+
+    m = load_model(tiny.unified)
+    eng = Engine(m, TorchIndex.for_model(m, m.vocab.item_ids), config=EngineConfig(kv_cache_bytes=0))
+    L = m.model.config.max_history
+    req = parse_request({"user_id": 1, "history": random_history(np.random.default_rng(2), 9, 300), "k": 5,
+                         "num_candidates": 12, "request_ts": 1_800_000_000}, eng.limits)
+    preps = eng.resolver.resolve([req], StageTimer(eng.device))
+    acts = Actions.from_histories([p.window(L) for p in preps], [p.request_ts for p in preps], rows=1, width=16)
+    seen = torch.as_tensor(fused._seen_before_window(preps, 1, L))
+    r = eng.retriever
+    T = len(eng.ranker.task_names)
+    with torch.inference_mode():
+        ok = fused.serve_fn(m.model, None, r.index, r._row_to_pos, r._pos_to_row, eng.ranker.weights, acts, seen, 16)[1]
+        nan = torch.full_like(eng.ranker.weights, float("nan"))
+        bad = fused.serve_fn(m.model, None, r.index, r._row_to_pos, r._pos_to_row, nan, acts, seen, 16)[1]
+    assert (ok[0, :12, T + 2] >= 0).all() and (ok[0, 12:, T + 2] == -1).all()  # 12 found, in the first places
+    assert (bad[:, :, T + 2] == -1).all()  # every utility NaN: none found, and every place filled
+    assert sorted(bad[0, :, T + 1].view(torch.int64).tolist()) == sorted(ok[0, :, T + 1].view(torch.int64).tolist())

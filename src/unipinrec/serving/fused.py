@@ -50,44 +50,80 @@ def serve_fn(model, ranking, index, row_to_pos, pos_to_row, weights, acts: Actio
     gaps = ranker.default_candidate_gaps(acts.lengths, kv.last_ts(), acts.request_ts)
     probs = torch.sigmoid(ranker.rank(pos_to_row[pos], rank_kv, gaps).float())  # (B, C', T)
     found = torch.isfinite(top) & (torch.arange(top.shape[1], device=top.device)[None] < seen[:, 1:2])
-    utility, order = torch.where(found, probs @ weights, float("-inf")).sort(dim=1, descending=True, stable=True)
-    probs, top, pos, found = (probs.gather(1, order[..., None].expand_as(probs)), top.gather(1, order),
-                              pos.gather(1, order), found.gather(1, order))  # the response's order, here
-    floats = torch.cat([probs, utility[..., None], top.float()[..., None]], dim=-1)
+    score = probs @ weights
+    found &= score == score  # a NaN utility (a broken model) is not found: the places below need a total order
+    utility = torch.where(found, score, float("-inf"))  # (B, C')
     ids = torch.where(found, index._ids_t[pos], -1)
-    return kv, torch.cat([floats.view(torch.int32).long(), ids[..., None]], dim=-1)
+    floats = torch.cat([probs, utility[..., None], top.float()[..., None]], dim=-1)
+    packed = torch.cat([floats.view(torch.int32).long(), ids[..., None]], dim=-1)  # (B, C', T + 3), retrieval order
+    place = descending_places(utility)[..., None].expand_as(packed)
+    return kv, torch.empty_like(packed).scatter_(1, place, packed)  # the response's order, here
+
+
+_EARLIER: dict = {}  # (C, device) -> (C, C) bool, [i, j] = j < i: made once, outside any graph capture
+
+
+def descending_places(x: torch.Tensor) -> torch.Tensor:
+    """x (B, C) -> each entry's place in a stable descending sort of its row (ties keep their
+    order): the number of entries that go before it. On a GPU a sort of a batch's few hundred
+    candidates was a 40 us kernel at any batch; these comparisons of every pair are four small
+    ones (B * C * C booleans: 4 MiB at batch 64)."""
+    C = x.shape[1]
+    key = (C, x.device)
+    if key not in _EARLIER:
+        _EARLIER[key] = torch.ones(C, C, dtype=torch.bool, device=x.device).tril(-1)
+    before, after = x[:, None, :], x[:, :, None]  # [b, i, j]: entry j against entry i
+    return torch.where(_EARLIER[key], before >= after, before > after).sum(-1)
 
 
 class PinnedRing:
     """Host buffers kept for reuse, `depth` per (shape, dtype), handed out in turn (pinned on a
     GPU: allocating one per batch cost 25 us each, three per batch). A buffer comes back only
-    after `depth - 1` others of its shape and once the device has finished the copy last marked
+    after `depth - 1` others of its shape and once the device has finished the copies last marked
     on it (`mark`); `depth` exceeds the batches in flight at once (`serve_chunks`: two), so the
     host is done reading an output buffer before the device writes it again. Callers take the
-    shapes of graph buckets, so the ring holds `depth` buffers per bucket at most."""
+    shapes of graph buckets, so the ring holds `depth` buffers per bucket at most.
+
+    A batch's buffers are marked together, by one event (each CUDA call costs the host about
+    10 us on the GPU machine), and marks are numbered: once the host has waited for a batch
+    (`done`), every earlier mark is known complete and `take` does not ask the device again."""
 
     def __init__(self, pin: bool, depth: int = 4):
         self.pin, self.depth = pin, depth
         self._rings: dict[tuple, list] = {}
-        self._events: dict[int, torch.cuda.Event] = {}
+        self._marks: dict[int, tuple[int, torch.cuda.Event]] = {}  # buffer -> (mark number, its event)
+        self._events: dict[int, torch.cuda.Event] = {}  # one per marking buffer, made once, recorded again
+        self._count = self._done = 0
 
     def take(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        ring = self._rings.setdefault((tuple(shape), dtype), [])
-        if len(ring) < self.depth:
-            ring.append(torch.empty(shape, dtype=dtype, pin_memory=self.pin))
-            return ring[-1]
+        key = (tuple(shape), dtype)
+        if key not in self._rings:  # all of a shape's buffers at once: the engine's warm-up makes them, not a request
+            self._rings[key] = [torch.empty(shape, dtype=dtype, pin_memory=self.pin) for _ in range(self.depth)]
+        ring = self._rings[key]
         buf = ring.pop(0)
         ring.append(buf)
-        ev = self._events.get(buf.data_ptr())
-        if ev is not None:
-            ev.synchronize()  # its last copy is done (at once, unless the device is far behind)
+        self.wait(self._marks.get(buf.data_ptr()))
         return buf
 
-    def mark(self, buf: torch.Tensor) -> None:
-        """buf's copy is enqueued: it is not handed out again before the device has done it."""
-        if self.pin:
-            ev = self._events.setdefault(buf.data_ptr(), torch.cuda.Event())
-            ev.record()
+    def mark(self, first: torch.Tensor, *others: torch.Tensor):
+        """The buffers' copies are enqueued: none is handed out again before the device has done
+        them. -> the mark, to `wait` for (None unpinned)."""
+        if not self.pin:
+            return None
+        ev = self._events.get(first.data_ptr())
+        if ev is None:  # first's own event, made once and recorded at each use
+            ev = self._events[first.data_ptr()] = torch.cuda.Event()
+        ev.record()
+        self._count += 1
+        for buf in (first, *others):
+            self._marks[buf.data_ptr()] = (self._count, ev)
+        return self._count, ev
+
+    def wait(self, mark) -> None:
+        """Until the device has done the copies of `mark` (and so every earlier one)."""
+        if mark is not None and mark[0] > self._done:
+            mark[1].synchronize()  # a later record of the event waits longer, never less
+            self._done = mark[0]
 
 
 class FusedGraphs:
@@ -205,7 +241,7 @@ class FusedGraphs:
 
 def serve(engine, preps: Sequence[Resolved], timer: StageTimer, fused: FusedGraphs):
     """-> (a response per prep, or None when the batch is not plain; the cache lookups made)."""
-    with timer.stage("serve"):
+    with timer.stage("serve", sync=False):  # the batch waits for its own output (Pending.wait)
         pending, looked = launch(engine, preps, fused)
         host = None if pending is None else pending.wait()
     return (None if pending is None else pending.responses(host, timer.as_dict())), looked
@@ -216,20 +252,20 @@ class Pending:
     output, a row per bucket row (the first len(preps) are the batch's)."""
 
     def __init__(self, engine, preps: Sequence[Resolved], packed: torch.Tensor, ring: PinnedRing,
-                 status: str = "miss"):
-        self.engine, self.preps, self.status = engine, preps, status
+                 status: str = "miss", inputs: Sequence[torch.Tensor] = ()):
+        """inputs: the batch's host buffers copied in; marked with the output's copy (one event)."""
+        self.engine, self.preps, self.status, self.ring = engine, preps, status, ring
+        self.done = None
         if packed.device.type == "cuda":  # ring buffers of the bucket's shape: a few per bucket, not per batch size
             host = ring.take(packed.shape, packed.dtype)
             packed, self.host = packed[:len(preps)], host[:len(preps)]
             self.host.copy_(packed, non_blocking=True)
-            self.done = torch.cuda.Event()
-            self.done.record()
+            self.done = ring.mark(host, *inputs)
         else:
-            self.host, self.done = packed[:len(preps)], None
+            self.host = packed[:len(preps)]
 
     def wait(self) -> np.ndarray:
-        if self.done is not None:
-            self.done.synchronize()
+        self.ring.wait(self.done)
         return self.host.numpy()
 
     def responses(self, host: np.ndarray, timings: dict) -> list[dict]:
@@ -280,9 +316,7 @@ def launch(engine, preps: Sequence[Resolved], fused: FusedGraphs):
                                       width=width, out=out, staging=staging)
     seen = _seen_before_window(preps, rows, L, ring)
     kv, packed = fused.run(acts, seen, b.candidates(C), cached=[lk.kv for lk in looked] if hits else None)
-    ring.mark(staging)
-    ring.mark(seen)
-    pending = Pending(engine, preps, packed, ring, "hit" if hits else "miss")
+    pending = Pending(engine, preps, packed, ring, "hit" if hits else "miss", inputs=(staging, seen))
     if looked is not None and not hits:
         kv = _first_rows(kv, B, acts)
         stored = kv.rows(range(B), [len(w) for w in windows])  # the lengths from here: no wait for the graph

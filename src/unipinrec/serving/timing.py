@@ -14,14 +14,16 @@ class StageTimer:
         self.t0 = time.perf_counter()
 
     @contextmanager
-    def stage(self, name: str):
-        if self.cuda:
+    def stage(self, name: str, sync: bool = True):
+        """sync=False: a stage that waits for its own device work (no device-wide wait around it)."""
+        sync = sync and self.cuda
+        if sync:
             torch.cuda.synchronize()
         t = time.perf_counter()
         try:
             yield
         finally:
-            if self.cuda:
+            if sync:
                 torch.cuda.synchronize()
             self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - t) * 1000
 
