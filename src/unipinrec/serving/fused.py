@@ -56,8 +56,24 @@ def serve_fn(model, ranking, index, row_to_pos, pos_to_row, weights, acts: Actio
     ids = torch.where(found, index._ids_t[pos], -1)
     floats = torch.cat([probs, utility[..., None], top.float()[..., None]], dim=-1)
     packed = torch.cat([floats.view(torch.int32).long(), ids[..., None]], dim=-1)  # (B, C', T + 3), retrieval order
-    place = descending_places(utility)[..., None].expand_as(packed)
-    return kv, torch.empty_like(packed).scatter_(1, place, packed)  # the response's order, here
+    return kv, in_response_order(packed, utility)
+
+
+# below this many pairs (8 rows of 256 candidates) counting places beats a sort on the H200:
+# 11 / 30 us less at 1 / 8 rows, 15 us more at 32 (bench/tail_probe.py, docs/serving.md)
+PLACES_MAX_PAIRS = 8 * 256 * 256
+
+
+def in_response_order(packed: torch.Tensor, utility: torch.Tensor) -> torch.Tensor:
+    """packed (B, C, F) rows in retrieval order -> in the response's: utility descending, ties in
+    retrieval order. Small batches scatter each row to its place; larger ones sort (a sort of
+    the batch is one kernel of about 40 us at any batch size, the places grow with B * C * C)."""
+    B, C = utility.shape
+    if B * C * C <= PLACES_MAX_PAIRS:
+        place = descending_places(utility)[..., None].expand_as(packed)
+        return torch.empty_like(packed).scatter_(1, place, packed)
+    order = utility.sort(dim=1, descending=True, stable=True).indices
+    return packed.gather(1, order[..., None].expand_as(packed))
 
 
 _EARLIER: dict = {}  # (C, device) -> (C, C) bool, [i, j] = j < i: made once, outside any graph capture
@@ -65,9 +81,8 @@ _EARLIER: dict = {}  # (C, device) -> (C, C) bool, [i, j] = j < i: made once, ou
 
 def descending_places(x: torch.Tensor) -> torch.Tensor:
     """x (B, C) -> each entry's place in a stable descending sort of its row (ties keep their
-    order): the number of entries that go before it. On a GPU a sort of a batch's few hundred
-    candidates was a 40 us kernel at any batch; these comparisons of every pair are four small
-    ones (B * C * C booleans: 4 MiB at batch 64)."""
+    order): the number of entries that go before it, from comparisons of every pair (four
+    small kernels)."""
     C = x.shape[1]
     key = (C, x.device)
     if key not in _EARLIER:
@@ -84,8 +99,8 @@ class PinnedRing:
     host is done reading an output buffer before the device writes it again. Callers take the
     shapes of graph buckets, so the ring holds `depth` buffers per bucket at most.
 
-    A batch's buffers are marked together, by one event (each CUDA call costs the host about
-    10 us on the GPU machine), and marks are numbered: once the host has waited for a batch
+    A batch's buffers are marked together, by one event (each CUDA call costs the host 4-11 us
+    on the GPU machine: bench/cuda_call_cost.py), and marks are numbered: once the host has waited for a batch
     (`done`), every earlier mark is known complete and `take` does not ask the device again."""
 
     def __init__(self, pin: bool, depth: int = 4):
