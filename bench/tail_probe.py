@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 import serving_bench as sb  # noqa: E402
@@ -22,12 +21,9 @@ from unipinrec.serving.graphs import _Graph  # noqa: E402
 
 
 def head(model, index, row_to_pos, pos_to_row, acts, seen, cands):
-    """Encode, retrieval (mask, top-K), ranking: -> what every tail variant starts from."""
+    """Encode, retrieval (mask, top-K), ranking, as serve_fn: -> what every tail variant starts from."""
     _, kv = model.encode_history(acts)
-    scores = F.pad(kv.user_vectors.to(index.vectors.dtype) @ index.vectors.T, (0, 1))
-    masked = torch.cat([acts.items * seen[:, :1], seen[:, 2:]], dim=1)
-    scores = scores.scatter_(1, row_to_pos[masked], float("-inf"))[:, :-1]
-    top, pos = scores.topk(min(cands, scores.shape[1]), dim=1)
+    top, pos = fused.retrieve_top(kv, acts, seen, index, row_to_pos, cands)
     gaps = model.default_candidate_gaps(acts.lengths, kv.last_ts(), acts.request_ts)
     probs = torch.sigmoid(model.rank(pos_to_row[pos], kv, gaps).float())
     return kv, top, pos, probs
@@ -59,13 +55,9 @@ def variants(e):
         _, top, pos, probs = head(*args, acts, seen, C)
         return tail_sorted(idx, w, seen, top, pos, probs)
 
-    def no_sort(acts, seen, C):  # the tail without the response's sort: what the sort costs
+    def no_sort(acts, seen, C):  # the tail without the response's order: what ordering costs
         _, top, pos, probs = head(*args, acts, seen, C)
-        found = torch.isfinite(top) & (torch.arange(top.shape[1], device=top.device) < seen[:, 1:2])
-        utility = torch.where(found, probs @ w, float("-inf"))
-        ids = torch.where(found, idx._ids_t[pos], -1)
-        floats = torch.cat([probs, utility[..., None], top.float()[..., None]], dim=-1)
-        return torch.cat([floats.view(torch.int32).long(), ids[..., None]], dim=-1)
+        return fused.pack_candidates(probs, top, pos, seen, w, idx)[0]
 
     def limit(acts, seen, C):  # the blocks alone (the bench's `la`), on the same batch
         _, kv = m.encode_history(acts)

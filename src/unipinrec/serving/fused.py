@@ -41,22 +41,36 @@ def serve_fn(model, ranking, index, row_to_pos, pos_to_row, weights, acts: Actio
     cache hits): no encode here."""
     if kv is None:
         _, kv = model.encode_history(acts)
-    scores = F.pad(kv.user_vectors.to(index.vectors.dtype) @ index.vectors.T, (0, 1))
-    masked = torch.cat([acts.items * seen[:, :1], seen[:, 2:]], dim=1)  # row 0 (padding) maps to "none"
-    scores = scores.scatter_(1, row_to_pos[masked], float("-inf"))[:, :-1]  # (B, N), seen masked
-    top, pos = scores.topk(min(cands, scores.shape[1]), dim=1)
+    top, pos = retrieve_top(kv, acts, seen, index, row_to_pos, cands)
     rank_kv = kv if ranking is None else ranking.encode_history(acts)[1]
     ranker = model if ranking is None else ranking
     gaps = ranker.default_candidate_gaps(acts.lengths, kv.last_ts(), acts.request_ts)
     probs = torch.sigmoid(ranker.rank(pos_to_row[pos], rank_kv, gaps).float())  # (B, C', T)
+    packed, utility = pack_candidates(probs, top, pos, seen, weights, index)
+    return kv, in_response_order(packed, utility)
+
+
+def retrieve_top(kv, acts: Actions, seen, index, row_to_pos, cands: int):
+    """Exact top-`cands` of the catalog for each row's user vector, its seen items masked ->
+    (scores (B, C'), positions in the index (B, C')), in retrieval order."""
+    scores = F.pad(kv.user_vectors.to(index.vectors.dtype) @ index.vectors.T, (0, 1))
+    masked = torch.cat([acts.items * seen[:, :1], seen[:, 2:]], dim=1)  # row 0 (padding) maps to "none"
+    scores = scores.scatter_(1, row_to_pos[masked], float("-inf"))[:, :-1]  # (B, N), seen masked
+    return scores.topk(min(cands, scores.shape[1]), dim=1)
+
+
+def pack_candidates(probs, top, pos, seen, weights, index):
+    """A batch's ranked candidates, in retrieval order -> (packed (B, C', T + 3) int64: float32
+    bits of probabilities, utility and retrieval score, then the item id, -1 where not found;
+    utility (B, C'), -inf where not found). Found: a finite retrieval score among the row's
+    first num_candidates (seen column 1)."""
     found = torch.isfinite(top) & (torch.arange(top.shape[1], device=top.device)[None] < seen[:, 1:2])
     score = probs @ weights
-    found &= score == score  # a NaN utility (a broken model) is not found: the places below need a total order
+    found &= score == score  # a NaN utility (a broken model) is not found: the places need a total order
     utility = torch.where(found, score, float("-inf"))  # (B, C')
     ids = torch.where(found, index._ids_t[pos], -1)
     floats = torch.cat([probs, utility[..., None], top.float()[..., None]], dim=-1)
-    packed = torch.cat([floats.view(torch.int32).long(), ids[..., None]], dim=-1)  # (B, C', T + 3), retrieval order
-    return kv, in_response_order(packed, utility)
+    return torch.cat([floats.view(torch.int32).long(), ids[..., None]], dim=-1), utility
 
 
 # below this many pairs (8 rows of 256 candidates) counting places beats a sort on the H200:
