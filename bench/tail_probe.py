@@ -83,7 +83,7 @@ def main():
     with torch.inference_mode():
         for B in a.batch:
             rows = max(k[0] for k in e.fused.graphs if k[0] <= B and not k[-1])  # batch 64: chunks of 32
-            (st_acts, st_seen, _, _), = [v for k, v in e.fused.graphs.items() if k[0] == rows and not k[-1]]
+            st_acts, st_seen, _, _ = next(v for k, v in e.fused.graphs.items() if k[0] == rows and not k[-1])
             times = {}
             for name, fn in variants(e).items():
                 g = _Graph(lambda fn=fn: fn(st_acts, st_seen, a.C))

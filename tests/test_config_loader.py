@@ -58,6 +58,9 @@ def test_validate_hooks_run_and_report_the_field():
         from_dict(DataConfig, {"source": "kaggle"}, "data")
     with pytest.raises(ConfigError, match="score_weights.clicks"):
         from_dict(TaskConfig, {"score_weights": {"clicks": 1.0}}, "tasks")
+    for bad in (float("inf"), float("-inf"), float("nan")):  # YAML's .inf / .nan: no order to serve by
+        with pytest.raises(ConfigError, match="score_weights.engaged: must be a finite number"):
+            from_dict(TaskConfig, {"score_weights": {"engaged": bad}}, "tasks")
 
 
 def test_load_yaml_errors(tmp_path):

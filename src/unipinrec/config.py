@@ -9,6 +9,7 @@ live beside the code they configure (the model's `ModelConfig` in `model.py`, ..
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -193,9 +194,11 @@ class TaskConfig:
             raise ValueError("positive_actions must name at least one action")
         if not self.tasks:
             raise ValueError("tasks must define at least one task")
-        for name in self.score_weights:
+        for name, w in self.score_weights.items():
             if name not in self.tasks:
                 raise ValueError(f"score_weights.{name}: no such task (tasks: {sorted(self.tasks)})")
+            if not math.isfinite(w):  # an infinite weight makes utilities -inf or NaN: no order to serve
+                raise ValueError(f"score_weights.{name}: must be a finite number, got {w}")
 
 
 def parse_yaml(text: str, where: str) -> dict:

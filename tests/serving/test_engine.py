@@ -380,3 +380,20 @@ def test_settle_heap_collects_garbage_then_freezes_what_is_alive():
         assert any(o is after for o in gc.get_objects())  # new objects are collected as usual
     finally:
         gc.unfreeze()
+
+
+def test_the_staged_ranker_leaves_a_nan_utility_out_and_refuses_an_infinite_weight():
+    """The staged path's rule is the fused graph's: a NaN utility (a broken model) is not served
+    (it sorted last but came back with a NaN score, invalid JSON); a model folder whose task
+    weights are not finite is refused by name when the engine builds its ranker."""
+    from unipinrec.serving.ranking import Ranker
+
+    r = Ranker(None, ["a", "b"], {"a": 1.0, "b": -0.5}, torch.device("cpu"))
+    ids, ret = np.array([11, 12, 13, 14]), np.array([4.0, 3.0, 2.0, 1.0])
+    probs = np.array([[0.1, 0.2], [np.nan, 0.1], [0.9, 0.0], [0.3, 0.3]])
+    util = probs @ np.array([1.0, -0.5])
+    items = r.items(10, ids, ret, probs, util)
+    assert [i["item_id"] for i in items] == [13, 14, 11]  # utility order, the NaN one left out
+    assert all(np.isfinite(i["score"]) for i in items)
+    with pytest.raises(ValueError, match="score_weights.b: must be a finite number"):
+        Ranker(None, ["a", "b"], {"a": 1.0, "b": float("inf")}, torch.device("cpu"))

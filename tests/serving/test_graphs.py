@@ -348,6 +348,37 @@ def test_descending_places_are_a_stable_descending_sort_of_each_row():
         assert np.array_equal(np.argsort(p), order)
 
 
+@pytest.mark.parametrize("pairs", [10**9, 0], ids=["places", "sort"])
+def test_nan_utilities_are_not_found_and_the_others_keep_their_order(monkeypatch, pairs):
+    """Some candidates' probabilities NaN (a broken model): those are not found (id -1, placed
+    last), and the others keep the stable descending order of their utilities, by places and by
+    sort alike."""
+    from types import SimpleNamespace
+
+    from unipinrec.serving import fused
+
+    monkeypatch.setattr(fused, "PLACES_MAX_PAIRS", pairs)
+    rng = np.random.default_rng(5)
+    B, C, T = 3, 12, 2
+    probs = torch.from_numpy(rng.random((B, C, T)).astype(np.float32))
+    probs[0, [1, 4], 0] = float("nan")
+    probs[2, :, 1] = float("nan")  # a whole row
+    top = torch.sort(torch.from_numpy(rng.normal(size=(B, C)).astype(np.float32)), dim=1, descending=True).values
+    pos = torch.arange(C).repeat(B, 1)
+    seen = torch.tensor([[0, C], [0, 9], [0, C]])  # row 1 asked for 9 candidates
+    weights = torch.tensor([1.0, -0.5])
+    index = SimpleNamespace(_ids_t=torch.arange(100, 100 + C))
+    packed, utility = fused.pack_candidates(probs, top, pos, seen, weights, index)
+    out = fused.in_response_order(packed, utility)
+    ids = out[..., T + 2]
+    for b in range(B):
+        u = (probs[b] @ weights).numpy()
+        ok = [i for i in range(C) if not np.isnan(u[i]) and i < int(seen[b, 1])]
+        want = [100 + i for i in sorted(ok, key=lambda i: -u[i])]
+        assert ids[b, :len(ok)].tolist() == want and (ids[b, len(ok):] == -1).all()
+    assert (ids[2] == -1).all()
+
+
 def test_a_nan_utility_is_not_found_and_the_others_keep_their_places(tiny):
     """A broken model's NaN utility must not break the order (NaN compares false with all, so it
     would share a place and leave another empty): that candidate counts as not found."""

@@ -110,6 +110,8 @@ class Engine:
         self.config = config or EngineConfig()
         self.config.validate()
         self.device = torch.device(self.config.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # the graphs, their streams and the pinned ring's events use the current device
         self.ret, self.rnk = retrieval, (ranking if ranking is not None else retrieval)
         self.two_models = ranking is not None and ranking is not retrieval
         self._check_models(index)

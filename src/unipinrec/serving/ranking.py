@@ -16,6 +16,9 @@ class Ranker:
     def __init__(self, vocab, task_names: list[str], weights: dict[str, float], device: torch.device, graphs=None):
         self.vocab = vocab
         self.task_names = list(task_names)
+        bad = {t: w for t, w in weights.items() if not np.isfinite(float(w))}
+        if bad:  # a model folder's meta.json is read as is: the training config's check may not have run
+            raise ValueError(f"score_weights.{next(iter(bad))}: must be a finite number, got {next(iter(bad.values()))}")
         self.weights = torch.tensor([float(weights.get(t, 0.0)) for t in self.task_names], device=device)
         self.device = device
         self.graphs = graphs  # serving.graphs.Graphs on CUDA, else None (eager)
@@ -57,8 +60,10 @@ class Ranker:
         self.ms_per_candidate = per if self.ms_per_candidate is None else 0.8 * self.ms_per_candidate + 0.2 * per
 
     def items(self, k: int, ids, ret_scores, probs, utility) -> list[dict]:
-        """One request's top k by utility (ties in retrieval order)."""
-        top = np.argsort(-utility, kind="stable")[:k]
+        """One request's top k by utility (ties in retrieval order); a NaN utility (a broken
+        model) is left out, as the fused graph leaves it out."""
+        keep = np.flatnonzero(~np.isnan(utility))
+        top = keep[np.argsort(-utility[keep], kind="stable")][:k]
         return self.items_ranked(ids[top][None], ret_scores[top][None], probs[top][None], utility[top][None],
                                  [len(top)])[0]
 
