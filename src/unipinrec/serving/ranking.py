@@ -68,7 +68,7 @@ class Ranker:
                                  [len(top)])[0]
 
     def items_ranked(self, ids, ret_scores, probs, utility, counts) -> list[list[dict]]:
-        """Rows already in the response's order (the fused graph sorts on the device) -> each
+        """Rows already in the response's order (the fused graph orders them on the device) -> each
         row's first counts[b] items; one `tolist` per array for the batch (per-element float()
         was most of this stage)."""
         i_, u_, r_, p_ = ids.tolist(), utility.tolist(), ret_scores.tolist(), probs.tolist()
