@@ -394,6 +394,65 @@ def test_slow_heads_and_bodies_are_cut_off(stack):
     assert not [s for s in stack["ts"].seen if s[1].startswith("/predictions")]
 
 
+async def _echo_body(scope, receive, send):
+    """An app that reads the whole body itself (as KServe's does) and answers it back."""
+    if scope["type"] != "http":
+        return
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def test_the_protocols_body_deadline_closes_a_body_that_stops_coming():
+    """For a server whose app reads bodies itself (KServe-native: no gateway in front), the
+    protocol's body deadline closes a connection whose body stops coming (a byte now and then held
+    it, and the app's read, for ever); a whole body within the deadline is answered, and on a
+    kept-alive connection a finished request's deadline does not cut the next one."""
+    import uvicorn
+
+    from unipinrec.serving.gateway import _head_timed_protocol
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(_echo_body, http=_head_timed_protocol(5.0, body_timeout_s=0.6),
+                                           lifespan="off", log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n"
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.05)
+        with _open(port, head + b"abc") as sock:  # 3 bytes of 10, then nothing
+            t = time.monotonic()
+            assert _until_closed(sock, within_s=5) == b""
+            assert 0.5 < time.monotonic() - t < 3.0
+        with _open(port, b"") as sock:
+            for pause in (0.3, 0.3, 0.9):  # slow bodies, each whole within 0.6 s of its head; idle between
+                sock.sendall(head + b"abcde")
+                time.sleep(0.3)
+                sock.sendall(b"fghij")
+                got = b""
+                while not got.endswith(b"abcdefghij"):
+                    got += sock.recv(4096)
+                assert got.startswith(b"HTTP/1.1 200")
+                time.sleep(pause - 0.3)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        listener.close()
+
+
 def test_many_slow_unauthenticated_clients_do_not_hold_the_gateway(stack):
     """300 half-sent heads and 50 half-sent unauthenticated bodies stay connected (or are cut
     off) while an authenticated client keeps getting quick answers; no thread per connection."""

@@ -337,19 +337,23 @@ class Gateway:
 # -- HTTP side: uvicorn ------------------------------------------------------------------------
 
 
-def _head_timed_protocol(head_timeout_s: float, after_answer_s: float | None = None):
-    """uvicorn's h11 protocol with a deadline on request heads.
+def _head_timed_protocol(head_timeout_s: float, after_answer_s: float | None = None,
+                         body_timeout_s: float | None = None):
+    """uvicorn's h11 protocol with a deadline on request heads, and on bodies when given.
 
     uvicorn times out idle kept-alive connections but not a head that arrives slowly: without
     this, a client sending a header byte now and then holds its connection forever. The deadline
     runs from the connection to the end of the first head, and from each answer to the end of
     the next head (`after_answer_s`, default the same: a server keeping connections alive
-    longer gives them that long).
+    longer gives them that long). `body_timeout_s`: a body not whole that long after its head
+    closes the connection too (for an app that reads bodies itself, as KServe's does; the
+    gateway's own app answers a 408 instead).
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeadTimedH11(H11Protocol):
         _deadline: asyncio.TimerHandle | None = None
+        _body_deadline: asyncio.TimerHandle | None = None
 
         def _arm(self, timeout_s: float = head_timeout_s) -> None:
             if self._deadline is not None:
@@ -361,6 +365,22 @@ def _head_timed_protocol(head_timeout_s: float, after_answer_s: float | None = N
             if self.cycle is waiting_for and not self.transport.is_closing():
                 self.transport.close()
 
+        def handle_events(self) -> None:
+            before = self.cycle
+            super().handle_events()
+            cycle = self.cycle
+            if self._body_deadline is not None and not getattr(cycle, "more_body", False):
+                self._body_deadline.cancel()  # that body is whole (or a new one began whole)
+                self._body_deadline = None
+            if body_timeout_s is not None and cycle is not before and getattr(cycle, "more_body", False):
+                if self._body_deadline is not None:
+                    self._body_deadline.cancel()
+                self._body_deadline = self.loop.call_later(body_timeout_s, self._body_expired, cycle)
+
+        def _body_expired(self, cycle) -> None:
+            if self.cycle is cycle and cycle.more_body and not self.transport.is_closing():
+                self.transport.close()
+
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._arm()
@@ -370,8 +390,9 @@ def _head_timed_protocol(head_timeout_s: float, after_answer_s: float | None = N
             super().on_response_complete()
 
         def connection_lost(self, exc) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
+            for timer in (self._deadline, self._body_deadline):
+                if timer is not None:
+                    timer.cancel()
             super().connection_lost(exc)
 
     return HeadTimedH11

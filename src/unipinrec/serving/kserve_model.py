@@ -596,14 +596,16 @@ def envelope_kserve_errors(app) -> None:
 def _bound_connections(config) -> None:
     """The gateway's limits on uvicorn (KServe-native has no gateway in front): a deadline on
     request heads (KServe's uvicorn waits forever for an unfinished head, before any token
-    check: 20,000 of them ran the server out of file descriptors), at most 4,096 connections,
-    heads within 16 KiB."""
+    check: 20,000 of them ran the server out of file descriptors) and one on bodies (a client
+    sending a byte now and then held its connection and KServe's read of the body), at most
+    4,096 connections, heads within 16 KiB."""
     from .gateway import Limits as ConnectionLimits, _head_timed_protocol
 
     limits = ConnectionLimits()
     # from an answer, the next head may come as late as KServe keeps connections alive (65 s:
     # longer than the proxies' and load balancers' idle timeouts in front of it)
-    config.http = _head_timed_protocol(limits.head_timeout_s, max(limits.head_timeout_s, config.timeout_keep_alive))
+    config.http = _head_timed_protocol(limits.head_timeout_s, max(limits.head_timeout_s, config.timeout_keep_alive),
+                                       body_timeout_s=limits.body_timeout_s)
     config.limit_concurrency = limits.max_connections
     config.backlog = limits.backlog
     config.h11_max_incomplete_event_size = limits.max_head
