@@ -766,7 +766,7 @@ def inprocess_bench(args) -> dict:
         if r["mode"] == "a":
             lim = next(x for x in rows if x["mode"] == "la" and (x["L"], x["C"], x["batch"], x["layers"]) ==
                        (r["L"], r["C"], r["batch"], r["layers"]))
-            v = {"p50_ms": r["p50_ms"], "first_ms": r["first_ms"], "after_idle_ms": r.get("after_idle_ms"),
+            v = {"p50_ms": r["p50_ms"], "first_ms": r["first_ms"], "after_idle_ms": r["after_idle_ms"],
                  "qps_ratio": r["qps_vs_c"],
                  "limit_ratio": lim["qps_vs_c"], "of_limit": r["qps_vs_c"] / lim["qps_vs_c"],
                  "stream_ratio": r["sustained_vs_c"], "stream_limit_ratio": lim["sustained_vs_c"],

@@ -366,12 +366,17 @@ def _id_bounds(num_actions: int | None, num_surfaces: int | None) -> list[tuple[
                         ("surfaces", "surface", num_surfaces, "a surface id of this model")) if b[2] is not None]
 
 
+def _outside(values, bound: int) -> np.ndarray:
+    """Per id, whether it is outside 0..bound-1 (one comparison: a negative id is huge as uint64)."""
+    return np.asarray(values, np.int64).view(np.uint64) >= bound
+
+
 def ids_out_of_range(field, num_actions: int | None = None, num_surfaces: int | None = None) -> np.ndarray:
     """Per action, whether any bounded id (`_id_bounds`) is outside 0..bound-1; `field(name)`
     gives a History field's array."""
     out = None
     for name, _, bound, _ in _id_bounds(num_actions, num_surfaces):
-        wrong = np.asarray(field(name), np.int64).view(np.uint64) >= bound  # negative: huge as uint64
+        wrong = _outside(field(name), bound)
         out = wrong if out is None else out | wrong
     return np.zeros(len(field("items")), dtype=bool) if out is None else out
 
@@ -389,7 +394,7 @@ def check_history(h: History, vocab, num_actions: int | None = None, where: str 
         raise ActionError(f"{where}[{j + offset}].item_id", f"unknown item id {int(h.items[j])}")
     for name, record, bound, what in _id_bounds(num_actions, num_surfaces):
         values = h.arrays[name]
-        bad = np.flatnonzero((values < 0) | (values >= bound))
+        bad = np.flatnonzero(_outside(values, bound))
         if len(bad):
             j = int(bad[0])
             raise ActionError(f"{where}[{j + offset}].{record}", f"{int(values[j])} is not {what} (0..{bound - 1})")

@@ -54,6 +54,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .engine import settle_heap
+from .gateway import Limits as ConnectionLimits, WatchedFile, _head_timed_protocol, head_bytes, parse_tokens
 from .handler_support import SERVING_JSON, build_engine
 from .request import ServingError, _field_name, decode_json, parse_request
 
@@ -492,8 +493,6 @@ def _token_check(token_file: Path | None):
     """None (no auth) or a function headers -> bool; tokens re-read when the file changes."""
     if token_file is None:
         return None
-    from .gateway import WatchedFile, parse_tokens
-
     tokens = WatchedFile(token_file, parse_tokens)
 
     def ok(headers) -> bool:
@@ -545,8 +544,6 @@ def install(app, token_file: Path | None) -> None:
 
 def _refusal(request, check) -> ServingError | None:
     """What the server refuses from a request's head alone, before any body is read."""
-    from .gateway import Limits as ConnectionLimits, head_bytes
-
     path, headers = request.url.path, request.headers
     if path.startswith("/v2/repository") or path.startswith("/docs") or path.startswith("/openapi"):
         return ServingError(404, "path", "no such route")
@@ -599,8 +596,6 @@ def _bound_connections(config) -> None:
     check: 20,000 of them ran the server out of file descriptors) and one on bodies (a client
     sending a byte now and then held its connection and KServe's read of the body), at most
     4,096 connections, heads within 16 KiB."""
-    from .gateway import Limits as ConnectionLimits, _head_timed_protocol
-
     limits = ConnectionLimits()
     # from an answer, the next head may come as late as KServe keeps connections alive (65 s:
     # longer than the proxies' and load balancers' idle timeouts in front of it)

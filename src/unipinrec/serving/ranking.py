@@ -16,9 +16,9 @@ class Ranker:
     def __init__(self, vocab, task_names: list[str], weights: dict[str, float], device: torch.device, graphs=None):
         self.vocab = vocab
         self.task_names = list(task_names)
-        bad = {t: w for t, w in weights.items() if not np.isfinite(float(w))}
-        if bad:  # a model folder's meta.json is read as is: the training config's check may not have run
-            raise ValueError(f"score_weights.{next(iter(bad))}: must be a finite number, got {next(iter(bad.values()))}")
+        for t, w in weights.items():  # a loaded model's were checked with its config (TaskConfig); a caller's not
+            if not np.isfinite(float(w)):
+                raise ValueError(f"score_weights.{t}: must be a finite number, got {w}")
         self.weights = torch.tensor([float(weights.get(t, 0.0)) for t in self.task_names], device=device)
         self.device = device
         self.graphs = graphs  # serving.graphs.Graphs on CUDA, else None (eager)
