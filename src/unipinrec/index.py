@@ -403,8 +403,7 @@ class TorchIndex:
                 penalty = torch.where(found, torch.tensor(float("-inf"), dtype=scores.dtype, device=q.device),
                                       torch.tensor(0.0, dtype=scores.dtype, device=q.device))
                 scores += torch.zeros_like(scores).index_put_((which, order[at]), penalty, accumulate=True)
-        k = min(k, self.num_items)
-        return scores.topk(k, dim=1)
+        return scores.topk(min(k, scores.shape[1]), dim=1)  # shapes only: the fused graph's trace reads no numpy
 
     def _sorted(self):
         if getattr(self, "_sorted_cache", None) is None:

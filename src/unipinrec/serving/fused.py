@@ -16,7 +16,6 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..sequences import Actions
 from .graphs import bucket
@@ -52,11 +51,10 @@ def serve_fn(model, ranking, index, row_to_pos, pos_to_row, weights, acts: Actio
 
 def retrieve_top(kv, acts: Actions, seen, index, row_to_pos, cands: int):
     """Exact top-`cands` of the catalog for each row's user vector, its seen items masked ->
-    (scores (B, C'), positions in the index (B, C')), in retrieval order."""
-    scores = F.pad(kv.user_vectors.to(index.vectors.dtype) @ index.vectors.T, (0, 1))
+    (scores (B, C'), positions in the index (B, C')), in retrieval order: the index's own device
+    search, as the staged path's."""
     masked = torch.cat([acts.items * seen[:, :1], seen[:, 2:]], dim=1)  # row 0 (padding) maps to "none"
-    scores = scores.scatter_(1, row_to_pos[masked], float("-inf"))[:, :-1]  # (B, N), seen masked
-    return scores.topk(min(cands, scores.shape[1]), dim=1)
+    return index.search_device(kv.user_vectors, cands, exclude_positions=row_to_pos[masked])
 
 
 def pack_candidates(probs, top, pos, seen, weights, index):
